@@ -1,0 +1,129 @@
+package events
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"cloud.google.com/go/pubsub/v2"
+)
+
+// TypePrefix is the documented prefix of every outcome event type.
+const TypePrefix = "com.github.fhirexport.export."
+
+// The outcome event types.
+const (
+	TypeStarted   = TypePrefix + "started"
+	TypeSucceeded = TypePrefix + "succeeded"
+	TypePartial   = TypePrefix + "partial"
+	TypeFailed    = TypePrefix + "failed"
+	TypeRejected  = TypePrefix + "rejected"
+)
+
+// Event is an outcome CloudEvent before it is put on the wire.
+type Event struct {
+	ID      string    // deterministic, so a re-publish after a crash carries the same id
+	Type    string    // one of the Type* constants
+	Source  string    // //healthcare.googleapis.com/projects/…/fhirStores/S
+	Subject string    // the operation name, or the trigger id for rejected
+	Time    time.Time // when what the event reports happened
+	Data    Data
+}
+
+// Data is the JSON data of every outcome event. Fields that do not apply to an
+// event type are omitted. It never carries FHIR resource content.
+type Data struct {
+	Store             string            `json:"store,omitempty"`
+	Operation         string            `json:"operation,omitempty"`
+	Pipeline          string            `json:"pipeline,omitempty"`
+	Name              string            `json:"name,omitempty"`
+	Labels            map[string]string `json:"labels,omitempty"`
+	Destination       string            `json:"destination,omitempty"`
+	Types             []string          `json:"types,omitempty"`
+	Since             string            `json:"since,omitempty"`
+	Incremental       bool              `json:"incremental,omitempty"`
+	Counters          *Counters         `json:"counters,omitempty"`
+	CreateTime        string            `json:"createTime,omitempty"`
+	EndTime           string            `json:"endTime,omitempty"`
+	Duration          string            `json:"duration,omitempty"`
+	Error             *Error            `json:"error,omitempty"`
+	LogsURL           string            `json:"logsUrl,omitempty"`
+	Trigger           TriggerRef        `json:"trigger"`
+	Watermark         string            `json:"watermark,omitempty"`
+	WatermarkAdvanced *bool             `json:"watermarkAdvanced,omitempty"`
+}
+
+// Counters are the operation's resource counters.
+type Counters struct {
+	Success int64 `json:"success"`
+	Failure int64 `json:"failure"`
+	Pending int64 `json:"pending"`
+}
+
+// Error is a google.rpc.Status reduced to code and message, plus the spec field
+// at fault when a trigger was rejected.
+type Error struct {
+	Code    int32  `json:"code"`
+	Message string `json:"message"`
+	Field   string `json:"field,omitempty"`
+}
+
+// TriggerRef names the trigger an event answers.
+type TriggerRef struct {
+	Source string `json:"source"`
+	ID     string `json:"id"`
+}
+
+// Message encodes e as a Pub/Sub message in binary content mode, per the
+// CloudEvents Pub/Sub protocol binding
+// (https://github.com/cloudevents/spec/blob/main/cloudevents/bindings/pubsub-protocol-binding.md):
+// context attributes become lower-case "ce-" attributes and the data is the
+// message data.
+func Message(e Event) (*pubsub.Message, error) {
+	data, err := json.Marshal(e.Data)
+	if err != nil {
+		return nil, fmt.Errorf("encode %s event %s: %w", e.Type, e.ID, err)
+	}
+	attrs := map[string]string{
+		"ce-specversion": "1.0",
+		"ce-id":          e.ID,
+		"ce-source":      e.Source,
+		"ce-type":        e.Type,
+		"ce-time":        e.Time.UTC().Format(time.RFC3339Nano),
+		"content-type":   "application/json",
+	}
+	if e.Subject != "" {
+		attrs["ce-subject"] = e.Subject
+	}
+	return &pubsub.Message{Data: data, Attributes: attrs}, nil
+}
+
+// Publisher publishes outcome events to one Pub/Sub topic.
+type Publisher struct {
+	pub *pubsub.Publisher
+}
+
+// NewPublisher returns a Publisher for topic ("projects/P/topics/T") on client.
+// Batching is kept short: each handler waits for its own event.
+func NewPublisher(client *pubsub.Client, topic string) *Publisher {
+	p := client.Publisher(topic)
+	p.PublishSettings.DelayThreshold = time.Millisecond
+	p.PublishSettings.Timeout = 30 * time.Second
+	return &Publisher{pub: p}
+}
+
+// Publish publishes e and waits until Pub/Sub has accepted it.
+func (p *Publisher) Publish(ctx context.Context, e Event) error {
+	msg, err := Message(e)
+	if err != nil {
+		return err
+	}
+	if _, err := p.pub.Publish(ctx, msg).Get(ctx); err != nil {
+		return fmt.Errorf("publish %s event %s: %w", e.Type, e.ID, err)
+	}
+	return nil
+}
+
+// Stop flushes and stops the underlying publisher.
+func (p *Publisher) Stop() { p.pub.Stop() }

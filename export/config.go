@@ -1,0 +1,62 @@
+package export
+
+import (
+	"fmt"
+	"net/url"
+	"regexp"
+	"strings"
+)
+
+// Config is the function's configuration, loaded and validated once per
+// instance from the environment.
+type Config struct {
+	EventsTopic        string // projects/P/topics/T
+	StateBucket        string
+	StatePrefix        string // "" or a path without leading or trailing slash
+	Policy             Policy
+	HealthcareEndpoint string // "" for the real service
+	PubSubEmulatorHost string
+	StorageEmulator    string
+}
+
+var topicRE = regexp.MustCompile(`^projects/[a-z0-9][a-z0-9.:-]{0,62}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$`)
+
+// LoadConfig reads the FHIREXPORT_* variables (and the client libraries'
+// emulator switches) through lookup, so tests need not touch the process
+// environment. Every error names the variable.
+func LoadConfig(lookup func(string) (string, bool)) (Config, error) {
+	get := func(k string) string { v, _ := lookup(k); return strings.TrimSpace(v) }
+	var c Config
+	c.EventsTopic = get("FHIREXPORT_EVENTS_TOPIC")
+	switch {
+	case c.EventsTopic == "":
+		return Config{}, fmt.Errorf("FHIREXPORT_EVENTS_TOPIC is required: the Pub/Sub topic for outcome events, as projects/PROJECT/topics/TOPIC")
+	case !topicRE.MatchString(c.EventsTopic):
+		return Config{}, fmt.Errorf("FHIREXPORT_EVENTS_TOPIC: %q is not a topic name; accepted: projects/PROJECT/topics/TOPIC", c.EventsTopic)
+	}
+	state := get("FHIREXPORT_STATE")
+	if state == "" {
+		return Config{}, fmt.Errorf("FHIREXPORT_STATE is required: where run state is kept, as gs://BUCKET/PREFIX")
+	}
+	rest, ok := strings.CutPrefix(state, "gs://")
+	bucket, prefix, _ := strings.Cut(rest, "/")
+	prefix = strings.Trim(prefix, "/")
+	if !ok || !bucketRE.MatchString(bucket) || strings.Contains(prefix, "//") {
+		return Config{}, fmt.Errorf("FHIREXPORT_STATE: %q is not a Cloud Storage location; accepted: gs://BUCKET or gs://BUCKET/PREFIX", state)
+	}
+	c.StateBucket, c.StatePrefix = bucket, prefix
+	var err error
+	if c.Policy, err = ParsePolicy(get("FHIREXPORT_ALLOWED_STORES"), get("FHIREXPORT_ALLOWED_DESTINATIONS")); err != nil {
+		return Config{}, err
+	}
+	if ep := get("FHIREXPORT_HEALTHCARE_ENDPOINT"); ep != "" {
+		u, err := url.Parse(ep)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return Config{}, fmt.Errorf("FHIREXPORT_HEALTHCARE_ENDPOINT: %q is not a base URL; accepted: http://HOST:PORT of an emulator or https://… ", ep)
+		}
+		c.HealthcareEndpoint = ep
+	}
+	c.PubSubEmulatorHost = get("PUBSUB_EMULATOR_HOST")
+	c.StorageEmulator = get("STORAGE_EMULATOR_HOST")
+	return c, nil
+}

@@ -1,0 +1,51 @@
+package export
+
+import "strings"
+
+// knownTypes is every resource type of FHIR DSTU2, STU3, R4 and R5, the
+// versions the Healthcare API serves. A spec's _type must name types from this
+// set; whether a type exists in the store's own version is checked by the API
+// itself (a 400 that ends the run as export.failed).
+var knownTypes = func() map[string]bool {
+	m := map[string]bool{}
+	for _, t := range strings.Fields(resourceTypeNames) {
+		m[t] = true
+	}
+	return m
+}()
+
+const resourceTypeNames = `
+Account ActivityDefinition ActorDefinition AdministrableProductDefinition AdverseEvent AllergyIntolerance
+Appointment AppointmentResponse ArtifactAssessment AuditEvent Basic Binary BiologicallyDerivedProduct
+BiologicallyDerivedProductDispense BodySite BodyStructure Bundle CapabilityStatement CarePlan CareTeam
+CatalogEntry ChargeItem ChargeItemDefinition Citation Claim ClaimResponse ClinicalImpression
+ClinicalUseDefinition CodeSystem Communication CommunicationRequest CompartmentDefinition Composition
+ConceptMap Condition ConditionDefinition Conformance Consent Contract Coverage CoverageEligibilityRequest
+CoverageEligibilityResponse DataElement DetectedIssue Device DeviceAssociation DeviceComponent
+DeviceDefinition DeviceDispense DeviceMetric DeviceRequest DeviceUsage DeviceUseRequest DeviceUseStatement
+DiagnosticOrder DiagnosticReport DocumentManifest DocumentReference EffectEvidenceSynthesis
+EligibilityRequest EligibilityResponse Encounter EncounterHistory Endpoint EnrollmentRequest
+EnrollmentResponse EpisodeOfCare EventDefinition Evidence EvidenceReport EvidenceVariable ExampleScenario
+ExpansionProfile ExplanationOfBenefit FamilyMemberHistory Flag FormularyItem GenomicStudy Goal
+GraphDefinition Group GuidanceResponse HealthcareService ImagingManifest ImagingObjectSelection
+ImagingSelection ImagingStudy Immunization ImmunizationEvaluation ImmunizationRecommendation
+ImplementationGuide Ingredient InsurancePlan InventoryItem InventoryReport Invoice Library Linkage List
+Location ManufacturedItemDefinition Measure MeasureReport Media Medication MedicationAdministration
+MedicationDispense MedicationKnowledge MedicationOrder MedicationRequest MedicationStatement
+MedicinalProduct MedicinalProductAuthorization MedicinalProductContraindication MedicinalProductDefinition
+MedicinalProductIndication MedicinalProductIngredient MedicinalProductInteraction
+MedicinalProductManufactured MedicinalProductPackaged MedicinalProductPharmaceutical
+MedicinalProductUndesirableEffect MessageDefinition MessageHeader MolecularSequence NamingSystem
+NutritionIntake NutritionOrder NutritionProduct Observation ObservationDefinition OperationDefinition
+OperationOutcome Order OrderResponse Organization OrganizationAffiliation PackagedProductDefinition
+Parameters Patient PaymentNotice PaymentReconciliation Permission Person PlanDefinition Practitioner
+PractitionerRole Procedure ProcedureRequest ProcessRequest ProcessResponse Provenance Questionnaire
+QuestionnaireResponse ReferralRequest RegulatedAuthorization RelatedPerson RequestGroup
+RequestOrchestration Requirements ResearchDefinition ResearchElementDefinition ResearchStudy
+ResearchSubject RiskAssessment RiskEvidenceSynthesis Schedule SearchParameter Sequence ServiceDefinition
+ServiceRequest Slot Specimen SpecimenDefinition StructureDefinition StructureMap Subscription
+SubscriptionStatus SubscriptionTopic Substance SubstanceDefinition SubstanceNucleicAcid SubstancePolymer
+SubstanceProtein SubstanceReferenceInformation SubstanceSourceMaterial SubstanceSpecification
+SupplyDelivery SupplyRequest Task TerminologyCapabilities TestPlan TestReport TestScript Transport
+ValueSet VerificationResult VisionPrescription
+`
