@@ -326,7 +326,7 @@ var (
 	storeRE   = regexp.MustCompile(`^projects/([a-z0-9][a-z0-9.:-]{0,62}[a-z0-9])/locations/([a-z0-9][a-z0-9-]{0,62})/datasets/([A-Za-z0-9_.-]{1,256})/fhirStores/([A-Za-z0-9_.-]{1,256})$`)
 	sinceRE   = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$`)
 	bucketRE  = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$`)
-	datasetRE = regexp.MustCompile(`^bq://((?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9])\.([A-Za-z0-9_]{1,1024})$`)
+	datasetRE = regexp.MustCompile(`^bq://((?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9])\.([A-Za-z0-9_]{1,1000})$`)
 	nameRE    = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
 	labelKey  = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,62}$`)
 	typeRE    = regexp.MustCompile(`^[A-Z][A-Za-z]{1,63}$`)

@@ -1,0 +1,125 @@
+package export
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestPolicy(t *testing.T) {
+	t.Parallel()
+	p, err := ParsePolicy(
+		"projects/p-1234/locations/us/datasets/clinical/fhirStores/*, projects/p-1234/locations/us/datasets/*/fhirStores/shared",
+		"gs://exports-ok/fhir/, gs://whole-bucket, bq://p-1234.analytics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stores := []struct {
+		store string
+		want  bool
+	}{
+		{"projects/p-1234/locations/us/datasets/clinical/fhirStores/ehr", true},
+		{"projects/p-1234/locations/us/datasets/other/fhirStores/shared", true},
+		{"projects/p-1234/locations/us/datasets/other/fhirStores/ehr", false},
+		{"projects/p-1234/locations/us/datasets/Clinical/fhirStores/ehr", false},
+		{"projects/p-1234/locations/us/datasets/clinical/fhirStores/", false},
+		{"projects/p-1234/locations/us/datasets/clinical/fhirStores/ehr/x", false},
+		{"projects/p-12345/locations/us/datasets/clinical/fhirStores/ehr", false},
+		{"projects/p-1234/locations/us/datasets/clinical/fhirStores/ehr/", false},
+	}
+	for _, tc := range stores {
+		if got := p.AllowStore(tc.store); got != tc.want {
+			t.Errorf("AllowStore(%q) = %v, want %v", tc.store, got, tc.want)
+		}
+	}
+	dests := []struct {
+		dest string
+		want bool
+	}{
+		{"gs://exports-ok/fhir", true},
+		{"gs://exports-ok/fhir/", true},
+		{"gs://exports-ok/fhir/ehr/2026-01-01", true},
+		{"gs://exports-ok/fhir2/ehr", false},
+		{"gs://exports-ok/FHIR/ehr", false},
+		{"gs://exports-ok", false},
+		{"gs://exports-ok-evil/fhir", false},
+		{"gs://exports-o/fhir", false},
+		{"gs://whole-bucket", true},
+		{"gs://whole-bucket/any/path", true},
+		{"gs://whole-bucket-2/any", false},
+		{"bq://p-1234.analytics", true},
+		{"bq://p-1234.analytics2", false},
+		{"bq://p-1234.Analytics", false},
+		{"bq://p-12345.analytics", false},
+	}
+	for _, tc := range dests {
+		if got := p.AllowDestination(tc.dest); got != tc.want {
+			t.Errorf("AllowDestination(%q) = %v, want %v", tc.dest, got, tc.want)
+		}
+	}
+}
+
+func TestPolicyDeniesByDefault(t *testing.T) {
+	t.Parallel()
+	var p Policy
+	if p.AllowStore("projects/p-1234/locations/us/datasets/d/fhirStores/s") || p.AllowDestination("gs://b-1/x") {
+		t.Error("the empty policy allowed something")
+	}
+}
+
+func TestParsePolicyErrors(t *testing.T) {
+	t.Parallel()
+	tests := []struct{ stores, dests, want string }{
+		{"projects/p/fhirStores/s", "", "FHIREXPORT_ALLOWED_STORES"},
+		{"projects/p/locations/l/datasets/d*/fhirStores/s", "", "FHIREXPORT_ALLOWED_STORES"},
+		{"projects/p/locations/l/datasets/../fhirStores/s", "", "FHIREXPORT_ALLOWED_STORES"},
+		{"", "s3://bucket", "FHIREXPORT_ALLOWED_DESTINATIONS"},
+		{"", "gs://Bad_Bucket", "FHIREXPORT_ALLOWED_DESTINATIONS"},
+		{"", "gs://b-1/a/../b", "FHIREXPORT_ALLOWED_DESTINATIONS"},
+		{"", "bq://project", "FHIREXPORT_ALLOWED_DESTINATIONS"},
+	}
+	for _, tc := range tests {
+		_, err := ParsePolicy(tc.stores, tc.dests)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("ParsePolicy(%q, %q) = %v, want an error naming %s", tc.stores, tc.dests, err, tc.want)
+		}
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	t.Parallel()
+	env := func(m map[string]string) func(string) (string, bool) {
+		return func(k string) (string, bool) { v, ok := m[k]; return v, ok }
+	}
+	good := map[string]string{"FHIREXPORT_EVENTS_TOPIC": "projects/p-1234/topics/events", "FHIREXPORT_STATE": "gs://state-b/fx/"}
+	c, err := LoadConfig(env(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.StateBucket != "state-b" || c.StatePrefix != "fx" || c.EventsTopic != "projects/p-1234/topics/events" {
+		t.Errorf("LoadConfig = %+v", c)
+	}
+	tests := []struct {
+		name string
+		set  map[string]string
+		want string
+	}{
+		{"no topic", map[string]string{"FHIREXPORT_EVENTS_TOPIC": ""}, "FHIREXPORT_EVENTS_TOPIC is required"},
+		{"bad topic", map[string]string{"FHIREXPORT_EVENTS_TOPIC": "events"}, "FHIREXPORT_EVENTS_TOPIC"},
+		{"no state", map[string]string{"FHIREXPORT_STATE": ""}, "FHIREXPORT_STATE is required"},
+		{"bad state", map[string]string{"FHIREXPORT_STATE": "/tmp/state"}, "FHIREXPORT_STATE"},
+		{"bad endpoint", map[string]string{"FHIREXPORT_HEALTHCARE_ENDPOINT": "localhost:1"}, "FHIREXPORT_HEALTHCARE_ENDPOINT"},
+		{"bad stores", map[string]string{"FHIREXPORT_ALLOWED_STORES": "*"}, "FHIREXPORT_ALLOWED_STORES"},
+	}
+	for _, tc := range tests {
+		m := map[string]string{}
+		for k, v := range good {
+			m[k] = v
+		}
+		for k, v := range tc.set {
+			m[k] = v
+		}
+		if _, err := LoadConfig(env(m)); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: LoadConfig error = %v, want it to contain %q", tc.name, err, tc.want)
+		}
+	}
+}
