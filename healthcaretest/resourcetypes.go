@@ -1,0 +1,96 @@
+package healthcaretest
+
+import "strings"
+
+// Resource types per FHIR version (the concrete resources of each
+// specification's resource list).
+var resourceTypeLists = map[string]string{
+	"DSTU2": `Account AllergyIntolerance Appointment AppointmentResponse AuditEvent Basic Binary BodySite Bundle
+CarePlan Claim ClaimResponse ClinicalImpression Communication CommunicationRequest Composition ConceptMap Condition
+Conformance Contract Coverage DataElement DetectedIssue Device DeviceComponent DeviceMetric DeviceUseRequest
+DeviceUseStatement DiagnosticOrder DiagnosticReport DocumentManifest DocumentReference EligibilityRequest
+EligibilityResponse Encounter EnrollmentRequest EnrollmentResponse EpisodeOfCare ExplanationOfBenefit
+FamilyMemberHistory Flag Goal Group HealthcareService ImagingObjectSelection ImagingStudy Immunization
+ImmunizationRecommendation ImplementationGuide List Location Media Medication MedicationAdministration
+MedicationDispense MedicationOrder MedicationStatement MessageHeader NamingSystem NutritionOrder Observation
+OperationDefinition OperationOutcome Order OrderResponse Organization Parameters Patient PaymentNotice
+PaymentReconciliation Person Practitioner Procedure ProcedureRequest ProcessRequest ProcessResponse Provenance
+Questionnaire QuestionnaireResponse ReferralRequest RelatedPerson RiskAssessment Schedule SearchParameter Slot
+Specimen StructureDefinition Subscription Substance SupplyDelivery SupplyRequest TestScript ValueSet
+VisionPrescription`,
+	"STU3": `Account ActivityDefinition AdverseEvent AllergyIntolerance Appointment AppointmentResponse AuditEvent Basic
+Binary BodySite Bundle CapabilityStatement CarePlan CareTeam ChargeItem Claim ClaimResponse ClinicalImpression
+CodeSystem Communication CommunicationRequest CompartmentDefinition Composition ConceptMap Condition Consent Contract
+Coverage DataElement DetectedIssue Device DeviceComponent DeviceMetric DeviceRequest DeviceUseStatement
+DiagnosticReport DocumentManifest DocumentReference EligibilityRequest EligibilityResponse Encounter Endpoint
+EnrollmentRequest EnrollmentResponse EpisodeOfCare ExpansionProfile ExplanationOfBenefit FamilyMemberHistory Flag
+Goal GraphDefinition Group GuidanceResponse HealthcareService ImagingManifest ImagingStudy Immunization
+ImmunizationRecommendation ImplementationGuide Library Linkage List Location Measure MeasureReport Media Medication
+MedicationAdministration MedicationDispense MedicationRequest MedicationStatement MessageDefinition MessageHeader
+NamingSystem NutritionOrder Observation OperationDefinition OperationOutcome Organization Parameters Patient
+PaymentNotice PaymentReconciliation Person PlanDefinition Practitioner PractitionerRole Procedure ProcedureRequest
+ProcessRequest ProcessResponse Provenance Questionnaire QuestionnaireResponse ReferralRequest RelatedPerson
+RequestGroup ResearchStudy ResearchSubject RiskAssessment Schedule SearchParameter Sequence ServiceDefinition Slot
+Specimen StructureDefinition StructureMap Subscription Substance SupplyDelivery SupplyRequest Task TestReport
+TestScript ValueSet VisionPrescription`,
+	"R4": `Account ActivityDefinition AdverseEvent AllergyIntolerance Appointment AppointmentResponse AuditEvent Basic
+Binary BiologicallyDerivedProduct BodyStructure Bundle CapabilityStatement CarePlan CareTeam CatalogEntry ChargeItem
+ChargeItemDefinition Claim ClaimResponse ClinicalImpression CodeSystem Communication CommunicationRequest
+CompartmentDefinition Composition ConceptMap Condition Consent Contract Coverage CoverageEligibilityRequest
+CoverageEligibilityResponse DetectedIssue Device DeviceDefinition DeviceMetric DeviceRequest DeviceUseStatement
+DiagnosticReport DocumentManifest DocumentReference EffectEvidenceSynthesis Encounter Endpoint EnrollmentRequest
+EnrollmentResponse EpisodeOfCare EventDefinition Evidence EvidenceVariable ExampleScenario ExplanationOfBenefit
+FamilyMemberHistory Flag Goal GraphDefinition Group GuidanceResponse HealthcareService ImagingStudy Immunization
+ImmunizationEvaluation ImmunizationRecommendation ImplementationGuide InsurancePlan Invoice Library Linkage List
+Location Measure MeasureReport Media Medication MedicationAdministration MedicationDispense MedicationKnowledge
+MedicationRequest MedicationStatement MedicinalProduct MedicinalProductAuthorization MedicinalProductContraindication
+MedicinalProductIndication MedicinalProductIngredient MedicinalProductInteraction MedicinalProductManufactured
+MedicinalProductPackaged MedicinalProductPharmaceutical MedicinalProductUndesirableEffect MessageDefinition
+MessageHeader MolecularSequence NamingSystem NutritionOrder Observation ObservationDefinition OperationDefinition
+OperationOutcome Organization OrganizationAffiliation Parameters Patient PaymentNotice PaymentReconciliation Person
+PlanDefinition Practitioner PractitionerRole Procedure Provenance Questionnaire QuestionnaireResponse RelatedPerson
+RequestGroup ResearchDefinition ResearchElementDefinition ResearchStudy ResearchSubject RiskAssessment
+RiskEvidenceSynthesis Schedule SearchParameter ServiceRequest Slot Specimen SpecimenDefinition StructureDefinition
+StructureMap Subscription Substance SubstanceNucleicAcid SubstancePolymer SubstanceProtein
+SubstanceReferenceInformation SubstanceSourceMaterial SubstanceSpecification SupplyDelivery SupplyRequest Task
+TerminologyCapabilities TestReport TestScript ValueSet VerificationResult VisionPrescription`,
+	"R5": `Account ActivityDefinition ActorDefinition AdministrableProductDefinition AdverseEvent AllergyIntolerance
+Appointment AppointmentResponse ArtifactAssessment AuditEvent Basic Binary BiologicallyDerivedProduct
+BiologicallyDerivedProductDispense BodyStructure Bundle CapabilityStatement CarePlan CareTeam ChargeItem
+ChargeItemDefinition Citation Claim ClaimResponse ClinicalImpression ClinicalUseDefinition CodeSystem Communication
+CommunicationRequest CompartmentDefinition Composition ConceptMap Condition ConditionDefinition Consent Contract
+Coverage CoverageEligibilityRequest CoverageEligibilityResponse DetectedIssue Device DeviceAssociation
+DeviceDefinition DeviceDispense DeviceMetric DeviceRequest DeviceUsage DiagnosticReport DocumentReference Encounter
+EncounterHistory Endpoint EnrollmentRequest EnrollmentResponse EpisodeOfCare EventDefinition Evidence EvidenceReport
+EvidenceVariable ExampleScenario ExplanationOfBenefit FamilyMemberHistory Flag FormularyItem GenomicStudy Goal
+GraphDefinition Group GuidanceResponse HealthcareService ImagingSelection ImagingStudy Immunization
+ImmunizationEvaluation ImmunizationRecommendation ImplementationGuide Ingredient InsurancePlan InventoryItem
+InventoryReport Invoice Library Linkage List Location ManufacturedItemDefinition Measure MeasureReport Medication
+MedicationAdministration MedicationDispense MedicationKnowledge MedicationRequest MedicationStatement
+MedicinalProductDefinition MessageDefinition MessageHeader MolecularSequence NamingSystem NutritionIntake
+NutritionOrder NutritionProduct Observation ObservationDefinition OperationDefinition OperationOutcome Organization
+OrganizationAffiliation PackagedProductDefinition Parameters Patient PaymentNotice PaymentReconciliation Permission
+Person PlanDefinition Practitioner PractitionerRole Procedure Provenance Questionnaire QuestionnaireResponse
+RegulatedAuthorization RelatedPerson RequestOrchestration Requirements ResearchStudy ResearchSubject RiskAssessment
+Schedule SearchParameter ServiceRequest Slot Specimen SpecimenDefinition StructureDefinition StructureMap
+Subscription SubscriptionStatus SubscriptionTopic Substance SubstanceDefinition SubstanceNucleicAcid
+SubstancePolymer SubstanceProtein SubstanceReferenceInformation SubstanceSourceMaterial SupplyDelivery SupplyRequest
+Task TerminologyCapabilities TestPlan TestReport TestScript Transport ValueSet VerificationResult VisionPrescription`,
+}
+
+var resourceTypes = func() map[string]map[string]bool {
+	out := map[string]map[string]bool{}
+	for v, list := range resourceTypeLists {
+		out[v] = map[string]bool{}
+		for _, t := range strings.Fields(list) {
+			out[v][t] = true
+		}
+	}
+	return out
+}()
+
+// ResourceTypes returns the resource types the emulator accepts for a FHIR
+// version ("DSTU2", "STU3", "R4", "R5"), in alphabetical order.
+func ResourceTypes(version string) []string {
+	return strings.Fields(resourceTypeLists[version])
+}
