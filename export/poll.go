@@ -131,10 +131,18 @@ func (x *Exporter) finalize(ctx context.Context, object string, op *healthcare.O
 		return nil // the marker moved on to another run
 	}
 	log := Logger(ctx).With("trigger", p.Trigger.ID, "store", p.Store, "operation", p.Operation, "pipeline", p.Pipeline)
-	// Take a short lease so concurrent sweeps do not both report the outcome.
-	if !p.Finalizing.IsZero() && x.now().Sub(p.Finalizing) < x.StartLease {
-		return nil
+	if !p.Finalizing.IsZero() {
+		// An earlier sweep reported the outcome but may not have removed the
+		// marker; if the run record says so, only the removal is left.
+		var rec runRecord
+		if _, err := x.state.read(ctx, runObject(p.Run), &rec); err == nil && rec.Status == statusDone && rec.Operation == p.Operation {
+			return x.state.remove(ctx, name, gen)
+		}
+		if x.now().Sub(p.Finalizing) < x.FinalizeLease {
+			return nil // another sweep is reporting it
+		}
 	}
+	// Take a lease so concurrent sweeps do not both report the outcome.
 	p.Finalizing = x.now()
 	gen, err = x.state.update(ctx, name, gen, p, map[string]string{"run": p.Run, "operation": p.Operation})
 	if errors.Is(err, ErrConflict) {
@@ -225,21 +233,23 @@ func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, create
 func (x *Exporter) markDone(ctx context.Context, p pendingRecord, outcome string) error {
 	var rec runRecord
 	gen, err := x.state.read(ctx, runObject(p.Run), &rec)
-	rec.Trigger, rec.Pipeline, rec.Status, rec.Operation, rec.Outcome = p.Trigger, p.Pipeline, statusDone, p.Operation, outcome
 	switch {
 	case errors.Is(err, ErrNotFound):
 		rec.Claimed = p.Started
-		_, err = x.state.create(ctx, runObject(p.Run), rec, nil)
-		if errors.Is(err, ErrExists) {
-			return fmt.Errorf("run %s changed concurrently: %w", p.Run, errTransient)
-		}
-		return err
 	case err != nil:
 		return err
 	case rec.Status == statusDone:
 		return nil
 	}
-	_, err = x.state.update(ctx, runObject(p.Run), gen, rec, nil)
+	rec.Trigger, rec.Pipeline, rec.Status, rec.Operation, rec.Outcome = p.Trigger, p.Pipeline, statusDone, p.Operation, outcome
+	if gen == 0 {
+		_, err = x.state.create(ctx, runObject(p.Run), rec, nil)
+	} else {
+		_, err = x.state.update(ctx, runObject(p.Run), gen, rec, nil)
+	}
+	if errors.Is(err, ErrExists) || errors.Is(err, ErrConflict) {
+		return fmt.Errorf("run %s changed concurrently: %w", p.Run, errTransient)
+	}
 	return err
 }
 

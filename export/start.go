@@ -36,6 +36,9 @@ type Exporter struct {
 	// WaitForPeer is how long a concurrent redelivery waits for the attempt in
 	// flight before asking Pub/Sub to retry later.
 	WaitForPeer time.Duration
+	// FinalizeLease is how long a sweep reporting an outcome is presumed
+	// alive; after it another sweep reports the outcome again (same event id).
+	FinalizeLease time.Duration
 	// PollWorkers bounds concurrent operations.get calls during a sweep.
 	PollWorkers int
 }
@@ -46,7 +49,7 @@ func New(hc *healthcare.Service, state *State, pub Publisher, policy Policy, now
 		now = time.Now
 	}
 	return &Exporter{hc: hc, state: state, pub: pub, policy: policy, now: now,
-		StartLease: 2 * time.Minute, WaitForPeer: 10 * time.Second, PollWorkers: 16}
+		StartLease: 2 * time.Minute, FinalizeLease: 2 * time.Minute, WaitForPeer: 10 * time.Second, PollWorkers: 16}
 }
 
 // errTransient marks failures Pub/Sub should retry by redelivering.

@@ -38,7 +38,7 @@ func (s *State) object(name string) string { return path.Join(s.prefix, name) }
 
 // stateObject is a listed state object.
 type stateObject struct {
-	Name       string // relative to the state prefix
+	Name       string // relative to the listed folder
 	Generation int64
 	Metadata   map[string]string
 }
@@ -118,7 +118,7 @@ func (s *State) list(ctx context.Context, dir string) ([]stateObject, error) {
 		if err != nil {
 			return nil, fmt.Errorf("list state gs://%s/%s: %w", s.bucket, q.Prefix, err)
 		}
-		rel := a.Name[len(q.Prefix)-len(dir)-1:]
+		rel := a.Name[len(q.Prefix):]
 		out = append(out, stateObject{Name: rel, Generation: a.Generation, Metadata: a.Metadata})
 	}
 }
