@@ -188,8 +188,8 @@ func TestFHIRInteractions(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name, typ, id, body string
-		status             int
-		diag               string
+		status              int
+		diag                string
 	}{
 		{"id mismatch", "Patient", "a", `{"resourceType":"Patient","id":"b"}`, 400, "id"},
 		{"type mismatch", "Patient", "a", `{"resourceType":"Observation","id":"a"}`, 400, "resourceType"},
