@@ -383,6 +383,9 @@ probe() {
   "$@" >/dev/null 2>&1
 }
 
+# Never wait for an answer: a prompt would hang an unattended deployment.
+export CLOUDSDK_CORE_DISABLE_PROMPTS=1
+
 WORK_DIR=$(mktemp -d "${TMPDIR:-/tmp}/fhirexport-deploy.XXXXXX")
 trap 'rm -rf "$WORK_DIR"' EXIT
 
