@@ -206,7 +206,7 @@ fi
 stores=()
 while IFS= read -r s; do stores+=("$s"); done < <(split_list "$ALLOWED_STORES")
 ((${#stores[@]})) || bad "ALLOWED_STORES lists no store pattern"
-for s in "${stores[@]}"; do
+for s in ${stores[@]+"${stores[@]}"}; do
   if [[ ! $s =~ $re_store ]]; then
     bad "ALLOWED_STORES entry '$s' is not projects/P/locations/L/datasets/D/fhirStores/S"
     continue
@@ -224,7 +224,7 @@ ALLOWED_STORES=$(IFS=,; printf '%s' "${stores[*]}")
 dests=()
 while IFS= read -r d; do dests+=("$d"); done < <(split_list "$ALLOWED_DESTINATIONS")
 ((${#dests[@]})) || bad "ALLOWED_DESTINATIONS lists no destination"
-for d in "${dests[@]}"; do
+for d in ${dests[@]+"${dests[@]}"}; do
   case $d in
     gs://*)
       rest=${d#gs://}
@@ -251,7 +251,7 @@ store_allowed() {
   local -a want got
   local p i ok
   IFS=/ read -r -a got <<<"$1"
-  for p in "${stores[@]}"; do
+  for p in ${stores[@]+"${stores[@]}"}; do
     IFS=/ read -r -a want <<<"$p"
     ((${#want[@]} == ${#got[@]})) || continue
     ok=1
@@ -268,7 +268,7 @@ store_allowed() {
 # expanded URI; this catches an unedited example spec before it is scheduled.
 dest_allowed() {
   local fixed=${1%%\{*} p
-  for p in "${dests[@]}"; do
+  for p in ${dests[@]+"${dests[@]}"}; do
     [[ $fixed == "$p" || $fixed == "${p%/}/"* ]] && return 0
   done
   return 1
@@ -485,7 +485,7 @@ healthcare_grant() {
       --condition=None
   fi
 }
-for s in "${stores[@]}"; do
+for s in ${stores[@]+"${stores[@]}"}; do
   healthcare_grant "serviceAccount:$START_SA" "$START_ROLE" store "$s"
   healthcare_grant "serviceAccount:$POLL_SA" "$POLL_ROLE" dataset "$s"
 done
