@@ -218,7 +218,7 @@ for s in ${stores[@]+"${stores[@]}"}; do
   [[ $store_project == "$PROJECT_ID" ]] ||
     bad "ALLOWED_STORES entry '$s' is outside PROJECT_ID $PROJECT_ID (the functions' roles are granted in PROJECT_ID only)"
 done
-ALLOWED_STORES=$(IFS=,; printf '%s' "${stores[*]}")
+ALLOWED_STORES=$(IFS=,; printf '%s' "${stores[*]-}")
 
 # Destinations: exactly what the Healthcare service agent is given access to.
 dests=()
@@ -244,7 +244,7 @@ for d in ${dests[@]+"${dests[@]}"}; do
     *) bad "ALLOWED_DESTINATIONS entry '$d' must start with gs:// or bq://" ;;
   esac
 done
-ALLOWED_DESTINATIONS=$(IFS=,; printf '%s' "${dests[*]}")
+ALLOWED_DESTINATIONS=$(IFS=,; printf '%s' "${dests[*]-}")
 
 # store_allowed NAME: whether a store matches one ALLOWED_STORES pattern.
 store_allowed() {
