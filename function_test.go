@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -17,6 +18,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -30,6 +32,7 @@ import (
 	"cloud.google.com/go/storage"
 	"github.com/GoogleCloudPlatform/functions-framework-go/funcframework"
 	"github.com/fsouza/fake-gcs-server/fakestorage"
+	"github.com/santhosh-tekuri/jsonschema/v6"
 	"google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
@@ -147,7 +150,55 @@ func run(m *testing.M) (int, error) {
 	if err := waitUp(env.baseURL + "/PollExport"); err != nil {
 		return 0, err
 	}
-	return m.Run(), nil
+	code := m.Run()
+	if err := checkEventSchemas(); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL: published events do not match deploy/schemas:", err)
+		return 1, nil
+	}
+	return code, nil
+}
+
+// checkEventSchemas validates the data of every event the tests saw against
+// the JSON Schema of its type in deploy/schemas, the contract consumers get.
+func checkEventSchemas() error {
+	const base = "https://github.com/fhirexport/fhirexport/deploy/schemas/"
+	c := jsonschema.NewCompiler()
+	c.DefaultDraft(jsonschema.Draft2020)
+	c.AssertFormat()
+	files, err := filepath.Glob("deploy/schemas/*.schema.json")
+	if err != nil || len(files) == 0 {
+		return fmt.Errorf("no schemas: %v", err)
+	}
+	for _, f := range files {
+		doc, err := jsonschema.UnmarshalJSON(bytes.NewReader(must(os.ReadFile(f))))
+		if err != nil {
+			return err
+		}
+		if err := c.AddResource(base+filepath.Base(f), doc); err != nil {
+			return err
+		}
+	}
+	env.mu.Lock()
+	defer env.mu.Unlock()
+	var errs []error
+	for _, e := range env.events {
+		typ := strings.TrimPrefix(e.Attrs["ce-type"], events.TypePrefix)
+		sch, err := c.Compile(base + typ + ".schema.json")
+		if err != nil {
+			return fmt.Errorf("event type %q: %w", e.Attrs["ce-type"], err)
+		}
+		inst, err := jsonschema.UnmarshalJSON(strings.NewReader(e.Raw))
+		if err == nil {
+			err = sch.Validate(inst)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s event %s: %w\n%s", typ, e.Attrs["ce-id"], err, e.Raw))
+		}
+	}
+	if len(env.events) == 0 {
+		errs = append(errs, fmt.Errorf("no events were collected"))
+	}
+	return errors.Join(errs...)
 }
 
 func must[T any](v T, err error) T {

@@ -172,18 +172,19 @@ func (x *Exporter) finalize(ctx context.Context, object string, op *healthcare.O
 func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.Operation, meta *healthcare.OperationMetadata) error {
 	ev := outcomeEvent(p, op, meta)
 	if p.Incremental {
+		// Only a fully successful run moves the watermark; the event says
+		// whether this one did.
 		advanced := false
 		if ev.Type == events.TypeSucceeded {
 			var err error
 			if advanced, err = x.advanceWatermark(ctx, p, meta.CreateTime); err != nil {
 				return err
 			}
+			if ev.Data.Watermark, err = x.watermark(ctx, p.Pipeline); err != nil {
+				return err
+			}
 		}
-		wm, err := x.watermark(ctx, p.Pipeline)
-		if err != nil {
-			return err
-		}
-		ev.Data.Watermark, ev.Data.WatermarkAdvanced = wm, &advanced
+		ev.Data.WatermarkAdvanced = &advanced
 	}
 	if err := x.pub.Publish(ctx, ev); err != nil {
 		return err
