@@ -1074,3 +1074,64 @@ func TestLogsAreStructured(t *testing.T) {
 		t.Error(`no "export started" line with trigger, store and operation`)
 	}
 }
+
+// TestIncrementalEndToEnd shows the _since sent on consecutive triggers of an
+// incremental pipeline, the watermark in the events, and a trigger that
+// overlaps a running export being skipped.
+func TestIncrementalEndToEnd(t *testing.T) {
+	t.Parallel()
+	store, n := newStore(t, 3)
+	spec := specJSON(t, gcsSpec(store, map[string]any{"incremental": true, "name": "hourly"}))
+
+	first := newID("inc")
+	deliverPubSub(t, "StartExport", first, spec)
+	overlap := newID("inc")
+	deliverPubSub(t, "StartExport", overlap, spec) // the first run is still pending
+	skipped := waitEvents(t, byTrigger(overlap), 1)
+	if len(skipped) != 1 || skipped[0].Attrs["ce-type"] != events.TypeRejected || !strings.Contains(skipped[0].Data.Error.Message, "already has a run in progress") {
+		t.Fatalf("overlapping trigger: events = %+v, want one rejected naming the run in progress", skipped)
+	}
+	poll(t)
+	evs := waitEvents(t, byTrigger(first), 2)
+	w1 := outcomes(evs)[0].Data
+	if w1.Watermark == "" || w1.Watermark != normalize(t, w1.CreateTime) || !*w1.WatermarkAdvanced || w1.Counters.Success != int64(n) || w1.Since != "" {
+		t.Fatalf("first run: %+v, want a full export whose createTime became the watermark", w1)
+	}
+
+	patient := env.emu.Resources(store)[0]
+	var m map[string]any
+	json.Unmarshal(patient, &m)
+	m["gender"] = "unknown"
+	delete(m, "meta")
+	if _, err := env.emu.PutResource(store, specJSON(t, m)); err != nil {
+		t.Fatal(err)
+	}
+	second := newID("inc")
+	deliverPubSub(t, "StartExport", second, spec)
+	bodies := exportBodies(store)
+	if len(bodies) != 2 || bodies[0]["_since"] != nil || bodies[1]["_since"] != w1.Watermark {
+		t.Fatalf("_since sent = %v then %v, want none then %s", bodies[0]["_since"], bodies[len(bodies)-1]["_since"], w1.Watermark)
+	}
+	poll(t)
+	evs = waitEvents(t, byTrigger(second), 2)
+	if s := evs[0].Data; s.Since != w1.Watermark {
+		t.Errorf("started event since = %q, want %q", s.Since, w1.Watermark)
+	}
+	w2 := outcomes(evs)[0].Data
+	if w2.Since != w1.Watermark || w2.Counters.Success != 1 || !*w2.WatermarkAdvanced || !(mustParse(t, w2.Watermark).After(mustParse(t, w1.Watermark))) {
+		t.Errorf("second run: %+v, want one resource since %s and a later watermark", w2, w1.Watermark)
+	}
+}
+
+func mustParse(t *testing.T, v string) time.Time {
+	t.Helper()
+	ts, err := time.Parse(time.RFC3339Nano, v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ts
+}
+
+func normalize(t *testing.T, v string) string {
+	return mustParse(t, v).UTC().Format(time.RFC3339Nano)
+}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -139,6 +140,25 @@ func TestSpecErrorMessage(t *testing.T) {
 	for _, want := range []string{"_since", `"2026-01-01"`, "accepted: RFC 3339"} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("error %v does not contain %q", err, want)
+		}
+	}
+}
+
+// TestDeploySpecsParse keeps the example specs in deploy/specs acceptable to
+// the function itself, not only to the JSON Schema.
+func TestDeploySpecsParse(t *testing.T) {
+	t.Parallel()
+	files, err := filepath.Glob("../deploy/specs/*.json")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no example specs: %v", err)
+	}
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := ParseSpec(data); err != nil {
+			t.Errorf("%s: %v", f, err)
 		}
 	}
 }
