@@ -198,7 +198,7 @@ func benchBaseline(b *testing.B, allWrites bool) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	ps, err := pubsub.NewClient(ctx, project, option.WithEndpoint(env.ps.Addr), option.WithoutAuthentication(),
+	ps, err := pubsub.NewClient(ctx, project, option.WithEndpoint(env.psAddr), option.WithoutAuthentication(),
 		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
 	if err != nil {
 		b.Fatal(err)
