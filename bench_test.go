@@ -237,8 +237,13 @@ func benchBaseline(b *testing.B, allWrites bool) {
 			write(fmt.Sprintf("state/bench/pending/%d.json", n), storage.Conditions{GenerationMatch: lock},
 				`{"run":"`+fmt.Sprint(n)+`","operation":"`+op.Name+`"}`)
 		}
-		msg := &pubsub.Message{Data: []byte(`{"store":"` + store + `"}`), Attributes: map[string]string{
-			"ce-specversion": "1.0", "ce-id": fmt.Sprint(n), "ce-type": events.TypeStarted, "ce-source": "bench", "content-type": "application/json"}}
+		// The same started event StartExport publishes, so both publish equal payloads.
+		msg, err := events.Message(events.Event{ID: fmt.Sprint(n), Type: events.TypeStarted, Source: "//healthcare.googleapis.com/" + store,
+			Subject: op.Name, Time: time.Now(), Data: events.Data{Store: store, Operation: op.Name, Destination: req.GcsDestination.UriPrefix,
+				Trigger: events.TriggerRef{Source: "bench", ID: fmt.Sprint(n)}}})
+		if err != nil {
+			b.Fatal(err)
+		}
 		if _, err := pub.Publish(ctx, msg).Get(ctx); err != nil {
 			b.Fatal(err)
 		}

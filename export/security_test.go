@@ -229,7 +229,7 @@ func TestAllowListDestinations(t *testing.T) {
 		{"percent-encoded bucket separator", allowedStore, "gs://allowed-bucket%2Fexports", false},
 		// Cloud Storage object names are literal: this writes objects named
 		// exports/%2e%2e/other/…, which are inside exports/.
-		{"percent-encoded dots stay literal", allowedStore, "gs://allowed-bucket/exports/%2e%2e/other", true},
+		{"percent-encoded dots, even inside the allowed prefix", allowedStore, "gs://allowed-bucket/exports/%2e%2e/other", false},
 		{"double slash before the path", allowedStore, "gs://allowed-bucket//exports", false},
 		{"double slash inside", allowedStore, "gs://allowed-bucket/exports//x", false},
 		{"double trailing slash", allowedStore, "gs://allowed-bucket/exports//", false},

@@ -441,8 +441,10 @@ func validateURIPrefix(p string) error {
 	if strings.ContainsAny(stripped, "{}") {
 		return specErr("gcsDestination.uriPrefix", accepted, "%q has an unknown placeholder", p)
 	}
-	if strings.ContainsFunc(path, func(r rune) bool { return r < 0x20 || r == 0x7f || r == '\\' }) {
-		return specErr("gcsDestination.uriPrefix", accepted, "%q has control characters or backslashes", p)
+	// '%' is legal in object names, but a percent-encoded path means two
+	// things to two readers; no export needs it.
+	if strings.ContainsFunc(path, func(r rune) bool { return r < 0x20 || r == 0x7f || r == '\\' || r == '%' }) {
+		return specErr("gcsDestination.uriPrefix", accepted+", without '%', '\\' or control characters", "%q has a percent sign, a backslash or a control character", p)
 	}
 	for _, seg := range strings.Split(path, "/") {
 		if seg == "" || seg == "." || seg == ".." {
