@@ -3,7 +3,6 @@ package export
 import (
 	"fmt"
 	"net/url"
-	"regexp"
 	"strings"
 )
 
@@ -19,7 +18,7 @@ type Config struct {
 	StorageEmulator    string
 }
 
-var topicRE = regexp.MustCompile(`^projects/[a-z0-9][a-z0-9.:-]{0,62}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$`)
+var topicRE = lazyRegexp(`^projects/[a-z0-9][a-z0-9.:-]{0,62}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$`)
 
 // LoadConfig reads the FHIREXPORT_* variables (and the client libraries'
 // emulator switches) through lookup, so tests need not touch the process
@@ -31,7 +30,7 @@ func LoadConfig(lookup func(string) (string, bool)) (Config, error) {
 	switch {
 	case c.EventsTopic == "":
 		return Config{}, fmt.Errorf("FHIREXPORT_EVENTS_TOPIC is required: the Pub/Sub topic for outcome events, as projects/PROJECT/topics/TOPIC")
-	case !topicRE.MatchString(c.EventsTopic):
+	case !topicRE().MatchString(c.EventsTopic):
 		return Config{}, fmt.Errorf("FHIREXPORT_EVENTS_TOPIC: %q is not a topic name; accepted: projects/PROJECT/topics/TOPIC", c.EventsTopic)
 	}
 	state := get("FHIREXPORT_STATE")
@@ -41,7 +40,7 @@ func LoadConfig(lookup func(string) (string, bool)) (Config, error) {
 	rest, ok := strings.CutPrefix(state, "gs://")
 	bucket, prefix, _ := strings.Cut(rest, "/")
 	prefix = strings.Trim(prefix, "/")
-	if !ok || !bucketRE.MatchString(bucket) || strings.Contains(prefix, "//") {
+	if !ok || !bucketRE().MatchString(bucket) || strings.Contains(prefix, "//") {
 		return Config{}, fmt.Errorf("FHIREXPORT_STATE: %q is not a Cloud Storage location; accepted: gs://BUCKET or gs://BUCKET/PREFIX", state)
 	}
 	c.StateBucket, c.StatePrefix = bucket, prefix

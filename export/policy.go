@@ -33,7 +33,7 @@ func ParsePolicy(stores, destinations string) (Policy, error) {
 		case strings.HasPrefix(d, "gs://"):
 			d = strings.TrimRight(d, "/")
 			bucket, path, _ := strings.Cut(strings.TrimPrefix(d, "gs://"), "/")
-			if !bucketRE.MatchString(bucket) {
+			if !bucketRE().MatchString(bucket) {
 				return Policy{}, fmt.Errorf("FHIREXPORT_ALLOWED_DESTINATIONS: %q has an invalid bucket name", d)
 			}
 			if path != "" {
@@ -44,7 +44,7 @@ func ParsePolicy(stores, destinations string) (Policy, error) {
 				}
 			}
 		case strings.HasPrefix(d, "bq://"):
-			if !datasetRE.MatchString(d) {
+			if !datasetRE().MatchString(d) {
 				return Policy{}, fmt.Errorf("FHIREXPORT_ALLOWED_DESTINATIONS: %q is not bq://PROJECT_ID.DATASET_ID", d)
 			}
 		default:

@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -322,22 +323,27 @@ func syntaxProblem(err error, data []byte) string {
 	return err.Error()
 }
 
+// The patterns compile at first use, not at init: cold starts stay short.
 var (
-	storeRE   = regexp.MustCompile(`^projects/([a-z0-9][a-z0-9.:-]{0,62}[a-z0-9])/locations/([a-z0-9][a-z0-9-]{0,62})/datasets/([A-Za-z0-9_.-]{1,256})/fhirStores/([A-Za-z0-9_.-]{1,256})$`)
-	sinceRE   = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$`)
-	bucketRE  = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$`)
-	datasetRE = regexp.MustCompile(`^bq://((?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9])\.([A-Za-z0-9_]{1,1000})$`)
-	nameRE    = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
-	labelKey  = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,62}$`)
-	typeRE    = regexp.MustCompile(`^[A-Z][A-Za-z]{1,63}$`)
+	storeRE   = lazyRegexp(`^projects/([a-z0-9][a-z0-9.:-]{0,62}[a-z0-9])/locations/([a-z0-9][a-z0-9-]{0,62})/datasets/([A-Za-z0-9_.-]{1,256})/fhirStores/([A-Za-z0-9_.-]{1,256})$`)
+	sinceRE   = lazyRegexp(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$`)
+	bucketRE  = lazyRegexp(`^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$`)
+	datasetRE = lazyRegexp(`^bq://((?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9])\.([A-Za-z0-9_]{1,1000})$`)
+	nameRE    = lazyRegexp(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+	labelKey  = lazyRegexp(`^[a-z][a-z0-9_-]{0,62}$`)
+	typeRE    = lazyRegexp(`^[A-Z][A-Za-z]{1,63}$`)
 )
+
+func lazyRegexp(expr string) func() *regexp.Regexp {
+	return sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(expr) })
+}
 
 // Validate checks every field, returning the first problem as a *SpecError.
 func (s *Spec) Validate() error {
 	if s.FHIRStore == "" {
 		return specErr("fhirStore", "projects/P/locations/L/datasets/D/fhirStores/S", "required")
 	}
-	m := storeRE.FindStringSubmatch(s.FHIRStore)
+	m := storeRE().FindStringSubmatch(s.FHIRStore)
 	if m == nil || m[3] == "." || m[3] == ".." || m[4] == "." || m[4] == ".." {
 		return specErr("fhirStore", "projects/P/locations/L/datasets/D/fhirStores/S with IDs of letters, digits, '_', '-', '.'", "%q is not a FHIR store resource name", s.FHIRStore)
 	}
@@ -363,14 +369,14 @@ func (s *Spec) Validate() error {
 			return err
 		}
 	}
-	if s.Name != "" && !nameRE.MatchString(s.Name) {
+	if s.Name != "" && !nameRE().MatchString(s.Name) {
 		return specErr("name", "1-63 of a-z, 0-9, '.', '_', '-', starting with a letter or digit", "%q is not a pipeline name", s.Name)
 	}
 	if len(s.Labels) > 64 {
 		return specErr("labels", "at most 64 labels", "%d labels", len(s.Labels))
 	}
 	for k, v := range s.Labels {
-		if !labelKey.MatchString(k) {
+		if !labelKey().MatchString(k) {
 			return specErr("labels."+k, "keys of 1-63 of a-z, 0-9, '_', '-', starting with a letter", "%q is not a label key", k)
 		}
 		if len(v) > 256 || strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
@@ -393,7 +399,7 @@ func (s *Spec) Types() ([]string, error) {
 		switch {
 		case p == "":
 			return nil, specErr("_type", accepted, "%q has an empty entry", s.Type)
-		case !typeRE.MatchString(p) || !knownTypes[p]:
+		case !typeRE().MatchString(p) || !knownTypes[p]:
 			return nil, specErr("_type", accepted, "%q is not a FHIR resource type", p)
 		case seen[p]:
 			return nil, specErr("_type", accepted, "%q is listed twice", p)
@@ -407,7 +413,7 @@ func (s *Spec) Types() ([]string, error) {
 // fractional seconds allowed, as the API requires.
 func ParseSince(v string) (time.Time, error) {
 	const accepted = "RFC 3339 to the second with a time zone, e.g. 2026-01-01T00:00:00Z or 2026-01-01T02:00:00.5+02:00"
-	if !sinceRE.MatchString(v) {
+	if !sinceRE().MatchString(v) {
 		return time.Time{}, specErr("_since", accepted, "%q is not a timestamp", v)
 	}
 	t, err := time.Parse(time.RFC3339Nano, v)
@@ -427,7 +433,7 @@ func validateURIPrefix(p string) error {
 		return specErr("gcsDestination.uriPrefix", accepted, "%q does not start with gs://", p)
 	}
 	bucket, path, _ := strings.Cut(rest, "/")
-	if !bucketRE.MatchString(bucket) || strings.Contains(bucket, "..") {
+	if !bucketRE().MatchString(bucket) || strings.Contains(bucket, "..") {
 		return specErr("gcsDestination.uriPrefix", accepted, "%q is not a valid bucket name", bucket)
 	}
 	path = strings.TrimSuffix(path, "/")
@@ -459,7 +465,7 @@ func validateURIPrefix(p string) error {
 
 func (s *Spec) validateBigQuery() error {
 	bq := s.BigQueryDestination
-	if !datasetRE.MatchString(bq.DatasetURI) {
+	if !datasetRE().MatchString(bq.DatasetURI) {
 		return specErr("bigqueryDestination.datasetUri", "bq://PROJECT_ID.DATASET_ID", "%q is not a BigQuery dataset URI", bq.DatasetURI)
 	}
 	sc := bq.SchemaConfig
