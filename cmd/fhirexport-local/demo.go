@@ -178,7 +178,7 @@ func (st *stack) export(ctx context.Context, r *stepResult, spec map[string]any)
 		if e := final.Data.Error; e != nil {
 			msg = ": " + e.Message
 		}
-		return final, fmt.Errorf("%w: export.%s%s", errStepFailed, final.Type, msg)
+		return final, fmt.Errorf("export.%s%s", final.Type, msg)
 	}
 	return final, nil
 }

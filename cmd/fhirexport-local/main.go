@@ -34,18 +34,19 @@ func main() {
 	defer stop()
 	err := run(ctx, os.Args[1:], os.Stdout)
 	stop()
-	os.Exit(exitCode(err))
+	os.Exit(exitCode(err, os.Stderr))
 }
 
-// exitCode is the one place that turns an error into an exit status.
-func exitCode(err error) int {
+// exitCode is the one place that turns an error into an exit status; it
+// reports the error on stderr.
+func exitCode(err error, stderr io.Writer) int {
 	switch {
 	case err == nil:
 		return 0
 	case errors.Is(err, flag.ErrHelp):
 		return 2
 	}
-	fmt.Fprintln(os.Stderr, "fhirexport-local:", err)
+	fmt.Fprintln(stderr, "fhirexport-local:", err)
 	var ue usageError
 	switch {
 	case errors.As(err, &ue):

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -317,5 +316,3 @@ func short(name string) string {
 	}
 	return name
 }
-
-var errStepFailed = errors.New("step failed")
