@@ -50,8 +50,12 @@ func (st *stack) demo(ctx context.Context) error {
 	var steps []*stepResult
 	err := st.demoSteps(ctx, &steps)
 	st.summary(steps, time.Since(start))
-	if err != nil {
-		st.con.Printf("\nFAILED: %v\n", err)
+	switch {
+	case err != nil && ctx.Err() != nil:
+		st.con.Printf("\ninterrupted\n")
+		return err
+	case err != nil:
+		st.con.Printf("\nFAILED (function logs: %s, emulator logs: %s)\n", st.o.logs, filepath.Join(st.o.dir, "emulators.log"))
 		return err
 	}
 	st.con.Printf("\nOK: every step succeeded and verified.\n")
