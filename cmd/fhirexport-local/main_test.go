@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -225,4 +226,106 @@ func TestUsage(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(foreign, "precious.txt")); err != nil {
 		t.Errorf("a foreign --dir was touched: %v", err)
 	}
+}
+
+// TestServeInstructions runs --serve, executes the curl command it prints
+// and waits for that export's outcome event; where the Cloud SDK is installed
+// it also has gcloud parse the printed publish command (offline: a
+// well-formed command fails only for want of an account).
+func TestServeInstructions(t *testing.T) {
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Skip("curl is not installed")
+	}
+	dir := filepath.Join(t.TempDir(), "local")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out := &syncBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, append([]string{"--serve", "--dir", dir, "--port", "0", "--patients", "2",
+			"--export-duration", "200ms", "--export-steps", "2", "--tick", "100ms"}, emulatorPorts()...), out)
+	}()
+	stopped := false
+	stop := func() error {
+		if stopped {
+			return nil
+		}
+		stopped = true
+		cancel()
+		return <-done
+	}
+	defer stop()
+	waitFor := func(s string) string {
+		t.Helper()
+		for !strings.Contains(out.String(), s) {
+			select {
+			case err := <-done:
+				stopped = true
+				t.Fatalf("run ended early: %v\n%s", err, out.String())
+			case <-ctx.Done():
+				t.Fatalf("no %q in the output:\n%s", s, out.String())
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		return out.String()
+	}
+	printed := waitFor("Outcome events appear below")
+	curl := command(t, printed, "  curl ")
+	gcloud := command(t, printed, "  gcloud ")
+
+	cmd := exec.CommandContext(ctx, "bash", "-euo", "pipefail", "-c", curl)
+	res, err := cmd.CombinedOutput()
+	if err != nil || !bytes.Contains(res, []byte("200 OK")) {
+		t.Fatalf("the printed curl command: %v\n%s\n%s", err, curl, res)
+	}
+	waitFor("◀ event export.succeeded")
+	if err := stop(); err != nil {
+		t.Errorf("run after Ctrl-C = %v, want nil", err)
+	}
+	files := exportedFiles(t, filepath.Join(dir, "gcs", exportBucket, "fhir", "ehr"))
+	if len(files) != 1 {
+		t.Errorf("export runs on disk = %v, want one", files)
+	}
+
+	if _, err := exec.LookPath("gcloud"); err != nil {
+		t.Log("gcloud is not installed: the printed gcloud command is not checked")
+		return
+	}
+	gctx, gcancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer gcancel()
+	cmd = exec.CommandContext(gctx, "bash", "-euo", "pipefail", "-c", gcloud)
+	cmd.Env = append(os.Environ(), "CLOUDSDK_CONFIG="+t.TempDir(), "CLOUDSDK_CORE_DISABLE_PROMPTS=1")
+	res, _ = cmd.CombinedOutput()
+	if !bytes.Contains(res, []byte("active account")) {
+		t.Errorf("gcloud did not accept the printed command's arguments:\n%s\n%s", gcloud, res)
+	}
+}
+
+// command returns the shell command printed from the line starting with
+// prefix to the next blank line.
+func command(t *testing.T, out, prefix string) string {
+	t.Helper()
+	i := strings.Index(out, "\n"+prefix)
+	if i < 0 {
+		t.Fatalf("no %q command in:\n%s", prefix, out)
+	}
+	cmd, _, _ := strings.Cut(out[i+1:], "\n\n")
+	return cmd
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
