@@ -155,11 +155,12 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		defer f.Close()
 		orig, restore, err := redirectStdout(f)
 		if err != nil {
-			return fmt.Errorf("send function logs to %s: %w", o.logs, err)
-		}
-		defer restore()
-		if stdout == io.Writer(os.Stdout) {
-			stdout = orig
+			fmt.Fprintf(stdout, "note: the function logs stay on stdout (%v)\n", err)
+		} else {
+			defer restore()
+			if stdout == io.Writer(os.Stdout) {
+				stdout = orig
+			}
 		}
 	}
 	con := &console{w: stdout}
