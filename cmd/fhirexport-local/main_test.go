@@ -1,0 +1,331 @@
+package main
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fhirexport/fhirexport/healthcaretest"
+)
+
+// The functions read their configuration (emulator addresses included) once
+// per process, so every run in this test binary uses the same emulator ports.
+var emulatorPorts = sync.OnceValue(func() []string {
+	var args []string
+	for _, flag := range []string{"--healthcare-port", "--pubsub-port", "--gcs-port"} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			panic(err)
+		}
+		args = append(args, flag, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+		ln.Close()
+	}
+	return args
+})
+
+// runDemo runs the demonstration in-process with small, fast settings and
+// returns its output, its --dir and its error.
+func runDemo(t *testing.T, extra ...string) (out, dir string, err error) {
+	t.Helper()
+	dir = filepath.Join(t.TempDir(), "local")
+	args := append([]string{"--dir", dir, "--port", "0", "--patients", "3", "--seed", "7",
+		"--export-duration", "300ms", "--export-steps", "2", "--tick", "100ms"}, emulatorPorts()...)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var buf bytes.Buffer
+	err = run(ctx, append(args, extra...), &buf)
+	return buf.String(), dir, err
+}
+
+// TestDemo runs the whole demonstration and checks, independently of the
+// runner's own verification, what it left on disk and what it printed.
+func TestDemo(t *testing.T) {
+	out, dir, err := runDemo(t)
+	if err != nil {
+		t.Fatalf("run: %v\noutput:\n%s", err, out)
+	}
+
+	// The synthetic data is deterministic: count what the store was seeded with.
+	seeded := map[string]int{}
+	var patients, observations int
+	for _, r := range healthcaretest.Synthetic(7, 3) {
+		typ, _ := resourceKey(r)
+		seeded[typ]++
+		switch typ {
+		case "Patient":
+			patients++
+		case "Observation":
+			observations++
+		}
+	}
+	// The updates: every 10th patient, every 20th observation, two new of each.
+	wantIncremental := map[string]int{
+		"Patient":     (patients+9)/10 + 2,
+		"Observation": (observations+19)/20 + 2,
+	}
+
+	runs := exportedFiles(t, filepath.Join(dir, "gcs", exportBucket, "fhir", "ehr"))
+	if len(runs) != 2 {
+		t.Fatalf("export runs on disk = %d, want 2 (full, incremental): %v", len(runs), runs)
+	}
+	if got := runs[0]; fmt.Sprint(got) != fmt.Sprint(seeded) {
+		t.Errorf("full export NDJSON lines per type = %v, want what the store was seeded with: %v", got, seeded)
+	}
+	if got := runs[1]; fmt.Sprint(got) != fmt.Sprint(wantIncremental) {
+		t.Errorf("incremental export NDJSON lines per type = %v, want the changes: %v", got, wantIncremental)
+	}
+
+	for _, want := range []string{
+		"export.started", "export.succeeded",
+		"[1/4]", "[2/4]", "[3/4]", "[4/4]",
+		"running (operations.get)",
+		"watermark", "(advanced)",
+		"BigQuery " + bqDataset,
+		"OK: every step succeeded",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+	if n := strings.Count(out, "◀ event export.started"); n != 3 {
+		t.Errorf("started events printed = %d, want 3", n)
+	}
+	if n := strings.Count(out, "◀ event export.succeeded"); n != 3 {
+		t.Errorf("succeeded events printed = %d, want 3", n)
+	}
+	if strings.Contains(out, `"severity"`) {
+		t.Errorf("function logs leaked into the demonstration output")
+	}
+	logs, err := os.ReadFile(filepath.Join(dir, "functions.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(logs, []byte(`"message":"export started"`)) {
+		t.Errorf("functions.log lacks the functions' JSON logs:\n%s", logs)
+	}
+	if t.Failed() {
+		t.Logf("output:\n%s", out)
+	}
+}
+
+// exportedFiles returns, for each export run folder under root (in operation
+// order), the NDJSON lines per resource type.
+func exportedFiles(t *testing.T, root string) []map[string]int {
+	t.Helper()
+	type run struct {
+		op    uint64
+		lines map[string]int
+	}
+	byDir := map[string]*run{}
+	err := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		opID, typ, ok := strings.Cut(d.Name(), "_")
+		if !ok {
+			return nil
+		}
+		op, err := strconv.ParseUint(opID, 10, 64)
+		if err != nil {
+			return fmt.Errorf("%s: not named {operationId}_{Type}", p)
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		r := byDir[filepath.Dir(p)]
+		if r == nil {
+			r = &run{op: op, lines: map[string]int{}}
+			byDir[filepath.Dir(p)] = r
+		}
+		for _, l := range bytes.Split(bytes.TrimSuffix(data, []byte("\n")), []byte("\n")) {
+			if !json.Valid(l) {
+				return fmt.Errorf("%s: a line is not JSON: %s", p, l)
+			}
+			if got, _ := resourceKey(l); got != typ {
+				return fmt.Errorf("%s holds a %s", p, got)
+			}
+			r.lines[typ]++
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var runs []*run
+	for _, r := range byDir {
+		runs = append(runs, r)
+	}
+	slices.SortFunc(runs, func(a, b *run) int { return cmp.Compare(a.op, b.op) })
+	var out []map[string]int
+	for _, r := range runs {
+		out = append(out, r.lines)
+	}
+	return out
+}
+
+// TestBrokenStep: an export the function rejects fails the demonstration
+// with a non-nil error naming the step, after printing the rejected event.
+func TestBrokenStep(t *testing.T) {
+	out, _, err := runDemo(t, "--types", "Patient,NotAType")
+	if err == nil {
+		t.Fatalf("run succeeded with an invalid _type; output:\n%s", out)
+	}
+	if !strings.Contains(err.Error(), "step 1") || !strings.Contains(err.Error(), "rejected") {
+		t.Errorf("error = %v, want step 1 rejected", err)
+	}
+	if !strings.Contains(out, "◀ event export.rejected") || !strings.Contains(out, "FAILED") {
+		t.Errorf("output lacks the rejected event or FAILED:\n%s", out)
+	}
+	if got := exitCode(err, io.Discard); got != 1 {
+		t.Errorf("exit code = %d, want 1", got)
+	}
+}
+
+// TestUsage: bad flags and a foreign --dir fail before anything starts.
+func TestUsage(t *testing.T) {
+	foreign := t.TempDir()
+	if err := os.WriteFile(filepath.Join(foreign, "precious.txt"), []byte("keep"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"no patients", []string{"--patients", "0"}, "--patients"},
+		{"stray argument", []string{"demo"}, "unexpected arguments"},
+		{"unknown flag", []string{"--nope"}, "not defined"},
+		{"foreign dir", []string{"--dir", foreign}, "not created by fhirexport-local"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var out bytes.Buffer
+			err := run(context.Background(), tc.args, &out)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("run(%v) = %v, want an error mentioning %q", tc.args, err, tc.want)
+			}
+			if got := exitCode(err, io.Discard); got != 2 {
+				t.Errorf("exit code = %d, want 2", got)
+			}
+		})
+	}
+	if _, err := os.Stat(filepath.Join(foreign, "precious.txt")); err != nil {
+		t.Errorf("a foreign --dir was touched: %v", err)
+	}
+}
+
+// TestServeInstructions runs --serve, executes the curl command it prints
+// and waits for that export's outcome event; where the Cloud SDK is installed
+// it also has gcloud parse the printed publish command (offline: a
+// well-formed command fails only for want of an account).
+func TestServeInstructions(t *testing.T) {
+	if _, err := exec.LookPath("curl"); err != nil {
+		t.Skip("curl is not installed")
+	}
+	dir := filepath.Join(t.TempDir(), "local")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out := &syncBuffer{}
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, append([]string{"--serve", "--dir", dir, "--port", "0", "--patients", "2",
+			"--export-duration", "200ms", "--export-steps", "2", "--tick", "100ms"}, emulatorPorts()...), out)
+	}()
+	stopped := false
+	stop := func() error {
+		if stopped {
+			return nil
+		}
+		stopped = true
+		cancel()
+		return <-done
+	}
+	defer stop()
+	waitFor := func(s string) string {
+		t.Helper()
+		for !strings.Contains(out.String(), s) {
+			select {
+			case err := <-done:
+				stopped = true
+				t.Fatalf("run ended early: %v\n%s", err, out.String())
+			case <-ctx.Done():
+				t.Fatalf("no %q in the output:\n%s", s, out.String())
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		return out.String()
+	}
+	printed := waitFor("Outcome events appear below")
+	curl := command(t, printed, "  curl ")
+	gcloud := command(t, printed, "  gcloud ")
+
+	cmd := exec.CommandContext(ctx, "bash", "-euo", "pipefail", "-c", curl)
+	res, err := cmd.CombinedOutput()
+	if err != nil || !bytes.Contains(res, []byte("200 OK")) {
+		t.Fatalf("the printed curl command: %v\n%s\n%s", err, curl, res)
+	}
+	waitFor("◀ event export.succeeded")
+	if err := stop(); err != nil {
+		t.Errorf("run after Ctrl-C = %v, want nil", err)
+	}
+	files := exportedFiles(t, filepath.Join(dir, "gcs", exportBucket, "fhir", "ehr"))
+	if len(files) != 1 {
+		t.Errorf("export runs on disk = %v, want one", files)
+	}
+
+	if _, err := exec.LookPath("gcloud"); err != nil {
+		t.Log("gcloud is not installed: the printed gcloud command is not checked")
+		return
+	}
+	gctx, gcancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer gcancel()
+	cmd = exec.CommandContext(gctx, "bash", "-euo", "pipefail", "-c", gcloud)
+	cmd.Env = append(os.Environ(), "CLOUDSDK_CONFIG="+t.TempDir(), "CLOUDSDK_CORE_DISABLE_PROMPTS=1")
+	res, _ = cmd.CombinedOutput()
+	if !bytes.Contains(res, []byte("active account")) {
+		t.Errorf("gcloud did not accept the printed command's arguments:\n%s\n%s", gcloud, res)
+	}
+}
+
+// command returns the shell command printed from the line starting with
+// prefix to the next blank line.
+func command(t *testing.T, out, prefix string) string {
+	t.Helper()
+	i := strings.Index(out, "\n"+prefix)
+	if i < 0 {
+		t.Fatalf("no %q command in:\n%s", prefix, out)
+	}
+	cmd, _, _ := strings.Cut(out[i+1:], "\n\n")
+	return cmd
+}
+
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}

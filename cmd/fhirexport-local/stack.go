@@ -1,0 +1,318 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"cloud.google.com/go/pubsub/v2"
+	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
+	"cloud.google.com/go/pubsub/v2/pstest"
+	"cloud.google.com/go/storage"
+	"github.com/GoogleCloudPlatform/functions-framework-go/funcframework"
+	"github.com/fsouza/fake-gcs-server/fakestorage"
+	healthcare "google.golang.org/api/healthcare/v1"
+	"google.golang.org/api/option"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	// Registers StartExport and PollExport with the functions framework.
+	_ "github.com/fhirexport/fhirexport"
+	"github.com/fhirexport/fhirexport/healthcaretest"
+)
+
+// The local project's names. The functions read their configuration once per
+// process, so these must not depend on flags that may differ between runs in
+// one process (tests): only the ports do, and tests keep them stable.
+const (
+	project       = "local-project"
+	location      = "projects/" + project + "/locations/us-central1"
+	datasetName   = location + "/datasets/demo"
+	storeName     = datasetName + "/fhirStores/ehr"
+	requestsTopic = "projects/" + project + "/topics/fhirexport-requests"
+	pollTopic     = "projects/" + project + "/topics/fhirexport-poll"
+	eventsTopic   = "projects/" + project + "/topics/fhirexport-events"
+	exportBucket  = "local-exports"
+	stateBucket   = "local-state"
+	exportPrefix  = "gs://" + exportBucket + "/fhir"
+	bqDataset     = "bq://" + project + ".analytics"
+)
+
+// stack is the local environment: emulators, functions, delivery and ticks.
+type stack struct {
+	o       options
+	con     *console
+	gcsRoot string // fake-gcs-server's folder: DIR/gcs/BUCKET/OBJECT
+
+	emuLog   *os.File
+	emu      *healthcaretest.Server
+	hc       *healthcare.Service
+	gcs      *fakestorage.Server
+	storage  *storage.Client
+	ps       *pstest.Server
+	psClient *pubsub.Client
+	requests *pubsub.Publisher
+	baseURL  string // functions framework
+	seeded   int    // resources in the store after seeding
+	events   *eventLog
+
+	stop context.CancelFunc // stops the background goroutines
+	wg   sync.WaitGroup
+}
+
+// startStack starts everything; on error, what was started is stopped.
+func startStack(ctx context.Context, o options, con *console) (_ *stack, err error) {
+	st := &stack{o: o, con: con, gcsRoot: filepath.Join(o.dir, "gcs"), events: newEventLog()}
+	defer func() {
+		if err != nil {
+			st.close()
+		}
+	}()
+	if st.emuLog, err = os.Create(filepath.Join(o.dir, "emulators.log")); err != nil {
+		return nil, err
+	}
+
+	st.gcs, err = fakestorage.NewServerWithOptions(fakestorage.Options{
+		Scheme: "http", Host: "127.0.0.1", Port: uint16(o.gcsPort), StorageRoot: st.gcsRoot, Writer: st.emuLog,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cloud storage emulator: %w", err)
+	}
+	for _, b := range []string{exportBucket, stateBucket} {
+		st.gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
+	}
+	st.storage, err = storage.NewClient(ctx, option.WithEndpoint(st.gcs.URL()+"/storage/v1/"),
+		option.WithoutAuthentication(), storage.WithJSONReads())
+	if err != nil {
+		return nil, fmt.Errorf("storage client: %w", err)
+	}
+
+	emuLogger := log.New(st.emuLog, "", log.LstdFlags|log.Lmicroseconds)
+	st.emu, err = healthcaretest.Start(hostPort(o.healthcarePort), healthcaretest.Options{
+		Storage: st.storage, ExportDuration: o.exportDuration, ExportSteps: o.exportSteps, Logf: emuLogger.Printf,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("healthcare emulator: %w", err)
+	}
+	if st.hc, err = st.emu.Service(ctx); err != nil {
+		return nil, err
+	}
+	if err := st.emu.CreateDataset(datasetName); err != nil {
+		return nil, err
+	}
+	if err := st.emu.CreateFHIRStore(storeName, "R4"); err != nil {
+		return nil, err
+	}
+	if st.seeded, err = st.emu.Seed(storeName, o.seed, o.patients); err != nil {
+		return nil, fmt.Errorf("seed the store: %w", err)
+	}
+
+	// pstest panics when it cannot listen: check the address first.
+	psAddr := hostPort(o.pubsubPort)
+	if o.pubsubPort != 0 {
+		ln, err := net.Listen("tcp", psAddr)
+		if err != nil {
+			return nil, fmt.Errorf("pub/sub emulator: %w (choose another --pubsub-port)", err)
+		}
+		ln.Close()
+	}
+	st.ps = pstest.NewServerWithAddress(psAddr)
+	st.psClient, err = pubsub.NewClient(ctx, project, option.WithEndpoint(st.ps.Addr), option.WithoutAuthentication(),
+		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
+	if err != nil {
+		return nil, fmt.Errorf("pubsub client: %w", err)
+	}
+	subs := map[string]string{ // subscription → topic
+		subName("fhirexport-requests-eventarc"): requestsTopic,
+		subName("fhirexport-poll-eventarc"):     pollTopic,
+		subName("fhirexport-local-events"):      eventsTopic,
+	}
+	for _, t := range []string{requestsTopic, pollTopic, eventsTopic} {
+		if _, err := st.psClient.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: t}); err != nil {
+			return nil, fmt.Errorf("create topic %s: %w", t, err)
+		}
+	}
+	for s, t := range subs {
+		if _, err := st.psClient.SubscriptionAdminClient.CreateSubscription(ctx, &pb.Subscription{Name: s, Topic: t, AckDeadlineSeconds: 60}); err != nil {
+			return nil, fmt.Errorf("create subscription %s: %w", s, err)
+		}
+	}
+	st.requests = st.psClient.Publisher(requestsTopic)
+
+	// The functions read these at their first event, as on the platform.
+	env := map[string]string{
+		"FHIREXPORT_EVENTS_TOPIC":         eventsTopic,
+		"FHIREXPORT_STATE":                "gs://" + stateBucket + "/state",
+		"FHIREXPORT_ALLOWED_STORES":       location + "/datasets/*/fhirStores/*",
+		"FHIREXPORT_ALLOWED_DESTINATIONS": exportPrefix + "," + bqDataset,
+		"FHIREXPORT_HEALTHCARE_ENDPOINT":  st.emu.URL,
+		"PUBSUB_EMULATOR_HOST":            st.ps.Addr,
+		"STORAGE_EMULATOR_HOST":           st.gcs.URL(),
+	}
+	for k, v := range env {
+		if err := os.Setenv(k, v); err != nil {
+			return nil, err
+		}
+	}
+	// With FUNCTION_TARGET set the framework would serve one function at "/".
+	os.Unsetenv("FUNCTION_TARGET")
+	if err := st.startFunctions(ctx); err != nil {
+		return nil, err
+	}
+
+	bg, stop := context.WithCancel(ctx)
+	st.stop = stop
+	httpClient := &http.Client{Timeout: 540 * time.Second} // a function's maximum run time
+	for _, p := range []*pusher{
+		newPusher(st.psClient, subName("fhirexport-requests-eventarc"), requestsTopic, st.baseURL+"/StartExport", httpClient, con, st.events),
+		newPusher(st.psClient, subName("fhirexport-poll-eventarc"), pollTopic, st.baseURL+"/PollExport", httpClient, con, st.events),
+	} {
+		st.wg.Go(func() { st.background(bg, "push "+p.sub, p.run) })
+	}
+	st.wg.Go(func() { st.background(bg, "outcome events", st.receiveEvents) })
+	st.wg.Go(func() { st.background(bg, "scheduler", st.tick) })
+	return st, nil
+}
+
+// background runs f until ctx is done and reports an early failure.
+func (st *stack) background(ctx context.Context, what string, f func(context.Context) error) {
+	if err := f(ctx); err != nil && ctx.Err() == nil {
+		st.con.Printf("  ! %s stopped: %v\n", what, err)
+	}
+}
+
+// startFunctions serves the registered functions. functions-framework-go
+// offers no way to stop its server (StartHostPort is http.ListenAndServe): it
+// lives until the process exits.
+func (st *stack) startFunctions(ctx context.Context) error {
+	ln, err := net.Listen("tcp", hostPort(st.o.port))
+	if err != nil {
+		return fmt.Errorf("functions framework: %w (choose another --port; 0 picks a free one)", err)
+	}
+	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	ln.Close()
+	errc := make(chan error, 1)
+	go func() { errc <- funcframework.StartHostPort("127.0.0.1", port) }()
+	st.baseURL = "http://127.0.0.1:" + port
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	deadline := time.After(10 * time.Second)
+	for {
+		// "/" serves no function: a 404 proves the server is up without
+		// invoking one.
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, st.baseURL+"/", nil)
+		if err != nil {
+			return err
+		}
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case err := <-errc:
+			return fmt.Errorf("functions framework: %w", err)
+		case <-deadline:
+			return fmt.Errorf("functions framework did not answer at %s", st.baseURL)
+		case <-t.C:
+		}
+	}
+}
+
+// tick publishes to the poll topic every --tick, as Cloud Scheduler does every
+// minute in production.
+func (st *stack) tick(ctx context.Context) error {
+	pub := st.psClient.Publisher(pollTopic)
+	defer pub.Stop()
+	t := time.NewTicker(st.o.tick)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		if _, err := pub.Publish(ctx, &pubsub.Message{Data: []byte(`{"scheduler":"fhirexport-local"}`)}).Get(ctx); err != nil && ctx.Err() == nil {
+			st.con.Printf("  ! scheduler tick not published: %v\n", err)
+		}
+	}
+}
+
+// close stops everything started, in reverse order.
+func (st *stack) close() {
+	if st.stop != nil {
+		st.stop()
+	}
+	st.wg.Wait()
+	if st.requests != nil {
+		st.requests.Stop()
+	}
+	if st.psClient != nil {
+		st.psClient.Close()
+	}
+	if st.ps != nil {
+		st.ps.Close()
+	}
+	if st.emu != nil {
+		st.emu.Close()
+	}
+	if st.storage != nil {
+		st.storage.Close()
+	}
+	if st.gcs != nil {
+		st.gcs.Stop()
+	}
+	if st.emuLog != nil {
+		st.emuLog.Close()
+	}
+}
+
+// describe prints what runs where.
+func (st *stack) describe() {
+	c := st.con
+	c.Printf("fhirexport-local: everything is under %s/ (function logs: %s, emulator logs: %s)\n",
+		st.o.dir, st.o.logs, filepath.Join(st.o.dir, "emulators.log"))
+	c.Printf("  Healthcare API emulator  %s  store %s (%d patients, %d resources)\n", st.emu.URL, storeName, st.o.patients, st.seeded)
+	c.Printf("  Cloud Storage emulator   %s  buckets %s, %s in %s/\n", st.gcs.URL(), exportBucket, stateBucket, st.gcsRoot)
+	c.Printf("  Pub/Sub emulator         %s  %s → StartExport, %s → PollExport (every %s), %s\n",
+		st.ps.Addr, short(requestsTopic), short(pollTopic), st.o.tick, short(eventsTopic))
+	c.Printf("  functions                %s/StartExport  %s/PollExport\n", st.baseURL, st.baseURL)
+	c.Printf("  exports run %s in %d steps (emulated)\n", st.o.exportDuration, st.o.exportSteps)
+}
+
+// console serializes output lines from concurrent goroutines.
+type console struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+// Printf writes one formatted message.
+func (c *console) Printf(format string, args ...any) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	fmt.Fprintf(c.w, format, args...)
+}
+
+func hostPort(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
+
+func subName(id string) string { return "projects/" + project + "/subscriptions/" + id }
+
+// short returns the last segment of a resource name.
+func short(name string) string {
+	for i := len(name) - 1; i >= 0; i-- {
+		if name[i] == '/' {
+			return name[i+1:]
+		}
+	}
+	return name
+}
