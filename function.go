@@ -38,7 +38,13 @@ func init() {
 // instance is this process's function instance: configuration and clients
 // are built once, at the first event (no network I/O at init: cold starts
 // stay fast), and reused.
-var instance = &app{lookup: os.LookupEnv, log: export.NewLogger(os.Stdout, slog.LevelInfo)}
+var instance = &app{lookup: os.LookupEnv, log: export.NewLogger(stdout{}, slog.LevelInfo)}
+
+// stdout writes to os.Stdout as it is at each write, so a main program that
+// embeds the functions (cmd/fhirexport-local) can send their logs elsewhere.
+type stdout struct{}
+
+func (stdout) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
 
 type app struct {
 	lookup func(string) (string, bool)

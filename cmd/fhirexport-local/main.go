@@ -146,22 +146,17 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	if o.logs != "-" {
-		// The functions log to the process's stdout (a logger built at package
-		// init), so the file descriptor itself is pointed at the log file.
+		// The functions and the functions framework write to os.Stdout as it
+		// is when they write, so pointing it at the log file moves their
+		// output there and keeps the demonstration readable.
 		f, err := os.OpenFile(o.logs, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 		if err != nil {
 			return fmt.Errorf("function log: %w", err)
 		}
 		defer f.Close()
-		orig, restore, err := redirectStdout(f)
-		if err != nil {
-			fmt.Fprintf(stdout, "note: the function logs stay on stdout (%v)\n", err)
-		} else {
-			defer restore()
-			if stdout == io.Writer(os.Stdout) {
-				stdout = orig
-			}
-		}
+		orig := os.Stdout
+		os.Stdout = f
+		defer func() { os.Stdout = orig }()
 	}
 	con := &console{w: stdout}
 
