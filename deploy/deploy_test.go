@@ -811,38 +811,49 @@ func TestCommandsParseWithRealGcloud(t *testing.T) {
 			lines = append(lines, envFlag.ReplaceAllString(p.line, "--env-vars-file="+envFile))
 		}
 	}
-	authError := regexp.MustCompile(`You do not currently have an active account selected`)
-	parseError := regexp.MustCompile(`unrecognized arguments|argument --|Invalid choice|Invalid value|Failed to load|must be specified|is required`)
 	for _, line := range lines {
 		name := strings.Join(strings.Fields(line)[1:5], " ")
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			gcloudSlots <- struct{}{}
-			defer func() { <-gcloudSlots }()
-			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-			defer cancel()
-			cmd := exec.CommandContext(ctx, "bash", "-c", line)
-			cmd.Dir = root
-			cmd.Env = []string{
-				"PATH=" + filepath.Dir(gcloud) + ":/usr/bin:/bin",
-				"HOME=" + t.TempDir(),
-				"CLOUDSDK_CONFIG=" + t.TempDir(),
-				"CLOUDSDK_CORE_DISABLE_PROMPTS=1",
-				"CLOUDSDK_CORE_PROJECT=my-project",
-				"CLOUDSDK_CORE_CHECK_GCE_METADATA=false",
-				"CLOUDSDK_CORE_DISABLE_USAGE_REPORTING=true",
-				"CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK=true",
-				// Should anything try the network anyway, it meets a closed port.
-				"CLOUDSDK_PROXY_TYPE=http", "CLOUDSDK_PROXY_ADDRESS=127.0.0.1", "CLOUDSDK_PROXY_PORT=9",
-				"HTTPS_PROXY=http://127.0.0.1:9", "HTTP_PROXY=http://127.0.0.1:9",
-			}
-			out, err := cmd.CombinedOutput()
-			if err == nil {
-				t.Fatalf("%s\nsucceeded without an account:\n%s", line, out)
-			}
-			if parseError.Match(out) || !authError.Match(out) {
-				t.Errorf("%s\ndid not get past argument parsing:\n%s", line, out)
-			}
+			checkGcloudParses(t, gcloud, root, line)
 		})
+	}
+}
+
+var (
+	gcloudAuthError  = regexp.MustCompile(`You do not currently have an active account selected`)
+	gcloudParseError = regexp.MustCompile(`unrecognized arguments|argument --|Invalid choice|Invalid value|Failed to load|must be specified|is required`)
+)
+
+// checkGcloudParses runs a gcloud command line with no account and no
+// network: a well-formed command fails only for want of an account, a
+// malformed one at argument parsing.
+func checkGcloudParses(t *testing.T, gcloud, dir, line string) {
+	t.Helper()
+	gcloudSlots <- struct{}{}
+	defer func() { <-gcloudSlots }()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "bash", "-c", line)
+	cmd.Dir = dir
+	cmd.Env = []string{
+		"PATH=" + filepath.Dir(gcloud) + ":/usr/bin:/bin",
+		"HOME=" + t.TempDir(),
+		"CLOUDSDK_CONFIG=" + t.TempDir(),
+		"CLOUDSDK_CORE_DISABLE_PROMPTS=1",
+		"CLOUDSDK_CORE_PROJECT=my-project",
+		"CLOUDSDK_CORE_CHECK_GCE_METADATA=false",
+		"CLOUDSDK_CORE_DISABLE_USAGE_REPORTING=true",
+		"CLOUDSDK_COMPONENT_MANAGER_DISABLE_UPDATE_CHECK=true",
+		// Should anything try the network anyway, it meets a closed port.
+		"CLOUDSDK_PROXY_TYPE=http", "CLOUDSDK_PROXY_ADDRESS=127.0.0.1", "CLOUDSDK_PROXY_PORT=9",
+		"HTTPS_PROXY=http://127.0.0.1:9", "HTTP_PROXY=http://127.0.0.1:9",
+	}
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Fatalf("%s\nsucceeded without an account:\n%s", line, out)
+	}
+	if gcloudParseError.Match(out) || !gcloudAuthError.Match(out) {
+		t.Errorf("%s\ndid not get past argument parsing:\n%s", line, out)
 	}
 }

@@ -2,6 +2,8 @@ package deploy
 
 import (
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -56,5 +58,48 @@ func TestReadmeExamples(t *testing.T) {
 		if kinds[want] == 0 {
 			t.Errorf("README has no %s example", want)
 		}
+	}
+}
+
+// shBlock matches the README's shell examples.
+var shBlock = regexp.MustCompile("(?s)```sh\n(.*?)```")
+
+// TestReadmeGcloudCommands runs every gcloud command the README shows against
+// the real CLI, offline, to prove its flags exist and are spelled right.
+func TestReadmeGcloudCommands(t *testing.T) {
+	t.Parallel()
+	gcloud, err := exec.LookPath("gcloud")
+	if err != nil {
+		t.Skip("gcloud is not installed; skipping the check of the README's gcloud commands")
+	}
+	if testing.Short() {
+		t.Skip("-short")
+	}
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := filepath.Abs("..")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	for _, b := range shBlock.FindAllStringSubmatch(string(readme), -1) {
+		// Join continued lines, then take each gcloud command.
+		text := strings.ReplaceAll(b[1], "\\\n", " ")
+		for _, line := range strings.Split(text, "\n") {
+			line = strings.TrimSpace(line)
+			if !strings.HasPrefix(line, "gcloud ") {
+				continue
+			}
+			n++
+			t.Run(strings.Join(strings.Fields(line)[1:4], " "), func(t *testing.T) {
+				t.Parallel()
+				checkGcloudParses(t, gcloud, root, line)
+			})
+		}
+	}
+	if n == 0 {
+		t.Error("the README shows no gcloud command; this test has nothing to check")
 	}
 }
