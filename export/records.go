@@ -16,7 +16,6 @@ const (
 	statusDone     = "done"     // its operation finished and the outcome was published
 	statusFailed   = "failed"   // the API refused the export; Final holds the event
 	statusSkipped  = "skipped"  // its pipeline was busy; Final holds the event
-	statusRejected = "rejected" // reserved for records written by operators
 )
 
 // runRecord is the claim on one trigger (runs/{run}.json). Creating it with

@@ -256,17 +256,17 @@ func walkValue(dec *json.Decoder, data []byte, field string, want kind) error {
 			}
 			return walkObject(dec, data, field)
 		}
-		return wrongType(dec, data, field, "a JSON object", tok)
+		return wrongType(field, "a JSON object", tok)
 	case kString:
 		if _, ok := tok.(string); ok {
 			return nil
 		}
-		return wrongType(dec, data, field, "a JSON string", tok)
+		return wrongType(field, "a JSON string", tok)
 	case kBool:
 		if _, ok := tok.(bool); ok {
 			return nil
 		}
-		return wrongType(dec, data, field, "true or false", tok)
+		return wrongType(field, "true or false", tok)
 	case kInt:
 		var s string
 		switch v := tok.(type) {
@@ -275,7 +275,7 @@ func walkValue(dec *json.Decoder, data []byte, field string, want kind) error {
 		case string:
 			s = v
 		default:
-			return wrongType(dec, data, field, "a whole number", tok)
+			return wrongType(field, "a whole number", tok)
 		}
 		if _, err := strconv.ParseInt(s, 10, 64); err != nil {
 			return specErr(field, "a whole number (a JSON number or a decimal string)", "%q is not a whole number", s)
@@ -286,7 +286,7 @@ func walkValue(dec *json.Decoder, data []byte, field string, want kind) error {
 }
 
 // wrongType reports a value of the wrong JSON type.
-func wrongType(dec *json.Decoder, data []byte, field, accepted string, tok any) error {
+func wrongType(field, accepted string, tok any) error {
 	return specErr(field, accepted, "wrong type: got %s", describe(tok))
 }
 
