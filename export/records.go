@@ -12,10 +12,10 @@ import (
 
 // Run statuses kept in a run record.
 const (
-	statusClaimed  = "claimed"  // being started
-	statusDone     = "done"     // its operation finished and the outcome was published
-	statusFailed   = "failed"   // the API refused the export; Final holds the event
-	statusSkipped  = "skipped"  // its pipeline was busy; Final holds the event
+	statusClaimed = "claimed" // being started
+	statusDone    = "done"    // its operation finished and the outcome was published
+	statusFailed  = "failed"  // the API refused the export; Final holds the event
+	statusSkipped = "skipped" // its pipeline was busy; Final holds the event
 )
 
 // runRecord is the claim on one trigger (runs/{run}.json). Creating it with
