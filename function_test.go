@@ -1220,3 +1220,26 @@ func mustParse(t *testing.T, v string) time.Time {
 func normalize(t *testing.T, v string) string {
 	return mustParse(t, v).UTC().Format(time.RFC3339Nano)
 }
+
+// TestRedeliveryRacesPoll redelivers triggers while a sweep finishes their
+// runs: a run the poller has ended must never start again.
+func TestRedeliveryRacesPoll(t *testing.T) {
+	t.Parallel()
+	for i := 0; i < 40; i++ {
+		store, _ := newStore(t, 1)
+		id := newID("race")
+		spec := specJSON(t, gcsSpec(store, nil))
+		if code := deliverPubSub(t, "StartExport", id, spec); code != http.StatusOK {
+			t.Fatalf("StartExport answered %d", code)
+		}
+		var wg sync.WaitGroup
+		wg.Go(func() { poll(t) })
+		for range 3 {
+			wg.Go(func() { deliverPubSub(t, "StartExport", id, spec) })
+		}
+		wg.Wait()
+		if got := len(acceptedExports(t, store)); got != 1 {
+			t.Fatalf("round %d: exports = %d, want 1", i, got)
+		}
+	}
+}

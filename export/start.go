@@ -126,7 +126,7 @@ func (x *Exporter) resume(ctx context.Context, r *run) error {
 	}
 	switch rec.Status {
 	case statusClaimed:
-		return x.begin(ctx, r)
+		return x.beginAgain(ctx, r)
 	case statusDone:
 		r.log.Info("duplicate delivery of a finished run; acknowledged", "operation", rec.Operation)
 		return nil
@@ -141,8 +141,20 @@ func (x *Exporter) resume(ctx context.Context, r *run) error {
 	}
 }
 
+// beginAgain is begin for a redelivery whose claim is still "claimed". Between
+// reading the claim and taking the lock, a poller may have finished this very
+// run (marked it done, then removed its lock); a lock taken then must not
+// start it twice, so the claim is read again once the lock is held.
+func (x *Exporter) beginAgain(ctx context.Context, r *run) error {
+	return x.start(ctx, r, true)
+}
+
 // begin takes the pipeline's lock, then starts the export.
 func (x *Exporter) begin(ctx context.Context, r *run) error {
+	return x.start(ctx, r, false)
+}
+
+func (x *Exporter) start(ctx context.Context, r *run, recheck bool) error {
 	p := pendingRecord{Run: r.key, Trigger: r.ref, Pipeline: r.pipeline, Store: r.spec.FHIRStore, Name: r.spec.Name,
 		Labels: r.spec.Labels, Destination: r.dest, Types: r.types, Incremental: r.spec.Incremental, Started: x.now()}
 	gen, err := x.state.create(ctx, pendingObject(r.pipeline), p, map[string]string{"run": r.key})
@@ -154,6 +166,15 @@ func (x *Exporter) begin(ctx context.Context, r *run) error {
 		}
 	} else if err != nil {
 		return fmt.Errorf("lock pipeline %s: %w", r.pipeline, err)
+	} else if recheck {
+		var rec runRecord
+		if _, err := x.state.read(ctx, runObject(r.key), &rec); err != nil {
+			return x.abandonLock(ctx, r, gen, fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err))
+		}
+		if rec.Status != statusClaimed {
+			r.log.Info("duplicate delivery of an ended run; acknowledged", "status", rec.Status, "operation", rec.Operation)
+			return x.abandonLock(ctx, r, gen, nil)
+		}
 	}
 
 	if r.spec.Incremental {
@@ -262,6 +283,17 @@ func (x *Exporter) watermark(ctx context.Context, pipeline string) (string, erro
 	return w.Watermark, nil
 }
 
+// abandonLock releases a lock this attempt took and returns cause.
+func (x *Exporter) abandonLock(ctx context.Context, r *run, gen int64, cause error) error {
+	if err := x.state.remove(ctx, pendingObject(r.pipeline), gen); err != nil {
+		r.log.Warn("could not release pipeline lock; it expires with the start lease", "error", err.Error())
+		if cause == nil {
+			return err
+		}
+	}
+	return cause
+}
+
 // abandon releases the lock and the claim after a transient failure, so the
 // redelivery starts afresh, and returns cause for Pub/Sub to retry.
 func (x *Exporter) abandon(ctx context.Context, r *run, gen int64, cause error) error {
@@ -320,6 +352,11 @@ func (x *Exporter) finish(ctx context.Context, r *run, status string, ev *events
 	gen, err := x.state.read(ctx, runObject(r.key), &rec)
 	if err != nil {
 		return fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err)
+	}
+	if rec.Status != statusClaimed {
+		// Ended meanwhile (a poller finished it): nothing left to report.
+		r.log.Info("duplicate delivery of an ended run; acknowledged", "status", rec.Status)
+		return nil
 	}
 	rec.Status, rec.Final = status, ev
 	if _, err := x.state.update(ctx, runObject(r.key), gen, rec, nil); err != nil {
