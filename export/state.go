@@ -59,7 +59,10 @@ func (s *State) write(ctx context.Context, name string, cond storage.Conditions,
 		return 0, fmt.Errorf("encode state %s: %w", name, err)
 	}
 	w := s.bkt.Object(s.object(name)).If(cond).NewWriter(ctx)
-	w.ChunkSize = 0 // one request: state objects are tiny
+	// Buffered, so the client can retry the write (a conditional write is
+	// idempotent); with ChunkSize 0 it sends one unretryable request. The
+	// library rounds this up to 256 KiB: still one request.
+	w.ChunkSize = len(data) + 1
 	w.ContentType = "application/json"
 	w.Metadata = meta
 	if _, err := w.Write(data); err != nil {
