@@ -949,3 +949,45 @@ func leaseWait() time.Duration {
 func tail(s string) string { return s[max(0, len(s)-4000):] }
 
 func sweepCases(t *testing.T, hcURL string, hold *holder) []crashCase { return nil }
+
+// TestStateWritesRetried: a 503 or a dropped connection on a state write is
+// retried by the storage client (state writes are conditional, hence
+// idempotent), so the handler succeeds at the first delivery. The write
+// that records the operation matters most: when it fails, the export runs
+// unrecorded and a redelivery after the start lease exports again.
+func TestStateWritesRetried(t *testing.T) {
+	for _, code := range []int{503, 429, 0} {
+		t.Run(fmt.Sprint(code), func(t *testing.T) {
+			store, _ := newStore(t, 1)
+			spec := gcsSpec(store, nil)
+			pipeline := pipelineOf(t, spec)
+			var hits atomic.Int32
+			hook := func(w http.ResponseWriter, r *http.Request, next http.Handler) bool {
+				if r.Method != http.MethodPost || objectName(r) != "state/pending/"+pipeline+".json" || !updates(r) || hits.Add(1) > 1 {
+					return false
+				}
+				if code == 0 {
+					dropConn(w)
+					return true
+				}
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(code)
+				fmt.Fprintf(w, `{"error":{"code":%d,"message":"injected"}}`, code)
+				return true
+			}
+			env.gcsFail.around.Store(&hook)
+			defer env.gcsFail.around.Store(nil)
+			id := newID("retried")
+			if got := deliverPubSub(t, "StartExport", id, specJSON(t, spec)); got != http.StatusOK {
+				t.Fatalf("StartExport answered %d, want 200: the storage client should retry the write", got)
+			}
+			if hits.Load() < 2 {
+				t.Errorf("the operation was written %d times, want a retry", hits.Load())
+			}
+			waitEvents(t, byTrigger(id), 1)
+			if got := len(acceptedExports(t, store)); got != 1 {
+				t.Errorf("exports = %d, want 1", got)
+			}
+		})
+	}
+}
