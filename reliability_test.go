@@ -150,6 +150,36 @@ func dropConn(w http.ResponseWriter) {
 	panic(http.ErrAbortHandler)
 }
 
+// deletePreconditions makes the Cloud Storage proxy enforce ifGenerationMatch
+// on deletes of state objects, which fake-gcs-server ignores (FIELD-NOTES):
+// without it, a late sweep's conditional delete removes the next run's lock.
+// Deletes and writes of the state bucket are serialized so that the check
+// and the delete are one step.
+type deletePreconditions struct {
+	mu      sync.Mutex
+	refused atomic.Int64
+}
+
+func (d *deletePreconditions) serve(w http.ResponseWriter, r *http.Request, next http.Handler) {
+	if !strings.Contains(r.URL.Path, "/b/"+stateBucket+"/") || (r.Method != http.MethodDelete && r.Method != http.MethodPost) {
+		next.ServeHTTP(w, r)
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if g := r.URL.Query().Get("ifGenerationMatch"); r.Method == http.MethodDelete && g != "" {
+		a, err := env.storage.Bucket(stateBucket).Object(objectName(r)).Attrs(r.Context())
+		if err == nil && fmt.Sprint(a.Generation) != g {
+			d.refused.Add(1)
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusPreconditionFailed)
+			io.WriteString(w, `{"error":{"code":412,"message":"At least one of the pre-conditions you specified did not hold."}}`)
+			return
+		}
+	}
+	next.ServeHTTP(w, r)
+}
+
 // --- random faults ---
 
 // chaos draws faults from one seeded source and counts what it injected.
@@ -331,7 +361,13 @@ func TestFaultInjection(t *testing.T) {
 		t.Cleanup(func() { env.emu.FailRate(m, 0, 0) })
 	}
 	gcsChaos, psChaos := newChaos(seed+1), newChaos(seed+2)
-	gcsHook := gcsChaos.gcs(rate, 0.2)
+	chaosHook, dp := gcsChaos.gcs(rate, 0.2), &deletePreconditions{}
+	gcsHook := func(w http.ResponseWriter, r *http.Request, next http.Handler) bool {
+		if !chaosHook(w, r, next) {
+			dp.serve(w, r, next)
+		}
+		return true
+	}
 	env.gcsFail.around.Store(&gcsHook)
 	psHook := psChaos.publish(rate, 0.2)
 	env.psFault.extra.Store(&psHook)
@@ -358,7 +394,7 @@ func TestFaultInjection(t *testing.T) {
 					pollErr.Store(err)
 				}
 				ticks.Add(1)
-				env.clock.Advance(20 * time.Second)
+				env.clock.Advance(30 * time.Second)
 			}
 		})
 	}
@@ -394,7 +430,12 @@ func TestFaultInjection(t *testing.T) {
 				}
 				// Make some runs fail or end partial, when the started
 				// event is out while the export still runs.
-				if evs := eventsFor(byTrigger(id)); len(evs) > 0 && evs[0].Data.Operation != "" {
+				var evs []received
+				for wait := time.Now().Add(2 * time.Second); len(evs) == 0 && time.Now().Before(wait); {
+					time.Sleep(20 * time.Millisecond)
+					evs = eventsFor(byTrigger(id))
+				}
+				if len(evs) > 0 && evs[0].Data.Operation != "" {
 					o, name := healthcaretest.Outcome{}, "succeeded"
 					switch r := rng.Float64(); {
 					case r < 0.1:
@@ -418,7 +459,7 @@ func TestFaultInjection(t *testing.T) {
 						}
 					}
 					if time.Now().After(deadline) {
-						fail("trigger %s: no outcome with its marker removed after 2 min", id)
+						fail("trigger %s: no outcome with its marker removed after 2 min\n%s", id, diagnose(id, p.key))
 						return
 					}
 					time.Sleep(50 * time.Millisecond)
@@ -472,7 +513,7 @@ func TestFaultInjection(t *testing.T) {
 		st.exports, st.byType["succeeded"], st.byType["partial"], st.byType["failed"], exportCalls, exportCalls-st.exports)
 	t.Logf("events: started %d (%d duplicates, %d runs without one), outcomes %d (%d duplicates)",
 		st.started, st.startedDup, st.noStarted, st.outcomes, st.outcomeDup)
-	t.Logf("cloud storage faults:%s", gcsChaos.summary())
+	t.Logf("cloud storage faults:%s; conditional deletes refused: %d", gcsChaos.summary(), dp.refused.Load())
 	t.Logf("pub/sub faults:%s", psChaos.summary())
 }
 
@@ -803,8 +844,13 @@ func TestCrashRecovery(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts child processes")
 	}
-	hold := &holder{}
-	around := hold.around
+	hold, dp := &holder{}, &deletePreconditions{}
+	around := func(w http.ResponseWriter, r *http.Request, next http.Handler) bool {
+		if !hold.around(w, r, next) {
+			dp.serve(w, r, next)
+		}
+		return true
+	}
 	env.gcsFail.around.Store(&around)
 	t.Cleanup(func() { env.gcsFail.around.Store(nil) })
 	emuProxy := httputil.NewSingleHostReverseProxy(must(url.Parse(env.emu.URL)))
@@ -990,4 +1036,23 @@ func TestStateWritesRetried(t *testing.T) {
 			}
 		})
 	}
+}
+
+// diagnose describes a run's events, state and log lines.
+func diagnose(id, pipeline string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "events: %v\n", types(eventsFor(byTrigger(id))))
+	for _, name := range []string{"pending/" + pipeline + ".json", "runs/" + export.RunKey(requestTopic, id) + ".json", "watermarks/" + pipeline + ".json"} {
+		var v any
+		err := stateJSON(name, &v)
+		fmt.Fprintf(&b, "%s: %v %v\n", name, v, err)
+	}
+	run := export.RunKey(requestTopic, id)
+	var logs strings.Builder
+	for _, line := range strings.Split(env.logs.String(), "\n") {
+		if strings.Contains(line, id) || strings.Contains(line, pipeline) || strings.Contains(line, run) {
+			fmt.Fprintln(&logs, line)
+		}
+	}
+	return b.String() + tail(logs.String())
 }
