@@ -373,12 +373,13 @@ func TestFaultInjection(t *testing.T) {
 	env.psFault.extra.Store(&psHook)
 	t.Cleanup(func() { env.gcsFail.around.Store(nil); env.psFault.extra.Store(nil) })
 
-	// Two schedulers tick PollExport until the workload is done.
+	// Schedulers tick PollExport until the workload is done; sweeps overlap,
+	// as they do when one outlasts the scheduler's period.
 	stopPoll := make(chan struct{})
 	var ticks atomic.Int64
 	var pollers sync.WaitGroup
 	var pollErr atomic.Value
-	for range 2 {
+	for range 4 {
 		pollers.Go(func() {
 			for {
 				select {
@@ -411,6 +412,8 @@ func TestFaultInjection(t *testing.T) {
 		errMu.Unlock()
 	}
 	const maxAttempts = 60
+	// Sweeps take longer with more pipelines pending.
+	outcomeWait := 2*time.Minute + time.Duration(nPipe)*100*time.Millisecond
 	for pi, p := range pipes {
 		workers.Go(func() {
 			rng := rand.New(rand.NewSource(seed*1000 + int64(pi)))
@@ -451,7 +454,7 @@ func TestFaultInjection(t *testing.T) {
 				}
 				// The next trigger waits until this run is reported and its
 				// marker removed.
-				deadline := time.Now().Add(2 * time.Minute)
+				deadline := time.Now().Add(outcomeWait)
 				for {
 					if len(outcomesOf(eventsFor(byTrigger(id)))) > 0 {
 						if ok, err := stateExists("pending/" + p.key + ".json"); err == nil && !ok {
@@ -459,7 +462,7 @@ func TestFaultInjection(t *testing.T) {
 						}
 					}
 					if time.Now().After(deadline) {
-						fail("trigger %s: no outcome with its marker removed after 2 min\n%s", id, diagnose(id, p.key))
+						fail("trigger %s: no outcome with its marker removed after %v\n%s", id, outcomeWait, diagnose(id, p.key))
 						return
 					}
 					time.Sleep(50 * time.Millisecond)
