@@ -791,13 +791,16 @@ type crashCase struct {
 	name string
 	poll bool // crash during the poll; otherwise during StartExport
 	// hold returns the request to hold for a trigger run and pipeline.
-	hold    func(run, pipeline string) *holdPoint
+	hold    func(k runKeys) *holdPoint
 	exports int // exports the trigger ends up with
 }
 
-func stateReq(method, obj string, after bool, pred func(*http.Request) bool) func(run, pipeline string) *holdPoint {
-	return func(run, pipeline string) *holdPoint {
-		name := strings.NewReplacer("{run}", run, "{pipeline}", pipeline).Replace(obj)
+// runKeys name what belongs to the run under test.
+type runKeys struct{ run, pipeline, store string }
+
+func stateReq(method, obj string, after bool, pred func(*http.Request) bool) func(k runKeys) *holdPoint {
+	return func(k runKeys) *holdPoint {
+		name := strings.NewReplacer("{run}", k.run, "{pipeline}", k.pipeline).Replace(obj)
 		return &holdPoint{after: after, match: func(r *http.Request) bool {
 			return r.Method == method && objectName(r) == "state/"+name && (pred == nil || pred(r))
 		}}
@@ -815,7 +818,7 @@ func updates(r *http.Request) bool { return !creates(r) }
 // crashCases are the named crash points: after each step of StartExport and
 // of finalizing a run in PollExport.
 func crashCases() []crashCase {
-	exportCall := func(run, pipeline string) *holdPoint {
+	exportCall := func(runKeys) *holdPoint {
 		return &holdPoint{after: true, match: func(r *http.Request) bool {
 			return r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, ":export")
 		}}
@@ -887,7 +890,7 @@ func crashRun(t *testing.T, tc crashCase, hcURL string, hold *holder) {
 	c := startChild(t, hcURL)
 	crash := func(deliver func() (int, error)) {
 		t.Helper()
-		h := hold.arm(tc.hold(run, pipeline))
+		h := hold.arm(tc.hold(runKeys{run, pipeline, store}))
 		defer hold.cur.Store(nil)
 		res := make(chan error, 1)
 		go func() { _, err := deliver(); res <- err }()
@@ -997,7 +1000,107 @@ func leaseWait() time.Duration {
 
 func tail(s string) string { return s[max(0, len(s)-4000):] }
 
-func sweepCases(t *testing.T, hcURL string, hold *holder) []crashCase { return nil }
+// step names a request of the run under test ("POST pending"), or "" for
+// requests about other runs.
+func (k runKeys) step(r *http.Request) string {
+	var what string
+	switch name := objectName(r); {
+	case name == "state/runs/"+k.run+".json":
+		what = "runs"
+	case name == "state/pending/"+k.pipeline+".json":
+		what = "pending"
+	case name == "state/watermarks/"+k.pipeline+".json":
+		what = "watermarks"
+	case r.URL.Path == "/v1/"+k.store+":export":
+		what = "fhirStores.export"
+	case strings.HasPrefix(r.URL.Path, "/v1/"+datasetOf(k.store)+"/operations/"):
+		what = "operations.get"
+	default:
+		return ""
+	}
+	return r.Method + " " + what
+}
+
+// nthStep holds the n-th request of the run under test.
+func nthStep(n int, after bool) func(k runKeys) *holdPoint {
+	return func(k runKeys) *holdPoint {
+		var seen atomic.Int32
+		return &holdPoint{after: after, match: func(r *http.Request) bool {
+			return k.step(r) != "" && int(seen.Add(1)) == n
+		}}
+	}
+}
+
+// sweepCases records the requests of one uninterrupted run, then returns a
+// crash before and after each of them, in StartExport and in PollExport.
+func sweepCases(t *testing.T, hcURL string, hold *holder) []crashCase {
+	t.Helper()
+	store, _ := newStore(t, 1)
+	spec := gcsSpec(store, map[string]any{"incremental": true, "name": "crash"})
+	id := newID("dry")
+	k := runKeys{export.RunKey(requestTopic, id), pipelineOf(t, spec), store}
+	var mu sync.Mutex
+	var steps []string
+	record := func(runKeys) *holdPoint {
+		return &holdPoint{match: func(r *http.Request) bool {
+			if s := k.step(r); s != "" {
+				mu.Lock()
+				steps = append(steps, s)
+				mu.Unlock()
+			}
+			return false
+		}}
+	}
+	c := startChild(t, hcURL)
+	defer c.kill()
+	phase := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		out := steps
+		steps = nil
+		return out
+	}
+	hold.arm(record(k))
+	if code, err := deliverTo(c.url, "StartExport", id, specJSON(t, spec)); err != nil || code != http.StatusOK {
+		t.Fatalf("dry run: StartExport answered %d, %v", code, err)
+	}
+	startSteps := phase()
+	waitEvents(t, byTrigger(id), 1)
+	if code, err := deliverTo(c.url, "PollExport", newID("tick"), []byte("{}")); err != nil || code != http.StatusOK {
+		t.Fatalf("dry run: PollExport answered %d, %v", code, err)
+	}
+	pollSteps := phase()
+	hold.cur.Store(nil)
+	if got := types(waitEvents(t, byTrigger(id), 2)); !slices.Equal(got, []string{"started", "succeeded"}) {
+		t.Fatalf("dry run: events %v, want started, succeeded", got)
+	}
+	t.Logf("a run's steps: start %v; poll %v", startSteps, pollSteps)
+
+	var cases []crashCase
+	for i, s := range startSteps {
+		for _, after := range []bool{false, true} {
+			exports := 1
+			// Between the accepted export and the write recording it.
+			if (s == "POST fhirStores.export" && after) || (i > 0 && startSteps[i-1] == "POST fhirStores.export" && !after) {
+				exports = 2
+			}
+			cases = append(cases, crashCase{name: fmt.Sprintf("sweep/start/%s %d %s", when(after), i+1, s), hold: nthStep(i+1, after), exports: exports})
+		}
+	}
+	for i, s := range pollSteps {
+		for _, after := range []bool{false, true} {
+			cases = append(cases, crashCase{name: fmt.Sprintf("sweep/poll/%s %d %s", when(after), i+1, s), poll: true, hold: nthStep(i+1, after), exports: 1})
+		}
+	}
+	return cases
+}
+
+func when(after bool) string {
+	if after {
+		return "after"
+	}
+	return "before"
+}
 
 // TestStateWritesRetried: a 503 or a dropped connection on a state write is
 // retried by the storage client (state writes are conditional, hence
