@@ -49,7 +49,7 @@ import (
 
 var (
 	faultTriggers  = flag.Int("fault.triggers", 500, "TestFaultInjection: number of export triggers")
-	faultPerPipe   = flag.Int("fault.chain", 5, "TestFaultInjection: triggers sent one after another to each pipeline (pipelines = triggers / chain)")
+	faultPipes     = flag.Int("fault.pipelines", 100, "TestFaultInjection: pipelines run concurrently; each gets triggers/pipelines triggers one after another")
 	faultRate      = flag.Float64("fault.rate", 0.3, "TestFaultInjection: fraction of calls to each service that fail")
 	faultSeed      = flag.Int64("fault.seed", 1, "TestFaultInjection: seed of the fault injectors")
 	crashSweep     = flag.Bool("crash.sweep", false, "TestCrashRecovery: also crash at every state request and API call of a run, before and after it takes effect")
@@ -335,8 +335,10 @@ type faultPipeline struct {
 // is a failure.
 func TestFaultInjection(t *testing.T) {
 	began := time.Now()
-	nTrig, chain := *faultTriggers, max(1, *faultPerPipe)
-	nPipe := max(1, (nTrig+chain-1)/chain)
+	// More triggers make longer chains, not more concurrent pipelines: a
+	// sweep over thousands of markers outgrows two cores.
+	nTrig := *faultTriggers
+	nPipe := max(1, min(*faultPipes, nTrig))
 	rate, seed := *faultRate, *faultSeed
 
 	pipes := make([]*faultPipeline, nPipe)
