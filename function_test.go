@@ -322,8 +322,12 @@ func subscribeEvents(ctx context.Context) error {
 }
 
 // publishFault fails Publish calls while armed, as a permission error the
-// client does not retry.
-type publishFault struct{ armed atomic.Int32 }
+// client does not retry. extra, when set, reacts to the calls it lets through
+// (the reliability tests' random faults).
+type publishFault struct {
+	armed atomic.Int32
+	extra atomic.Pointer[func(req any) (bool, any, error)]
+}
 
 func (f *publishFault) left() int32 {
 	if f == nil {
@@ -332,10 +336,13 @@ func (f *publishFault) left() int32 {
 	return f.armed.Load()
 }
 
-func (f *publishFault) React(_ any) (bool, any, error) {
+func (f *publishFault) React(req any) (bool, any, error) {
 	if f.armed.Load() > 0 {
 		f.armed.Add(-1)
 		return true, nil, status.Error(codes.PermissionDenied, "injected publish failure")
+	}
+	if h := f.extra.Load(); h != nil {
+		return (*h)(req)
 	}
 	return false, nil, nil
 }
@@ -346,6 +353,9 @@ func (f *publishFault) React(_ any) (bool, any, error) {
 type gcsFaults struct {
 	mu    sync.Mutex
 	rules []gcsRule
+	// around, when set, sees each request first and reports whether it
+	// answered it (the reliability tests' random faults and crash points).
+	around atomic.Pointer[func(w http.ResponseWriter, r *http.Request, next http.Handler) bool]
 }
 
 type gcsRule struct {
@@ -372,6 +382,9 @@ func (g *gcsFaults) armed() int {
 
 func (g *gcsFaults) wrap(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if h := g.around.Load(); h != nil && (*h)(w, r, next) {
+			return
+		}
 		g.mu.Lock()
 		hit := false
 		for i := range g.rules {

@@ -58,8 +58,14 @@ func (s *State) write(ctx context.Context, name string, cond storage.Conditions,
 	if err != nil {
 		return 0, fmt.Errorf("encode state %s: %w", name, err)
 	}
-	w := s.bkt.Object(s.object(name)).If(cond).NewWriter(ctx)
-	w.ChunkSize = 0 // one request: state objects are tiny
+	// The storage library retries uploads with a narrower test than other
+	// calls: a connection closed without an answer (EOF) is not retried.
+	// storage.ShouldRetry is the one it applies everywhere else.
+	w := s.bkt.Object(s.object(name)).If(cond).Retryer(storage.WithErrorFunc(storage.ShouldRetry)).NewWriter(ctx)
+	// Buffered, so the client can retry the write (a conditional write is
+	// idempotent); with ChunkSize 0 it sends one unretryable request. The
+	// library rounds this up to 256 KiB: still one request.
+	w.ChunkSize = len(data) + 1
 	w.ContentType = "application/json"
 	w.Metadata = meta
 	if _, err := w.Write(data); err != nil {
