@@ -172,17 +172,15 @@ func (x *Exporter) finalize(ctx context.Context, object string, op *healthcare.O
 func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.Operation, meta *healthcare.OperationMetadata) error {
 	ev := outcomeEvent(p, op, meta)
 	if p.Incremental {
-		// Only a fully successful run moves the watermark; the event says
-		// whether this one did.
-		advanced := false
-		if ev.Type == events.TypeSucceeded {
-			var err error
-			if advanced, err = x.advanceWatermark(ctx, p, meta.CreateTime); err != nil {
+		// Only a fully successful run moves the watermark. The event carries
+		// the watermark this run established, not whatever is stored when it
+		// is published, so a repeat after later runs is identical.
+		advanced := ev.Type == events.TypeSucceeded
+		if advanced {
+			if _, err := x.advanceWatermark(ctx, p, meta.CreateTime); err != nil {
 				return err
 			}
-			if ev.Data.Watermark, err = x.watermark(ctx, p.Pipeline); err != nil {
-				return err
-			}
+			ev.Data.Watermark = normalizeTime(meta.CreateTime)
 		}
 		ev.Data.WatermarkAdvanced = &advanced
 	}
@@ -194,6 +192,15 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 	return x.markDone(ctx, p, ev.Type)
 }
 
+// normalizeTime writes an RFC 3339 time in UTC with the precision it has.
+func normalizeTime(v string) string {
+	t, err := time.Parse(time.RFC3339Nano, v)
+	if err != nil {
+		return v
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
 // advanceWatermark moves the pipeline's watermark forward to createTime with
 // a compare-and-swap; it never moves it back. It reports whether the stored
 // watermark is now createTime.
@@ -202,7 +209,7 @@ func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, create
 	if err != nil {
 		return false, fmt.Errorf("operation %s has createTime %q: %w", p.Operation, createTime, err)
 	}
-	next := ct.UTC().Format(time.RFC3339Nano)
+	next := normalizeTime(createTime)
 	for {
 		var cur watermarkRecord
 		gen, err := x.state.read(ctx, watermarkObject(p.Pipeline), &cur)
@@ -242,7 +249,8 @@ func (x *Exporter) markDone(ctx context.Context, p pendingRecord, outcome string
 	case rec.Status == statusDone:
 		return nil
 	}
-	rec.Trigger, rec.Pipeline, rec.Status, rec.Operation, rec.Outcome = p.Trigger, p.Pipeline, statusDone, p.Operation, outcome
+	started := startedEvent(p)
+	rec.Trigger, rec.Pipeline, rec.Status, rec.Operation, rec.Outcome, rec.Started = p.Trigger, p.Pipeline, statusDone, p.Operation, outcome, &started
 	if gen == 0 {
 		_, err = x.state.create(ctx, runObject(p.Run), rec, nil)
 	} else {

@@ -27,7 +27,8 @@ type runRecord struct {
 	Claimed   time.Time         `json:"claimed"`
 	Operation string            `json:"operation,omitempty"`
 	Outcome   string            `json:"outcome,omitempty"`
-	Final     *events.Event     `json:"final,omitempty"` // the terminal event of a run that never got an operation
+	Final     *events.Event     `json:"final,omitempty"`   // the terminal event of a run that never got an operation
+	Started   *events.Event     `json:"started,omitempty"` // a done run's started event, re-published to a late redelivery
 }
 
 // pendingRecord is both the pipeline's lock (one run at a time) and the

@@ -124,21 +124,33 @@ func (x *Exporter) resume(ctx context.Context, r *run) error {
 		}
 		return fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err)
 	}
-	switch rec.Status {
-	case statusClaimed:
+	if rec.Status == statusClaimed {
 		return x.beginAgain(ctx, r)
-	case statusDone:
-		r.log.Info("duplicate delivery of a finished run; acknowledged", "operation", rec.Operation)
-		return nil
-	default:
-		if rec.Final != nil {
-			if err := x.pub.Publish(ctx, *rec.Final); err != nil {
+	}
+	return x.ended(ctx, r, rec)
+}
+
+// ended answers a redelivery of a run that has ended: it publishes the run's
+// events again (same ids; one may have been lost) and acknowledges.
+func (x *Exporter) ended(ctx context.Context, r *run, rec runRecord) error {
+	if rec.Status == statusDone {
+		// The started event may have been lost: its publish failed and the
+		// run ended before this redelivery.
+		if rec.Started != nil {
+			if err := x.pub.Publish(ctx, *rec.Started); err != nil {
 				return err
 			}
 		}
-		r.log.Info("duplicate delivery of an ended run; acknowledged", "status", rec.Status)
-		return x.releaseLock(ctx, r)
+		r.log.Info("duplicate delivery of a finished run; acknowledged", "operation", rec.Operation)
+		return nil
 	}
+	if rec.Final != nil {
+		if err := x.pub.Publish(ctx, *rec.Final); err != nil {
+			return err
+		}
+	}
+	r.log.Info("duplicate delivery of an ended run; acknowledged", "status", rec.Status)
+	return x.releaseLock(ctx, r)
 }
 
 // beginAgain is begin for a redelivery whose claim is still "claimed". Between
@@ -172,8 +184,10 @@ func (x *Exporter) start(ctx context.Context, r *run, recheck bool) error {
 			return x.abandonLock(ctx, r, gen, fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err))
 		}
 		if rec.Status != statusClaimed {
-			r.log.Info("duplicate delivery of an ended run; acknowledged", "status", rec.Status, "operation", rec.Operation)
-			return x.abandonLock(ctx, r, gen, nil)
+			if err := x.abandonLock(ctx, r, gen, nil); err != nil {
+				return err
+			}
+			return x.ended(ctx, r, rec)
 		}
 	}
 
