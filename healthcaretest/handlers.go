@@ -9,6 +9,43 @@ import (
 	"strings"
 )
 
+// writePage answers a list call: the page of n items that pageSize and
+// pageToken select, under field, with nextPageToken when more remain.
+func writePage(w http.ResponseWriter, c *call, field string, n int, item func(i int) any) {
+	start, end, next, aerr := paging(c.query, n)
+	if aerr != nil {
+		writeAPIError(w, aerr)
+		return
+	}
+	out := map[string]any{}
+	var list []any
+	for i := start; i < end; i++ {
+		list = append(list, item(i))
+	}
+	if len(list) > 0 {
+		out[field] = list
+	}
+	if next != "" {
+		out["nextPageToken"] = next
+	}
+	writeJSON(w, 200, out)
+}
+
+// idParam reads and checks the ID query parameter of a create call, answering
+// the error itself when it is missing or malformed.
+func idParam(w http.ResponseWriter, c *call, param string) (string, bool) {
+	id := c.query.Get(param)
+	if id == "" {
+		writeAPIError(w, invalidArg("%s is required", param))
+		return "", false
+	}
+	if !segmentRE.MatchString(id) {
+		writeAPIError(w, invalidArg("invalid %s %q: must be 1-256 letters, digits, '_', '-' or '.'", param, id))
+		return "", false
+	}
+	return id, true
+}
+
 // paging slices names by pageSize/pageToken; the token is an opaque offset.
 func paging(q map[string][]string, n int) (start, end int, next string, err *apiError) {
 	get := func(k string) string {
@@ -51,13 +88,8 @@ func datasetJSON(d *dataset) map[string]any {
 }
 
 func handleDatasetsCreate(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
-	id := c.query.Get("datasetId")
-	if id == "" {
-		writeAPIError(w, invalidArg("datasetId is required"))
-		return
-	}
-	if !segmentRE.MatchString(id) {
-		writeAPIError(w, invalidArg("invalid datasetId %q: must be 1-256 letters, digits, '_', '-' or '.'", id))
+	id, ok := idParam(w, c, "datasetId")
+	if !ok {
 		return
 	}
 	m, aerr := parseBody(c.body, datasetFields)
@@ -122,33 +154,12 @@ func handleDatasetsList(e *Emulator, w http.ResponseWriter, r *http.Request, c *
 			names = append(names, n)
 		}
 	}
-	start, end, next, aerr := paging(c.query, len(names))
-	if aerr != nil {
-		writeAPIError(w, aerr)
-		return
-	}
-	out := map[string]any{}
-	var list []any
-	for _, n := range names[start:end] {
-		list = append(list, datasetJSON(e.datasets[n]))
-	}
-	if len(list) > 0 {
-		out["datasets"] = list
-	}
-	if next != "" {
-		out["nextPageToken"] = next
-	}
-	writeJSON(w, 200, out)
+	writePage(w, c, "datasets", len(names), func(i int) any { return datasetJSON(e.datasets[names[i]]) })
 }
 
 func handleStoresCreate(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
-	id := c.query.Get("fhirStoreId")
-	if id == "" {
-		writeAPIError(w, invalidArg("fhirStoreId is required"))
-		return
-	}
-	if !segmentRE.MatchString(id) {
-		writeAPIError(w, invalidArg("invalid fhirStoreId %q: must be 1-256 letters, digits, '_', '-' or '.'", id))
+	id, ok := idParam(w, c, "fhirStoreId")
+	if !ok {
 		return
 	}
 	m, aerr := parseBody(c.body, fhirStoreFields)
@@ -216,23 +227,7 @@ func handleStoresList(e *Emulator, w http.ResponseWriter, r *http.Request, c *ca
 			names = append(names, n)
 		}
 	}
-	start, end, next, aerr := paging(c.query, len(names))
-	if aerr != nil {
-		writeAPIError(w, aerr)
-		return
-	}
-	out := map[string]any{}
-	var list []any
-	for _, n := range names[start:end] {
-		list = append(list, e.stores[n].config)
-	}
-	if len(list) > 0 {
-		out["fhirStores"] = list
-	}
-	if next != "" {
-		out["nextPageToken"] = next
-	}
-	writeJSON(w, 200, out)
+	writePage(w, c, "fhirStores", len(names), func(i int) any { return e.stores[names[i]].config })
 }
 
 // fhirStoreFor finds the store of a FHIR interaction; the caller holds e.mu.

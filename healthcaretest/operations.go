@@ -166,23 +166,7 @@ func handleOperationsList(e *Emulator, w http.ResponseWriter, r *http.Request, c
 			match = append(match, op)
 		}
 	}
-	start, end, next, aerr := paging(c.query, len(match))
-	if aerr != nil {
-		writeAPIError(w, aerr)
-		return
-	}
-	out := map[string]any{}
-	var list []any
-	for _, op := range match[start:end] {
-		list = append(list, e.operationJSON(op))
-	}
-	if len(list) > 0 {
-		out["operations"] = list
-	}
-	if next != "" {
-		out["nextPageToken"] = next
-	}
-	writeJSON(w, 200, out)
+	writePage(w, c, "operations", len(match), func(i int) any { return e.operationJSON(match[i]) })
 }
 
 func handleOperationsCancel(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
