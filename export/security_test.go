@@ -324,6 +324,12 @@ func TestAllowListDenyByDefault(t *testing.T) {
 					t.Errorf("stores %q, destinations %q admitted %s", tc.stores, tc.dests, dest)
 				}
 			}
+			// The rejection names the empty variable, not the spec, as the cause.
+			for _, e := range g.pub.events {
+				if !strings.Contains(e.Data.Error.Message, "is empty, so nothing may be exported") {
+					t.Errorf("rejection does not say the allow-list is empty: %s", e.Data.Error.Message)
+				}
+			}
 		})
 	}
 }

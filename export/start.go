@@ -82,7 +82,7 @@ func (x *Exporter) Start(ctx context.Context, trig events.Trigger, decodeErr err
 	}
 	log = log.With("store", spec.FHIRStore)
 	if !x.policy.AllowStore(spec.FHIRStore) {
-		return x.reject(ctx, log, ref, trig, spec, specErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list", spec.FHIRStore))
+		return x.reject(ctx, log, ref, trig, spec, specErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s", spec.FHIRStore, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES")))
 	}
 	key := RunKey(trig.Source, trig.ID)
 	r := &run{key: key, trig: trig, ref: ref, spec: spec, pipeline: PipelineKey(spec), log: log}
@@ -100,7 +100,7 @@ func (x *Exporter) Start(ctx context.Context, trig events.Trigger, decodeErr err
 		if spec.BigQueryDestination != nil {
 			field = "bigqueryDestination.datasetUri"
 		}
-		return x.reject(ctx, log, ref, trig, spec, specErr(field, "a destination inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list", r.dest))
+		return x.reject(ctx, log, ref, trig, spec, specErr(field, "a destination inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list%s", r.dest, emptyHint(x.policy.destinations, "FHIREXPORT_ALLOWED_DESTINATIONS")))
 	}
 	r.log = log.With("pipeline", r.pipeline, "run", key)
 
@@ -111,7 +111,7 @@ func (x *Exporter) Start(ctx context.Context, trig events.Trigger, decodeErr err
 	case err != nil:
 		return fmt.Errorf("claim trigger %s: %w", trig.ID, err)
 	}
-	return x.begin(ctx, r)
+	return x.begin(ctx, r, false)
 }
 
 // resume handles a trigger whose claim exists: a redelivery, concurrent or
@@ -125,7 +125,7 @@ func (x *Exporter) resume(ctx context.Context, r *run) error {
 		return fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err)
 	}
 	if rec.Status == statusClaimed {
-		return x.beginAgain(ctx, r)
+		return x.begin(ctx, r, true)
 	}
 	return x.ended(ctx, r, rec)
 }
@@ -153,20 +153,11 @@ func (x *Exporter) ended(ctx context.Context, r *run, rec runRecord) error {
 	return x.releaseLock(ctx, r)
 }
 
-// beginAgain is begin for a redelivery whose claim is still "claimed". Between
-// reading the claim and taking the lock, a poller may have finished this very
-// run (marked it done, then removed its lock); a lock taken then must not
-// start it twice, so the claim is read again once the lock is held.
-func (x *Exporter) beginAgain(ctx context.Context, r *run) error {
-	return x.start(ctx, r, true)
-}
-
-// begin takes the pipeline's lock, then starts the export.
-func (x *Exporter) begin(ctx context.Context, r *run) error {
-	return x.start(ctx, r, false)
-}
-
-func (x *Exporter) start(ctx context.Context, r *run, recheck bool) error {
+// begin takes the pipeline's lock, then starts the export. recheck is set for
+// a redelivery whose claim was still "claimed": between reading the claim and
+// taking the lock a poller may have finished this very run (marked it done,
+// then removed its lock), so the claim is read again once the lock is held.
+func (x *Exporter) begin(ctx context.Context, r *run, recheck bool) error {
 	p := pendingRecord{Run: r.key, Trigger: r.ref, Pipeline: r.pipeline, Store: r.spec.FHIRStore, Name: r.spec.Name,
 		Labels: r.spec.Labels, Destination: r.dest, Types: r.types, Incremental: r.spec.Incremental, Started: x.now()}
 	gen, err := x.state.create(ctx, pendingObject(r.pipeline), p, map[string]string{"run": r.key})
@@ -181,10 +172,11 @@ func (x *Exporter) start(ctx context.Context, r *run, recheck bool) error {
 	} else if recheck {
 		var rec runRecord
 		if _, err := x.state.read(ctx, runObject(r.key), &rec); err != nil {
-			return x.abandonLock(ctx, r, gen, fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err))
+			x.dropLock(ctx, r, gen)
+			return fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err)
 		}
 		if rec.Status != statusClaimed {
-			if err := x.abandonLock(ctx, r, gen, nil); err != nil {
+			if err := x.dropLock(ctx, r, gen); err != nil {
 				return err
 			}
 			return x.ended(ctx, r, rec)
@@ -297,22 +289,20 @@ func (x *Exporter) watermark(ctx context.Context, pipeline string) (string, erro
 	return w.Watermark, nil
 }
 
-// abandonLock releases a lock this attempt took and returns cause.
-func (x *Exporter) abandonLock(ctx context.Context, r *run, gen int64, cause error) error {
-	if err := x.state.remove(ctx, pendingObject(r.pipeline), gen); err != nil {
+// dropLock removes the pipeline lock this attempt holds at generation gen. A
+// lock it cannot remove expires with the start lease.
+func (x *Exporter) dropLock(ctx context.Context, r *run, gen int64) error {
+	err := x.state.remove(ctx, pendingObject(r.pipeline), gen)
+	if err != nil {
 		r.log.Warn("could not release pipeline lock; it expires with the start lease", "error", err.Error())
-		if cause == nil {
-			return err
-		}
 	}
-	return cause
+	return err
 }
 
 // abandon releases the lock and the claim after a transient failure, so the
 // redelivery starts afresh, and returns cause for Pub/Sub to retry.
 func (x *Exporter) abandon(ctx context.Context, r *run, gen int64, cause error) error {
-	if err := x.state.remove(ctx, pendingObject(r.pipeline), gen); err != nil {
-		r.log.Warn("could not release pipeline lock; it expires with the start lease", "error", err.Error())
+	if x.dropLock(ctx, r, gen) != nil {
 		return cause
 	}
 	var rec runRecord
@@ -338,9 +328,7 @@ func (x *Exporter) refused(ctx context.Context, r *run, p pendingRecord, gen int
 	if err := x.finish(ctx, r, statusFailed, &ev); err != nil {
 		return err
 	}
-	if err := x.state.remove(ctx, pendingObject(r.pipeline), gen); err != nil {
-		r.log.Warn("could not release pipeline lock; it expires with the start lease", "error", err.Error())
-	}
+	x.dropLock(ctx, r, gen) // the run is reported; a lock left behind expires
 	return nil
 }
 
@@ -392,7 +380,7 @@ func (x *Exporter) releaseLock(ctx context.Context, r *run) error {
 	if held.Run != r.key || held.Operation != "" {
 		return nil
 	}
-	return x.state.remove(ctx, pendingObject(r.pipeline), gen)
+	return x.dropLock(ctx, r, gen)
 }
 
 // reject reports a trigger that can never succeed and acknowledges it.
@@ -418,6 +406,15 @@ func (x *Exporter) reject(ctx context.Context, log *slog.Logger, ref events.Trig
 	})
 }
 
+// emptyHint tells an operator whose allow-list is empty why everything is
+// refused: deny by default, not a bad spec.
+func emptyHint[T any](list []T, variable string) string {
+	if len(list) > 0 {
+		return ""
+	}
+	return " (" + variable + " is empty, so nothing may be exported: set it on the function)"
+}
+
 func triggerTime(t events.Trigger, now func() time.Time) time.Time {
 	if !t.Time.IsZero() {
 		return t.Time
@@ -431,6 +428,8 @@ const (
 	codePermissionDenied = 7
 	codeAborted          = 10
 	codeUnknown          = 2
+	codeNotFound         = 5
+	codeUnauthenticated  = 16
 )
 
 // Permanent reports whether a Healthcare API error can never succeed on
@@ -460,11 +459,11 @@ func statusOf(err error) (int32, string) {
 		case http.StatusBadRequest:
 			return codeInvalidArgument, msg
 		case http.StatusUnauthorized:
-			return 16, msg
+			return codeUnauthenticated, msg
 		case http.StatusForbidden:
 			return codePermissionDenied, msg
 		case http.StatusNotFound:
-			return 5, msg
+			return codeNotFound, msg
 		}
 		return codeUnknown, msg
 	}
