@@ -37,14 +37,10 @@ func LoadConfig(lookup func(string) (string, bool)) (Config, error) {
 	if state == "" {
 		return Config{}, fmt.Errorf("FHIREXPORT_STATE is required: where run state is kept, as gs://BUCKET/PREFIX")
 	}
-	rest, ok := strings.CutPrefix(state, "gs://")
-	bucket, prefix, _ := strings.Cut(rest, "/")
-	prefix = strings.Trim(prefix, "/")
-	if !ok || !bucketRE().MatchString(bucket) || strings.Contains(prefix, "//") {
-		return Config{}, fmt.Errorf("FHIREXPORT_STATE: %q is not a Cloud Storage location; accepted: gs://BUCKET or gs://BUCKET/PREFIX", state)
-	}
-	c.StateBucket, c.StatePrefix = bucket, prefix
 	var err error
+	if c.StateBucket, c.StatePrefix, err = ParseStateLocation(state); err != nil {
+		return Config{}, fmt.Errorf("FHIREXPORT_STATE: %w", err)
+	}
 	if c.Policy, err = ParsePolicy(get("FHIREXPORT_ALLOWED_STORES"), get("FHIREXPORT_ALLOWED_DESTINATIONS")); err != nil {
 		return Config{}, err
 	}
@@ -58,4 +54,16 @@ func LoadConfig(lookup func(string) (string, bool)) (Config, error) {
 	c.PubSubEmulatorHost = get("PUBSUB_EMULATOR_HOST")
 	c.StorageEmulator = get("STORAGE_EMULATOR_HOST")
 	return c, nil
+}
+
+// ParseStateLocation splits a state location gs://BUCKET[/PREFIX] into the
+// bucket and a prefix without leading or trailing slashes.
+func ParseStateLocation(v string) (bucket, prefix string, err error) {
+	rest, ok := strings.CutPrefix(v, "gs://")
+	bucket, prefix, _ = strings.Cut(rest, "/")
+	prefix = strings.Trim(prefix, "/")
+	if !ok || !bucketRE().MatchString(bucket) || strings.Contains(prefix, "//") {
+		return "", "", fmt.Errorf("%q is not a Cloud Storage location; accepted: gs://BUCKET or gs://BUCKET/PREFIX", v)
+	}
+	return bucket, prefix, nil
 }

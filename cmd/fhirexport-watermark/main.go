@@ -66,24 +66,16 @@ func run(ctx context.Context, args []string, stdout io.Writer, getenv func(strin
 			return fmt.Errorf("--set: %q is not RFC 3339 to the second with a time zone, e.g. 2026-01-01T00:00:00Z", *set)
 		}
 	}
-	cfg, err := export.LoadConfig(func(k string) (string, bool) {
-		switch k {
-		case "FHIREXPORT_STATE":
-			return *state, true
-		case "FHIREXPORT_EVENTS_TOPIC":
-			return "projects/unused/topics/unused", true
-		}
-		return "", false
-	})
+	bucket, prefix, err := export.ParseStateLocation(*state)
 	if err != nil {
-		return fmt.Errorf("--state: %w", err)
+		return fmt.Errorf("--state (or $FHIREXPORT_STATE): %w", err)
 	}
 	client, err := storage.NewClient(ctx, storage.WithJSONReads())
 	if err != nil {
 		return err
 	}
 	defer client.Close()
-	st := export.NewState(client, cfg.StateBucket, cfg.StatePrefix)
+	st := export.NewState(client, bucket, prefix)
 	key := export.PipelineKey(spec)
 	if *set != "" || *reset {
 		if err := st.SetWatermark(ctx, key, spec.FHIRStore, spec.Name, *set, *force, time.Now()); err != nil {
