@@ -126,5 +126,7 @@ func newExporter(ctx context.Context, lookup func(string) (string, bool)) (*expo
 		return nil, fmt.Errorf("pubsub client: %w", err)
 	}
 	state := export.NewState(st, cfg.StateBucket, cfg.StatePrefix)
-	return export.New(hc, state, events.NewPublisher(ps, cfg.EventsTopic), cfg.Policy, nil), nil
+	x := export.New(hc, state, events.NewPublisher(ps, cfg.EventsTopic), cfg.Policy, nil)
+	x.MaxRunning, x.PollWorkers = cfg.MaxRunning, cfg.PollWorkers
+	return x, nil
 }

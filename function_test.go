@@ -153,8 +153,10 @@ func run(m *testing.M) (int, error) {
 		"FHIREXPORT_ALLOWED_STORES":       location + "/datasets/*/fhirStores/*",
 		"FHIREXPORT_ALLOWED_DESTINATIONS": "gs://" + exportBucket + "/fhir, bq://test-project.analytics",
 		"FHIREXPORT_HEALTHCARE_ENDPOINT":  env.emu.URL,
-		"PUBSUB_EMULATOR_HOST":            env.psAddr,
-		"STORAGE_EMULATOR_HOST":           "http://" + gcsFront.Addr().String(),
+		// The budget has tests of its own (budget_test.go); elsewhere it must not queue.
+		"FHIREXPORT_MAX_RUNNING": "1000",
+		"PUBSUB_EMULATOR_HOST":   env.psAddr,
+		"STORAGE_EMULATOR_HOST":  "http://" + gcsFront.Addr().String(),
 	}
 	instance.lookup = func(k string) (string, bool) { v, ok := vars[k]; return v, ok }
 
@@ -600,9 +602,11 @@ func boolInt(b bool) int {
 	return 0
 }
 
-// outcomes returns the events that are not started events.
+// outcomes returns the events that are neither started nor queued events.
 func outcomes(evs []received) []received {
-	return slices.DeleteFunc(slices.Clone(evs), func(e received) bool { return e.Attrs["ce-type"] == events.TypeStarted })
+	return slices.DeleteFunc(slices.Clone(evs), func(e received) bool {
+		return e.Attrs["ce-type"] == events.TypeStarted || e.Attrs["ce-type"] == events.TypeQueued
+	})
 }
 
 // stateObjects lists the state bucket's object names under a folder.
@@ -979,8 +983,10 @@ func TestNotAllowed(t *testing.T) {
 	}
 }
 
-// TestTransientAPIErrors: 503, 429 and a dropped connection answer HTTP 500
-// (Pub/Sub redelivers); the redelivery makes exactly one export.
+// TestTransientAPIErrors: 503, 500 and a dropped connection before the API
+// acts answer HTTP 500 (Pub/Sub redelivers); the redelivery finds no
+// operation with operations.list and makes exactly one export. 429 is not
+// redelivered: the run is queued with backoff and a sweep starts it.
 func TestTransientAPIErrors(t *testing.T) {
 	for _, code := range []int{503, 429, 500, 0} {
 		t.Run(fmt.Sprint(code), func(t *testing.T) {
@@ -988,8 +994,19 @@ func TestTransientAPIErrors(t *testing.T) {
 			id := newID("transient")
 			spec := specJSON(t, gcsSpec(store, nil))
 			env.emu.FailNext("fhirStores.export", 1, code)
-			if got := deliverPubSub(t, "StartExport", id, spec); got != http.StatusInternalServerError {
-				t.Fatalf("StartExport answered %d, want 500", got)
+			want := http.StatusInternalServerError
+			if code == 429 {
+				want = http.StatusOK
+			}
+			if got := deliverPubSub(t, "StartExport", id, spec); got != want {
+				t.Fatalf("StartExport answered %d, want %d", got, want)
+			}
+			if code == 429 {
+				evs := waitEvents(t, byTrigger(id), 1)
+				if evs[0].Attrs["ce-type"] != events.TypeQueued || evs[0].Data.Reason != "exhausted" || evs[0].Data.NotBefore == "" {
+					t.Fatalf("after 429: %+v, want queued (exhausted) with notBefore", evs[0])
+				}
+				return // TestBudget429 follows it to its export
 			}
 			if got := len(eventsFor(byTrigger(id))); got != 0 {
 				t.Errorf("events after a transient failure = %d, want 0", got)
@@ -1174,7 +1191,8 @@ func TestLogsAreStructured(t *testing.T) {
 
 // TestIncrementalEndToEnd shows the _since sent on consecutive triggers of an
 // incremental pipeline, the watermark in the events, and a trigger that
-// overlaps a running export being skipped.
+// overlaps a running export being queued as the pipeline's follow-up, started
+// by the sweep that ends the first run.
 // Not parallel: another test's poll could end the first run before the
 // overlapping trigger arrives.
 func TestIncrementalEndToEnd(t *testing.T) {
@@ -1185,15 +1203,29 @@ func TestIncrementalEndToEnd(t *testing.T) {
 	deliverPubSub(t, "StartExport", first, spec)
 	overlap := newID("inc")
 	deliverPubSub(t, "StartExport", overlap, spec) // the first run is still pending
-	skipped := waitEvents(t, byTrigger(overlap), 1)
-	if len(skipped) != 1 || skipped[0].Attrs["ce-type"] != events.TypeRejected || !strings.Contains(skipped[0].Data.Error.Message, "already has a run in progress") {
-		t.Fatalf("overlapping trigger: events = %+v, want one rejected naming the run in progress", skipped)
+	queued := waitEvents(t, byTrigger(overlap), 1)
+	if len(queued) != 1 || queued[0].Attrs["ce-type"] != events.TypeQueued || queued[0].Data.Reason != "busy" {
+		t.Fatalf("overlapping trigger: events = %+v, want one queued (busy)", queued)
+	}
+	if got := len(exportBodies(store)); got != 1 {
+		t.Fatalf("exports while the pipeline is busy = %d, want 1", got)
 	}
 	poll(t)
 	evs := waitEvents(t, byTrigger(first), 2)
 	w1 := outcomes(evs)[0].Data
 	if w1.Watermark == "" || w1.Watermark != normalize(t, w1.CreateTime) || !*w1.WatermarkAdvanced || w1.Counters.Success != int64(n) || w1.Since != "" {
 		t.Fatalf("first run: %+v, want a full export whose createTime became the watermark", w1)
+	}
+	// The same sweep started the follow-up, from the first run's watermark.
+	follow := waitEvents(t, byTrigger(overlap), 2)
+	if follow[1].Attrs["ce-type"] != events.TypeStarted || follow[1].Data.Since != w1.Watermark {
+		t.Fatalf("follow-up: %+v, want started with since %s", follow[1], w1.Watermark)
+	}
+	poll(t)
+	follow = waitEvents(t, byTrigger(overlap), 3)
+	wf := outcomes(follow)[0].Data
+	if !*wf.WatermarkAdvanced || wf.Counters.Success != 0 {
+		t.Fatalf("follow-up outcome: %+v, want nothing new and an advanced watermark", wf)
 	}
 
 	patient := env.emu.Resources(store)[0]
@@ -1207,17 +1239,17 @@ func TestIncrementalEndToEnd(t *testing.T) {
 	second := newID("inc")
 	deliverPubSub(t, "StartExport", second, spec)
 	bodies := exportBodies(store)
-	if len(bodies) != 2 || bodies[0]["_since"] != nil || bodies[1]["_since"] != w1.Watermark {
-		t.Fatalf("_since sent = %v then %v, want none then %s", bodies[0]["_since"], bodies[len(bodies)-1]["_since"], w1.Watermark)
+	if len(bodies) != 3 || bodies[0]["_since"] != nil || bodies[1]["_since"] != w1.Watermark || bodies[2]["_since"] != wf.Watermark {
+		t.Fatalf("_since sent = %v, want none, %s, %s", bodies, w1.Watermark, wf.Watermark)
 	}
 	poll(t)
 	evs = waitEvents(t, byTrigger(second), 2)
-	if s := evs[0].Data; s.Since != w1.Watermark {
-		t.Errorf("started event since = %q, want %q", s.Since, w1.Watermark)
+	if s := evs[0].Data; s.Since != wf.Watermark {
+		t.Errorf("started event since = %q, want %q", s.Since, wf.Watermark)
 	}
 	w2 := outcomes(evs)[0].Data
-	if w2.Since != w1.Watermark || w2.Counters.Success != 1 || !*w2.WatermarkAdvanced || !(mustParse(t, w2.Watermark).After(mustParse(t, w1.Watermark))) {
-		t.Errorf("second run: %+v, want one resource since %s and a later watermark", w2, w1.Watermark)
+	if w2.Since != wf.Watermark || w2.Counters.Success != 1 || !*w2.WatermarkAdvanced || !(mustParse(t, w2.Watermark).After(mustParse(t, wf.Watermark))) {
+		t.Errorf("second run: %+v, want one resource since %s and a later watermark", w2, wf.Watermark)
 	}
 }
 

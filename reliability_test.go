@@ -709,6 +709,7 @@ func startChild(t *testing.T, hcURL string) *child {
 		"FHIREXPORT_ALLOWED_STORES":       location + "/datasets/*/fhirStores/*",
 		"FHIREXPORT_ALLOWED_DESTINATIONS": "gs://" + exportBucket + "/fhir",
 		"FHIREXPORT_HEALTHCARE_ENDPOINT":  hcURL,
+		"FHIREXPORT_MAX_RUNNING":          "1000",
 		"PUBSUB_EMULATOR_HOST":            env.psAddr,
 		"STORAGE_EMULATOR_HOST":           gcsHost,
 		childPortEnv:                      port,

@@ -19,6 +19,7 @@ const (
 	TypePartial   = TypePrefix + "partial"
 	TypeFailed    = TypePrefix + "failed"
 	TypeRejected  = TypePrefix + "rejected"
+	TypeQueued    = TypePrefix + "queued"
 )
 
 // Event is an outcome CloudEvent before it is put on the wire.
@@ -52,6 +53,13 @@ type Data struct {
 	Trigger           TriggerRef        `json:"trigger"`
 	Watermark         string            `json:"watermark,omitempty"`
 	WatermarkAdvanced *bool             `json:"watermarkAdvanced,omitempty"`
+	// Reason says why a run was queued: "budget" (FHIREXPORT_MAX_RUNNING
+	// exports are running), "busy" (its pipeline has a run in progress) or
+	// "exhausted" (the API answered 429; NotBefore is the backoff).
+	Reason    string `json:"reason,omitempty"`
+	NotBefore string `json:"notBefore,omitempty"`
+	// QueuedRun names the queued run a coalesced trigger was merged into.
+	QueuedRun string `json:"queuedRun,omitempty"`
 }
 
 // Counters are the operation's resource counters.

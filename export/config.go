@@ -3,6 +3,7 @@ package export
 import (
 	"fmt"
 	"net/url"
+	"strconv"
 	"strings"
 )
 
@@ -16,6 +17,8 @@ type Config struct {
 	HealthcareEndpoint string // "" for the real service
 	PubSubEmulatorHost string
 	StorageEmulator    string
+	MaxRunning         int // FHIREXPORT_MAX_RUNNING: exports running at once (default 5)
+	PollWorkers        int // FHIREXPORT_POLL_WORKERS: concurrent operations.get in a sweep (default 16)
 }
 
 var topicRE = lazyRegexp(`^projects/[a-z0-9][a-z0-9.:-]{0,62}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$`)
@@ -51,6 +54,14 @@ func LoadConfig(lookup func(string) (string, bool)) (Config, error) {
 		}
 		c.HealthcareEndpoint = ep
 	}
+	if c.MaxRunning, err = positiveInt(get("FHIREXPORT_MAX_RUNNING"), "FHIREXPORT_MAX_RUNNING", DefaultMaxRunning, 1000,
+		"the number of exports that may run at once for this deployment"); err != nil {
+		return Config{}, err
+	}
+	if c.PollWorkers, err = positiveInt(get("FHIREXPORT_POLL_WORKERS"), "FHIREXPORT_POLL_WORKERS", 16, 256,
+		"the number of operations.get calls a sweep makes at once"); err != nil {
+		return Config{}, err
+	}
 	c.PubSubEmulatorHost = get("PUBSUB_EMULATOR_HOST")
 	c.StorageEmulator = get("STORAGE_EMULATOR_HOST")
 	return c, nil
@@ -66,4 +77,16 @@ func ParseStateLocation(v string) (bucket, prefix string, err error) {
 		return "", "", fmt.Errorf("%q is not a Cloud Storage location; accepted: gs://BUCKET or gs://BUCKET/PREFIX", v)
 	}
 	return bucket, prefix, nil
+}
+
+// positiveInt reads a whole number in [1, most], def when v is empty.
+func positiveInt(v, variable string, def, most int, meaning string) (int, error) {
+	if v == "" {
+		return def, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 || n > most {
+		return 0, fmt.Errorf("%s: %q is not accepted; it is %s: a whole number from 1 to %d (default %d)", variable, v, meaning, most, def)
+	}
+	return n, nil
 }

@@ -408,7 +408,9 @@ func mustSpec(t *testing.T, spec map[string]any) *Spec {
 }
 
 // TestOneRunAtATime: a trigger arriving while its pipeline's run is pending
-// is acknowledged and reported as skipped; it starts no overlapping export.
+// is queued as the pipeline's follow-up (it starts no overlapping export); a
+// third is merged into the queued one; the sweep that finishes the first run
+// starts the follow-up, whose _since is the first run's watermark.
 func TestOneRunAtATime(t *testing.T) {
 	w := newWorld(t)
 	w.emu.SetExportTiming(time.Minute, 1)
@@ -416,23 +418,30 @@ func TestOneRunAtATime(t *testing.T) {
 	spec := map[string]any{"fhirStore": store, "incremental": true, "name": "busy",
 		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/busy"}}
 	w.start(t, spec)
-	w.start(t, spec) // overlaps: skipped
+	w.start(t, spec) // overlaps: queued
+	w.start(t, spec) // merged into the queued run
 	if n := len(w.sinceSent(store)); n != 1 {
 		t.Fatalf("exports while busy = %d, want 1", n)
 	}
-	var skipped bool
+	var queued, merged int
 	for _, m := range w.ps.Messages() {
-		if m.Attributes["ce-type"] == events.TypeRejected && bytes.Contains(m.Data, []byte("already has a run in progress")) {
-			skipped = true
+		switch {
+		case m.Attributes["ce-type"] == events.TypeQueued && bytes.Contains(m.Data, []byte(`"reason":"busy"`)):
+			queued++
+		case m.Attributes["ce-type"] == events.TypeRejected && bytes.Contains(m.Data, []byte(`"queuedRun"`)) && bytes.Contains(m.Data, []byte(`"code":10`)):
+			merged++
 		}
 	}
-	if !skipped {
-		t.Error("no rejected event reported the skipped trigger")
+	if queued != 1 || merged != 1 {
+		t.Errorf("queued events = %d, merged (rejected, code 10) = %d; want 1 and 1", queued, merged)
 	}
 	w.clock.Advance(2 * time.Minute)
-	w.poll(t)
-	w.start(t, spec) // free again
-	if n := len(w.sinceSent(store)); n != 2 {
-		t.Errorf("exports after the run ended = %d, want 2", n)
+	w.poll(t) // finishes the first run and starts the follow-up in the same sweep
+	sent := w.sinceSent(store)
+	if len(sent) != 2 {
+		t.Fatalf("exports after the run ended = %d, want 2 (the follow-up)", len(sent))
+	}
+	if sent[1] == "" {
+		t.Errorf("the follow-up exported everything; want _since = the first run's watermark")
 	}
 }

@@ -5,11 +5,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/api/googleapi"
 	healthcare "google.golang.org/api/healthcare/v1"
 
 	"github.com/fhirexport/fhirexport/events"
@@ -22,72 +24,147 @@ type SweepResult struct {
 	Finished  int // outcomes reported and markers removed
 	Starting  int // locks whose start has not recorded an operation yet
 	Transient int // markers left for the next sweep after a transient failure
+	Resolved  int // starting locks past their lease that were resolved
+	Dequeued  int // queued runs started
+	Garbage   int // objects under pending/ that are not fhirexport's
+}
+
+type sweepCounters struct {
+	running, finished, starting, transient, resolved atomic.Int64
 }
 
 // Poll checks every pending export once with operations.get and reports each
-// finished one. Transient failures leave the marker for the next sweep; they
-// are counted, logged and returned joined.
+// finished one, resolves start locks past their lease, frees slots left by
+// crashes, then starts queued runs as slots allow. The listing streams into
+// the workers: memory does not grow with the number of pending runs.
+// Transient failures leave the marker for the next sweep; they are counted,
+// logged and returned joined.
 func (x *Exporter) Poll(ctx context.Context) (SweepResult, error) {
 	log := Logger(ctx)
-	objs, err := x.state.list(ctx, "pending")
-	if err != nil {
-		return SweepResult{}, err
-	}
-	res := SweepResult{Pending: len(objs)}
-	var running, finished, starting, transient atomic.Int64
+	var res SweepResult
+	var c sweepCounters
 	var mu sync.Mutex
 	var errs []error
-	workers := max(1, x.PollWorkers)
-	sem := make(chan struct{}, workers)
+	addErr := func(err error) {
+		mu.Lock()
+		errs = append(errs, err)
+		mu.Unlock()
+	}
+	jobs := make(chan stateObject)
 	var wg sync.WaitGroup
-	for _, o := range objs {
-		if !strings.HasSuffix(o.Name, ".json") {
-			continue
-		}
-		op := o.Metadata["operation"]
-		if op == "" {
-			starting.Add(1)
-			continue
-		}
-		select {
-		case <-ctx.Done():
-			transient.Add(1)
-			continue
-		case sem <- struct{}{}:
-		}
+	for range max(1, x.PollWorkers) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-sem }()
-			done, err := x.check(ctx, o, op)
-			switch {
-			case err != nil:
-				transient.Add(1)
-				log.Warn("poll: operation left for the next sweep", "operation", op, "error", err.Error())
-				mu.Lock()
-				errs = append(errs, err)
-				mu.Unlock()
-			case done:
-				finished.Add(1)
-			default:
-				running.Add(1)
+			for o := range jobs {
+				if err := x.sweepOne(ctx, o, &c); err != nil {
+					c.transient.Add(1)
+					log.Warn("poll: left for the next sweep", "object", "pending/"+o.Name, "operation", o.Metadata["operation"], "error", err.Error())
+					addErr(err)
+				}
 			}
 		}()
 	}
+	var garbage []string
+	err := x.state.each(ctx, "pending", func(o stateObject) error {
+		if !strings.HasSuffix(o.Name, ".json") || strings.Contains(o.Name, "/") || o.Metadata["run"] == "" {
+			res.Garbage++
+			if len(garbage) < 20 {
+				garbage = append(garbage, o.Name)
+			}
+			return nil
+		}
+		res.Pending++
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case jobs <- o:
+			return nil
+		}
+	})
+	close(jobs)
 	wg.Wait()
-	res.Running, res.Finished = int(running.Load()), int(finished.Load())
-	res.Starting, res.Transient = int(starting.Load()), int(transient.Load())
+	if err != nil {
+		addErr(err)
+	}
+	if res.Garbage > 0 {
+		log.Warn("objects under pending/ that fhirexport did not write; ignored", "count", res.Garbage, "names", garbage)
+	}
+	free, err := x.reconcileSlots(ctx)
+	if err != nil {
+		addErr(err)
+	}
+	if err == nil {
+		res.Dequeued, err = x.dequeue(ctx, free)
+		if err != nil {
+			addErr(err)
+		}
+	}
+	res.Running, res.Finished, res.Starting = int(c.running.Load()), int(c.finished.Load()), int(c.starting.Load())
+	res.Transient, res.Resolved = int(c.transient.Load()), int(c.resolved.Load())
 	log.Info("poll sweep", "pending", res.Pending, "running", res.Running, "finished", res.Finished,
-		"starting", res.Starting, "transient", res.Transient)
+		"starting", res.Starting, "resolved", res.Resolved, "dequeued", res.Dequeued, "transient", res.Transient, "garbage", res.Garbage)
 	return res, errors.Join(errs...)
 }
 
-// check gets one operation and, when it is done, finalizes its run.
+// sweepOne handles one pending object: a starting lock, or a running export.
+func (x *Exporter) sweepOne(ctx context.Context, o stateObject, c *sweepCounters) error {
+	op := o.Metadata["operation"]
+	if op == "" {
+		return x.sweepStarting(ctx, o, c)
+	}
+	done, err := x.check(ctx, o, op)
+	switch {
+	case err != nil:
+		return err
+	case done:
+		c.finished.Add(1)
+	default:
+		c.running.Add(1)
+	}
+	return nil
+}
+
+// sweepStarting resolves a start lock whose lease is over: the attempt died,
+// or its answer was lost and no redelivery came.
+func (x *Exporter) sweepStarting(ctx context.Context, o stateObject, c *sweepCounters) error {
+	started, err := time.Parse(time.RFC3339Nano, o.Metadata["started"])
+	if err == nil && x.now().Sub(started) < x.StartLease && o.Metadata["requeued"] == "" {
+		c.starting.Add(1)
+		return nil
+	}
+	var p pendingRecord
+	gen, err := x.state.read(ctx, "pending/"+o.Name, &p)
+	switch {
+	case errors.Is(err, ErrNotFound):
+		return nil
+	case errors.Is(err, ErrCorrupt):
+		Logger(ctx).Error("pipeline lock is corrupt; quarantined so its pipeline moves on", "object", "pending/"+o.Name, "error", err.Error())
+		return x.state.quarantine(ctx, "pending/"+o.Name, gen, err.Error())
+	case err != nil:
+		return err
+	}
+	if p.Requeued != "" && p.Operation == "" {
+		return x.finishRequeue(ctx, p, gen)
+	}
+	if p.Operation != "" || x.now().Sub(p.Started) < x.StartLease {
+		c.starting.Add(1)
+		return nil
+	}
+	c.resolved.Add(1)
+	return x.resolve(ctx, p, gen, true)
+}
+
+// check gets one operation and, when it is done, finalizes its run. The
+// listing's metadata says all a running check needs: no read of the marker.
 func (x *Exporter) check(ctx context.Context, o stateObject, opName string) (bool, error) {
 	callCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	op, err := x.hc.Projects.Locations.Datasets.Operations.Get(opName).Context(callCtx).Do()
 	cancel()
 	if err != nil {
+		if unobservable(err) {
+			return x.unobserved(ctx, o, opName, err)
+		}
 		if !Permanent(err) {
 			return false, fmt.Errorf("get operation %s: %w", opName, err)
 		}
@@ -97,13 +174,9 @@ func (x *Exporter) check(ctx context.Context, o stateObject, opName string) (boo
 		op = &healthcare.Operation{Name: opName, Done: true, Error: &healthcare.Status{Code: int64(code),
 			Message: "operations.get failed: " + msg}}
 	}
-	meta := &healthcare.OperationMetadata{}
-	if len(op.Metadata) > 0 {
-		if err := json.Unmarshal(op.Metadata, meta); err != nil {
-			return false, fmt.Errorf("decode metadata of operation %s: %w", opName, err)
-		}
-	}
+	meta, problem := decodeMetadata(op.Metadata)
 	if !op.Done {
+		x.watchdog(ctx, o, opName)
 		c := meta.Counter
 		if c == nil {
 			c = &healthcare.ProgressCounter{}
@@ -111,20 +184,114 @@ func (x *Exporter) check(ctx context.Context, o stateObject, opName string) (boo
 		Logger(ctx).Info("export running", "operation", opName, "success", c.Success, "failure", c.Failure, "pending", c.Pending)
 		return false, nil
 	}
-	return true, x.finalize(ctx, o.Name, op, meta)
+	return true, x.finalize(ctx, o, op, meta, problem)
+}
+
+// unobservable reports 401/403 from operations.get: IAM changes take minutes
+// to propagate, so one answer is not a verdict on the export.
+func unobservable(err error) bool {
+	var ge *googleapi.Error
+	return errors.As(err, &ge) && (ge.Code == http.StatusUnauthorized || ge.Code == http.StatusForbidden)
+}
+
+// unobserved keeps following a run whose operation cannot be read, loudly,
+// for ObservePatience; after it the run is reported failed as unobservable.
+func (x *Exporter) unobserved(ctx context.Context, o stateObject, opName string, cause error) (bool, error) {
+	log := Logger(ctx).With("operation", opName, "pipeline", strings.TrimSuffix(o.Name, ".json"))
+	since, err := time.Parse(time.RFC3339Nano, o.Metadata["unobserved"])
+	if err != nil {
+		var p pendingRecord
+		gen, err := x.state.read(ctx, "pending/"+o.Name, &p)
+		if err != nil {
+			return false, err
+		}
+		p.Unobserved = x.now()
+		if _, err := x.state.update(ctx, "pending/"+o.Name, gen, p, lockMeta(p)); err != nil {
+			return false, err
+		}
+		since = p.Unobserved
+	}
+	waited := x.now().Sub(since)
+	log.Error("PERMISSION PROBLEM: operations.get is refused; the export is still followed", "error", cause.Error(),
+		"refusedFor", waited.Round(time.Second).String(), "patience", x.ObservePatience.String(),
+		"fix", "grant the poller's service account healthcare.operations.get on the dataset")
+	if waited < x.ObservePatience {
+		return false, nil
+	}
+	code, msg := statusOf(cause)
+	op := &healthcare.Operation{Name: opName, Done: true, Error: &healthcare.Status{Code: int64(code), Message: fmt.Sprintf(
+		"the operation could not be observed for %s (operations.get: %s); the export itself may have finished: check it with gcloud healthcare operations describe", waited.Round(time.Second), msg)}}
+	return true, x.finalize(ctx, o, op, &healthcare.OperationMetadata{}, "")
+}
+
+// watchdog cancels a running export past its timeout (once); the sweep that
+// sees it end reports it failed with DEADLINE_EXCEEDED.
+func (x *Exporter) watchdog(ctx context.Context, o stateObject, opName string) {
+	if o.Metadata["cancelled"] != "" {
+		return
+	}
+	// Our own clock at both ends: the start attempt's time, not the
+	// service's createTime.
+	begun, err := time.Parse(time.RFC3339Nano, o.Metadata["started"])
+	if err != nil {
+		return
+	}
+	timeout := parseTimeout(o.Metadata["timeout"])
+	if x.now().Sub(begun) < timeout {
+		return
+	}
+	log := Logger(ctx).With("operation", opName)
+	var p pendingRecord
+	gen, err := x.state.read(ctx, "pending/"+o.Name, &p)
+	if err != nil || p.Operation != opName {
+		return
+	}
+	p.Cancelled = "timeout"
+	if _, err := x.state.update(ctx, "pending/"+o.Name, gen, p, lockMeta(p)); err != nil {
+		return
+	}
+	if _, err := x.hc.Projects.Locations.Datasets.Operations.Cancel(opName, &healthcare.CancelOperationRequest{}).Context(ctx).Do(); err != nil {
+		log.Error("watchdog: operations.cancel failed; the run is reported when it ends", "error", err.Error())
+		return
+	}
+	log.Warn("watchdog: export still running past its timeout; cancelled", "timeout", timeout.String())
+}
+
+// decodeMetadata reads OperationMetadata leniently: metadata that is not an
+// object, or counters beyond int64, are a problem to report, not a reason to
+// keep a finished run unreported forever.
+func decodeMetadata(raw []byte) (*healthcare.OperationMetadata, string) {
+	meta := &healthcare.OperationMetadata{}
+	if len(raw) == 0 {
+		return meta, ""
+	}
+	if err := json.Unmarshal(raw, meta); err != nil {
+		meta = &healthcare.OperationMetadata{}
+		var loose struct {
+			CreateTime string `json:"createTime"`
+			EndTime    string `json:"endTime"`
+			LogsURL    string `json:"logsUrl"`
+		}
+		_ = json.Unmarshal(raw, &loose)
+		meta.CreateTime, meta.EndTime, meta.LogsUrl = loose.CreateTime, loose.EndTime, loose.LogsURL
+		return meta, "its metadata is unusable: " + err.Error()
+	}
+	return meta, ""
 }
 
 // finalize reports a finished operation. The order makes a crash at any point
-// repeat work idempotently instead of losing it: watermark, event, run record,
-// then the pending marker.
-func (x *Exporter) finalize(ctx context.Context, object string, op *healthcare.Operation, meta *healthcare.OperationMetadata) error {
-	name := "pending/" + object
+// repeat work idempotently instead of losing it: feed files, watermark, event,
+// run record, then the pending marker and the slot.
+func (x *Exporter) finalize(ctx context.Context, o stateObject, op *healthcare.Operation, meta *healthcare.OperationMetadata, problem string) error {
+	name := "pending/" + o.Name
 	var p pendingRecord
 	gen, err := x.state.read(ctx, name, &p)
-	if errors.Is(err, ErrNotFound) {
+	switch {
+	case errors.Is(err, ErrNotFound):
 		return nil // another sweep finished it
-	}
-	if err != nil {
+	case errors.Is(err, ErrCorrupt):
+		return x.finalizeCorrupt(ctx, o, gen, op, err)
+	case err != nil:
 		return err
 	}
 	if p.Operation != op.Name {
@@ -136,7 +303,8 @@ func (x *Exporter) finalize(ctx context.Context, object string, op *healthcare.O
 		// marker; if the run record says so, only the removal is left.
 		var rec runRecord
 		if _, err := x.state.read(ctx, runObject(p.Run), &rec); err == nil && rec.Status == statusDone && rec.Operation == p.Operation {
-			return x.state.remove(ctx, name, gen)
+			x.release(ctx, p, gen)
+			return nil
 		}
 		if x.now().Sub(p.Finalizing) < x.FinalizeLease {
 			return nil // another sweep is reporting it
@@ -144,7 +312,7 @@ func (x *Exporter) finalize(ctx context.Context, object string, op *healthcare.O
 	}
 	// Take a lease so concurrent sweeps do not both report the outcome.
 	p.Finalizing = x.now()
-	gen, err = x.state.update(ctx, name, gen, p, map[string]string{"run": p.Run, "operation": p.Operation})
+	gen, err = x.state.update(ctx, name, gen, p, lockMeta(p))
 	if errors.Is(err, ErrConflict) {
 		return nil
 	}
@@ -152,44 +320,83 @@ func (x *Exporter) finalize(ctx context.Context, object string, op *healthcare.O
 		return err
 	}
 
-	if err := x.report(ctx, p, op, meta); err != nil {
+	if err := x.report(ctx, p, op, meta, problem); err != nil {
 		// Give up the lease so the next sweep retries at once.
 		p.Finalizing = time.Time{}
-		if _, uerr := x.state.update(ctx, name, gen, p, map[string]string{"run": p.Run, "operation": p.Operation}); uerr != nil {
+		if _, uerr := x.state.update(ctx, name, gen, p, lockMeta(p)); uerr != nil {
 			log.Warn("could not release the finalize lease; it expires", "error", uerr.Error())
 		}
 		return err
 	}
-	if err := x.state.remove(ctx, name, gen); err != nil {
-		return err
-	}
+	x.release(ctx, p, gen)
 	log.Info("export finished")
 	return nil
 }
 
+// finalizeCorrupt reports what can be reported of a finished operation whose
+// marker is corrupt (the operation and run come from the listing's
+// metadata), then quarantines the marker so the pipeline moves on.
+func (x *Exporter) finalizeCorrupt(ctx context.Context, o stateObject, gen int64, op *healthcare.Operation, cause error) error {
+	name := "pending/" + o.Name
+	Logger(ctx).Error("pending marker is corrupt; reporting what is known and quarantining it", "object", name, "operation", op.Name, "error", cause.Error())
+	ev := events.Event{ID: eventID("failed", op.Name), Type: events.TypeFailed, Source: "//healthcare.googleapis.com/" + op.Name,
+		Subject: op.Name, Time: x.now(), Data: events.Data{Operation: op.Name,
+			Error: &events.Error{Code: codeInternal, Message: fmt.Sprintf(
+				"the state object %s of this run is corrupt (%v); it was quarantined, the outcome of the operation could not be reported in full: check it with gcloud healthcare operations describe", name, cause)}}}
+	if err := x.pub.Publish(ctx, ev); err != nil {
+		return err
+	}
+	return x.state.quarantine(ctx, name, gen, cause.Error())
+}
+
 // report advances the watermark after a fully successful incremental run,
 // publishes the outcome event and marks the run done.
-func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.Operation, meta *healthcare.OperationMetadata) error {
+func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.Operation, meta *healthcare.OperationMetadata, problem string) error {
+	log := Logger(ctx).With("operation", p.Operation, "pipeline", p.Pipeline, "store", p.Store)
 	ev := outcomeEvent(p, op, meta)
+	switch {
+	case problem != "":
+		ev = retype(ev, events.TypeFailed, op.Name)
+		ev.Data.Error = &events.Error{Code: codeInternal, Message: "the export operation finished but " + problem + "; the watermark was not moved: check the operation with gcloud healthcare operations describe"}
+	case p.Cancelled == "timeout" && op.Error != nil && op.Error.Code == codeCancelled:
+		ev.Data.Error = &events.Error{Code: codeDeadlineExceeded, Message: fmt.Sprintf(
+			"cancelled by fhirexport: the export was still running past its timeout (%s)", parseTimeout(p.Timeout))}
+	case p.Incremental && ev.Type == events.TypeSucceeded && meta.CreateTime == "":
+		ev = retype(ev, events.TypeFailed, op.Name)
+		ev.Data.Error = &events.Error{Code: codeInternal, Message: "the export succeeded but its operation has no createTime, so no watermark can be set; the next run repeats this window"}
+	}
 	if p.Incremental {
 		// Only a fully successful run moves the watermark. The event carries
 		// the watermark this run established, not whatever is stored when it
 		// is published, so a repeat after later runs is identical.
-		advanced := ev.Type == events.TypeSucceeded
-		if advanced {
-			if _, err := x.advanceWatermark(ctx, p, meta.CreateTime); err != nil {
+		advanced := false
+		if ev.Type == events.TypeSucceeded {
+			moved, err := x.advanceWatermark(ctx, p, meta.CreateTime)
+			switch {
+			case errors.Is(err, ErrCorrupt):
+				log.Error("watermark is corrupt; not moved. Incremental runs of this pipeline are held until it is reset", "error", err.Error())
+			case err != nil:
 				return err
 			}
-			ev.Data.Watermark = normalizeTime(meta.CreateTime)
+			advanced = moved
+			if moved {
+				ev.Data.Watermark = normalizeTime(meta.CreateTime)
+			}
 		}
 		ev.Data.WatermarkAdvanced = &advanced
 	}
 	if err := x.pub.Publish(ctx, ev); err != nil {
 		return err
 	}
-	Logger(ctx).Info("export outcome published", "operation", p.Operation, "outcome", ev.Type,
+	log.Info("export outcome", "event", strings.TrimPrefix(ev.Type, events.TypePrefix), "trigger", p.Trigger.ID,
 		"success", ev.Data.Counters.Success, "failure", ev.Data.Counters.Failure)
 	return x.markDone(ctx, p, ev.Type)
+}
+
+// retype changes an outcome event's type, and so its id.
+func retype(ev events.Event, typ, op string) events.Event {
+	ev.Type, ev.ID = typ, eventID(typ, op)
+	return ev
 }
 
 // normalizeTime writes an RFC 3339 time in UTC with the precision it has.
@@ -219,8 +426,12 @@ func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, create
 		case err != nil:
 			return false, err
 		default:
-			if t, err := time.Parse(time.RFC3339Nano, cur.Watermark); err == nil && !ct.After(t) {
-				return ct.Equal(t), nil // already there (a repeat) or further on
+			t, err := time.Parse(time.RFC3339Nano, cur.Watermark)
+			if err != nil {
+				return false, fmt.Errorf("state %s: %w: watermark %q is not a time", watermarkObject(p.Pipeline), ErrCorrupt, cur.Watermark)
+			}
+			if !ct.After(t) {
+				return ct.Equal(t) && cur.Operation == p.Operation, nil // a repeat of this run, or further on
 			}
 		}
 		rec := watermarkRecord{Pipeline: p.Pipeline, Store: p.Store, Name: p.Name, Watermark: next, Operation: p.Operation, Updated: x.now()}
@@ -244,13 +455,20 @@ func (x *Exporter) markDone(ctx context.Context, p pendingRecord, outcome string
 	switch {
 	case errors.Is(err, ErrNotFound):
 		rec.Claimed = p.Started
+	case errors.Is(err, ErrCorrupt):
+		Logger(ctx).Error("run record is corrupt; replaced with the finished run", "object", runObject(p.Run), "error", err.Error())
+		rec = runRecord{Claimed: p.Started}
 	case err != nil:
 		return err
 	case rec.Status == statusDone:
 		return nil
 	}
 	started := startedEvent(p)
-	rec.Trigger, rec.Pipeline, rec.Status, rec.Operation, rec.Outcome, rec.Started = p.Trigger, p.Pipeline, statusDone, p.Operation, outcome, &started
+	rec.Trigger, rec.Pipeline, rec.Store, rec.Status, rec.Operation, rec.Outcome, rec.Started = p.Trigger, p.Pipeline, p.Store, statusDone, p.Operation, outcome, &started
+	rec.Ended, rec.Final = x.now(), nil
+	if rec.Spec == nil {
+		rec.Spec = p.Spec
+	}
 	if gen == 0 {
 		_, err = x.state.create(ctx, runObject(p.Run), rec, nil)
 	} else {

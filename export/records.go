@@ -76,6 +76,8 @@ type pendingRecord struct {
 	Finalizing  time.Time         `json:"finalizing,omitzero"` // when a poller began reporting the outcome: its lease
 	Unobserved  time.Time         `json:"unobserved,omitzero"` // since when operations.get has answered 401/403
 	Cancelled   string            `json:"cancelled,omitempty"` // why fhirexport asked operations.cancel: "timeout" or "operator"
+	Attempts    int               `json:"attempts,omitempty"`  // 429 RESOURCE_EXHAUSTED answers so far (the backoff)
+	Requeued    string            `json:"requeued,omitempty"`  // set (with the reason) once this start is being put back in the queue
 }
 
 // queueRecord is a pipeline's next run (queue/{pipeline}.json): a run beyond
@@ -85,7 +87,6 @@ type queueRecord struct {
 	pendingRecord
 	Enqueued  time.Time           `json:"enqueued"`            // oldest first
 	NotBefore time.Time           `json:"notBefore,omitzero"`  // backoff after 429 RESOURCE_EXHAUSTED
-	Attempts  int                 `json:"attempts,omitempty"`  // 429s so far
 	Coalesced []events.TriggerRef `json:"coalesced,omitempty"` // triggers merged into it
 }
 

@@ -2,10 +2,12 @@ package export
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 
 	"google.golang.org/api/googleapi"
@@ -31,7 +33,8 @@ type Exporter struct {
 	now    func() time.Time
 
 	// StartLease is how long a start attempt that has not recorded its
-	// operation yet is presumed alive; a redelivery after it takes over.
+	// operation yet is presumed alive; after it a redelivery takes over, or
+	// the next sweep resolves and releases the orphaned lock.
 	StartLease time.Duration
 	// WaitForPeer is how long a concurrent redelivery waits for the attempt in
 	// flight before asking Pub/Sub to retry later.
@@ -41,6 +44,18 @@ type Exporter struct {
 	FinalizeLease time.Duration
 	// PollWorkers bounds concurrent operations.get calls during a sweep.
 	PollWorkers int
+	// MaxRunning bounds the exports running at once (FHIREXPORT_MAX_RUNNING).
+	MaxRunning int
+	// ObservePatience is how long operations.get may answer 401/403 before
+	// the run is reported failed as unobservable.
+	ObservePatience time.Duration
+	// RetryBackoff is the first wait after 429 RESOURCE_EXHAUSTED; it
+	// doubles per attempt, up to an hour.
+	RetryBackoff time.Duration
+	// InDoubtPatience is how long a run whose export answer was lost waits
+	// for operations.list to tell its operation apart from others before it
+	// is reported failed.
+	InDoubtPatience time.Duration
 }
 
 // New returns an Exporter over the given clients. now may be nil (time.Now).
@@ -49,13 +64,18 @@ func New(hc *healthcare.Service, state *State, pub Publisher, policy Policy, now
 		now = time.Now
 	}
 	return &Exporter{hc: hc, state: state, pub: pub, policy: policy, now: now,
-		StartLease: 2 * time.Minute, FinalizeLease: 2 * time.Minute, WaitForPeer: 10 * time.Second, PollWorkers: 16}
+		StartLease: 2 * time.Minute, FinalizeLease: 2 * time.Minute, WaitForPeer: 10 * time.Second, PollWorkers: 16,
+		MaxRunning: DefaultMaxRunning, ObservePatience: time.Hour, RetryBackoff: time.Minute, InDoubtPatience: time.Hour}
 }
+
+// DefaultMaxRunning is FHIREXPORT_MAX_RUNNING's default: Google's advice for
+// concurrent long-running operations per project.
+const DefaultMaxRunning = 5
 
 // errTransient marks failures Pub/Sub should retry by redelivering.
 var errTransient = errors.New("transient")
 
-// run is one trigger being started.
+// run is one store's run of a trigger being admitted or started.
 type run struct {
 	key      string
 	trig     events.Trigger
@@ -67,73 +87,122 @@ type run struct {
 	log      *slog.Logger
 }
 
-// Start turns one trigger into at most one export. It returns nil when the
-// trigger is done with (started, or permanently rejected and reported) and an
-// error when Pub/Sub should redeliver it.
+// pending is the lock/pending record this run would hold.
+func (r *run) pending(now time.Time) pendingRecord {
+	spec, _ := json.Marshal(r.spec)
+	return pendingRecord{Run: r.key, Trigger: r.ref, Pipeline: r.pipeline, Store: r.spec.FHIRStore, Name: r.spec.Name,
+		Labels: r.spec.Labels, Destination: r.dest, Types: r.types, Incremental: r.spec.Incremental,
+		Spec: spec, Timeout: r.spec.timeoutString(), Slot: -1, Started: now}
+}
+
+// Start turns one trigger into at most one export per store (queued when the
+// budget or the pipeline is busy). It returns nil when the trigger is done
+// with (started, queued, or permanently rejected and reported) and an error
+// when Pub/Sub should redeliver it.
 func (x *Exporter) Start(ctx context.Context, trig events.Trigger, decodeErr error) error {
-	ref := events.TriggerRef{Source: trig.Source, ID: trig.ID}
 	log := Logger(ctx).With("trigger", trig.ID, "triggerSource", trig.Source)
 	if decodeErr != nil {
-		return x.reject(ctx, log, ref, trig, nil, &SpecError{Problem: decodeErr.Error(), Accepted: "a Pub/Sub message or CloudEvent whose data is the export spec as JSON"})
+		return x.reject(ctx, log, trig, nil, "", &SpecError{Problem: decodeErr.Error(), Accepted: "a Pub/Sub message or CloudEvent whose data is the export spec as JSON"})
 	}
 	spec, err := ParseSpec(trig.Spec)
 	if err != nil {
-		return x.reject(ctx, log, ref, trig, nil, err)
+		return x.reject(ctx, log, trig, nil, "", err)
 	}
+	if !spec.isFleetSpec() {
+		r, err := x.newRun(trig, spec, RunKey(trig.Source, trig.ID), log)
+		if err != nil {
+			return x.reject(ctx, log, trig, spec, "", err)
+		}
+		return x.startRun(ctx, r)
+	}
+	return x.startFleet(ctx, trig, spec, log)
+}
+
+// startFleet makes one run per listed store the allow-list permits. Each has
+// its own claim, so a redelivery (after a crash in the middle, too) creates
+// no run twice and finishes the ones missing.
+func (x *Exporter) startFleet(ctx context.Context, trig events.Trigger, spec *Spec, log *slog.Logger) error {
+	dataset := strings.TrimSuffix(spec.FHIRStore, "/fhirStores/*")
+	var stores []string
+	call := x.hc.Projects.Locations.Datasets.FhirStores.List(dataset).PageSize(1000)
+	err := call.Pages(ctx, func(page *healthcare.ListFhirStoresResponse) error {
+		for _, s := range page.FhirStores {
+			stores = append(stores, s.Name)
+		}
+		return nil
+	})
+	if err != nil {
+		if Permanent(err) {
+			code, msg := statusOf(err)
+			return x.reject(ctx, log, trig, spec, "", &SpecError{Field: "fhirStore", Problem: fmt.Sprintf("listing the stores of %s failed (%d): %s", dataset, code, msg), Accepted: "a dataset fhirexport may list"})
+		}
+		return fmt.Errorf("list stores of %s: %w", dataset, err)
+	}
+	log.Info("fleet trigger", "dataset", dataset, "stores", len(stores))
+	var errs []error
+	for _, store := range stores {
+		one := spec.forStore(store)
+		slog := log.With("store", store)
+		if !x.policy.AllowStore(store) {
+			errs = append(errs, x.reject(ctx, slog, trig, one, store, specErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s; the fleet's other stores are exported", store, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES"))))
+			continue
+		}
+		r, err := x.newRun(trig, one, FleetRunKey(trig.Source, trig.ID, store), slog)
+		if err != nil {
+			errs = append(errs, x.reject(ctx, slog, trig, one, store, err))
+			continue
+		}
+		errs = append(errs, x.startRun(ctx, r))
+	}
+	return errors.Join(errs...)
+}
+
+// newRun checks one store's spec against the allow-lists and expands its
+// destination.
+func (x *Exporter) newRun(trig events.Trigger, spec *Spec, key string, log *slog.Logger) (*run, error) {
 	log = log.With("store", spec.FHIRStore)
 	if !x.policy.AllowStore(spec.FHIRStore) {
-		return x.reject(ctx, log, ref, trig, spec, specErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s", spec.FHIRStore, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES")))
+		return nil, specErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s", spec.FHIRStore, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES"))
 	}
-	key := RunKey(trig.Source, trig.ID)
-	r := &run{key: key, trig: trig, ref: ref, spec: spec, pipeline: PipelineKey(spec), log: log}
+	r := &run{key: key, trig: trig, ref: events.TriggerRef{Source: trig.Source, ID: trig.ID}, spec: spec, pipeline: PipelineKey(spec)}
 	r.types, _ = spec.Types()
 	r.dest = spec.Destination()
 	if spec.GCSDestination != nil {
-		at := trig.Time
-		if at.IsZero() {
-			at = x.now()
-		}
-		r.dest = ExpandURIPrefix(spec.GCSDestination.URIPrefix, spec.FHIRStore, key[:16], at)
+		r.dest = ExpandURIPrefix(spec.GCSDestination.URIPrefix, spec.FHIRStore, key[:16], triggerTime(trig, x.now))
 	}
 	if !x.policy.AllowDestination(r.dest) {
 		field := "gcsDestination.uriPrefix"
 		if spec.BigQueryDestination != nil {
 			field = "bigqueryDestination.datasetUri"
 		}
-		return x.reject(ctx, log, ref, trig, spec, specErr(field, "a destination inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list%s", r.dest, emptyHint(x.policy.destinations, "FHIREXPORT_ALLOWED_DESTINATIONS")))
+		return nil, specErr(field, "a destination inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list%s", r.dest, emptyHint(x.policy.destinations, "FHIREXPORT_ALLOWED_DESTINATIONS"))
 	}
 	r.log = log.With("pipeline", r.pipeline, "run", key)
+	return r, nil
+}
 
-	_, err = x.state.create(ctx, runObject(key), runRecord{Trigger: ref, Pipeline: r.pipeline, Status: statusClaimed, Claimed: x.now()}, nil)
-	switch {
-	case errors.Is(err, ErrExists):
-		return x.resume(ctx, r)
-	case err != nil:
-		return fmt.Errorf("claim trigger %s: %w", trig.ID, err)
+// startRun claims the run, or resumes it when a delivery claimed it before.
+func (x *Exporter) startRun(ctx context.Context, r *run) error {
+	rec, gen, created, err := x.claim(ctx, r)
+	if err != nil {
+		return err
 	}
-	return x.begin(ctx, r, false)
+	if created {
+		return x.admit(ctx, r)
+	}
+	return x.resume(ctx, r, rec, gen)
 }
 
 // resume handles a trigger whose claim exists: a redelivery, concurrent or
 // after a crash or a transient failure.
-func (x *Exporter) resume(ctx context.Context, r *run) error {
-	var rec runRecord
-	if _, err := x.state.read(ctx, runObject(r.key), &rec); err != nil {
-		if errors.Is(err, ErrNotFound) { // released between our create and read
-			return fmt.Errorf("trigger %s: claim released concurrently, retry: %w", r.trig.ID, errTransient)
-		}
-		return fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err)
-	}
-	if rec.Status == statusClaimed {
-		return x.begin(ctx, r, true)
-	}
-	return x.ended(ctx, r, rec)
-}
-
-// ended answers a redelivery of a run that has ended: it publishes the run's
-// events again (same ids; one may have been lost) and acknowledges.
-func (x *Exporter) ended(ctx context.Context, r *run, rec runRecord) error {
-	if rec.Status == statusDone {
+func (x *Exporter) resume(ctx context.Context, r *run, rec runRecord, gen int64) error {
+	switch rec.Status {
+	case statusClaimed:
+		return x.admit(ctx, r)
+	case statusQueued:
+		r.log.Info("duplicate delivery of a queued run; acknowledged")
+		return nil
+	case statusDone:
 		// The started event may have been lost: its publish failed and the
 		// run ended before this redelivery.
 		if rec.Started != nil {
@@ -150,138 +219,43 @@ func (x *Exporter) ended(ctx context.Context, r *run, rec runRecord) error {
 		}
 	}
 	r.log.Info("duplicate delivery of an ended run; acknowledged", "status", rec.Status)
-	return x.releaseLock(ctx, r)
-}
-
-// begin takes the pipeline's lock, then starts the export. recheck is set for
-// a redelivery whose claim was still "claimed": between reading the claim and
-// taking the lock a poller may have finished this very run (marked it done,
-// then removed its lock), so the claim is read again once the lock is held.
-func (x *Exporter) begin(ctx context.Context, r *run, recheck bool) error {
-	p := pendingRecord{Run: r.key, Trigger: r.ref, Pipeline: r.pipeline, Store: r.spec.FHIRStore, Name: r.spec.Name,
-		Labels: r.spec.Labels, Destination: r.dest, Types: r.types, Incremental: r.spec.Incremental, Started: x.now()}
-	gen, err := x.state.create(ctx, pendingObject(r.pipeline), p, map[string]string{"run": r.key})
-	if errors.Is(err, ErrExists) {
-		var held pendingRecord
-		p, gen, err = x.lockHeld(ctx, r, &held)
-		if err != nil || gen == 0 {
-			return err
-		}
-	} else if err != nil {
-		return fmt.Errorf("lock pipeline %s: %w", r.pipeline, err)
-	} else if recheck {
-		var rec runRecord
-		if _, err := x.state.read(ctx, runObject(r.key), &rec); err != nil {
-			x.dropLock(ctx, r, gen)
-			return fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err)
-		}
-		if rec.Status != statusClaimed {
-			if err := x.dropLock(ctx, r, gen); err != nil {
-				return err
-			}
-			return x.ended(ctx, r, rec)
-		}
-	}
-
-	if r.spec.Incremental {
-		since, err := x.incrementalSince(ctx, r)
-		if err != nil {
-			return x.abandon(ctx, r, gen, err)
-		}
-		p.Since = since
-	} else {
-		p.Since = r.spec.Since
-	}
-
-	req := ExportRequest(r.spec, r.dest, p.Since)
-	callCtx, cancel := context.WithTimeout(ctx, time.Minute)
-	op, err := x.hc.Projects.Locations.Datasets.FhirStores.Export(r.spec.FHIRStore, req).Context(callCtx).Do()
-	cancel()
-	if err != nil {
-		if !Permanent(err) {
-			r.log.Warn("export call failed transiently; releasing the claim so a redelivery retries", "error", err.Error())
-			return x.abandon(ctx, r, gen, fmt.Errorf("export %s: %w", r.spec.FHIRStore, err))
-		}
-		return x.refused(ctx, r, p, gen, err)
-	}
-	p.Operation = op.Name
-	if _, err := x.state.update(ctx, pendingObject(r.pipeline), gen, p, map[string]string{"run": r.key, "operation": op.Name}); err != nil {
-		// The export runs but is not recorded: a redelivery after the lease
-		// would start a second one. The storage client already retried.
-		r.log.Error("export started but not recorded", "operation", op.Name, "error", err.Error())
-		return fmt.Errorf("record operation %s: %w", op.Name, err)
-	}
-	r.log.Info("export started", "operation", op.Name, "since", p.Since, "destination", r.dest)
-	return x.pub.Publish(ctx, startedEvent(p))
-}
-
-// lockHeld handles a pipeline lock that already exists. It returns the lock
-// and its generation when this attempt may go on (gen 0 when the trigger is
-// done with), or an error to have Pub/Sub redeliver.
-func (x *Exporter) lockHeld(ctx context.Context, r *run, held *pendingRecord) (pendingRecord, int64, error) {
-	deadline := x.now().Add(x.WaitForPeer)
-	for {
-		gen, err := x.state.read(ctx, pendingObject(r.pipeline), held)
-		if errors.Is(err, ErrNotFound) {
-			return pendingRecord{}, 0, fmt.Errorf("pipeline %s: lock released concurrently, retry: %w", r.pipeline, errTransient)
-		}
-		if err != nil {
-			return pendingRecord{}, 0, fmt.Errorf("read lock of pipeline %s: %w", r.pipeline, err)
-		}
-		if held.Run != r.key {
-			return pendingRecord{}, 0, x.skip(ctx, r, held)
-		}
-		if held.Operation != "" { // an earlier delivery started it; make sure started was published
-			r.log.Info("duplicate delivery of a started run; acknowledged", "operation", held.Operation)
-			return pendingRecord{}, 0, x.pub.Publish(ctx, startedEvent(*held))
-		}
-		if x.now().Sub(held.Started) >= x.StartLease { // the earlier attempt died: take over
-			held.Started = x.now()
-			gen, err = x.state.update(ctx, pendingObject(r.pipeline), gen, held, map[string]string{"run": r.key})
-			if err != nil {
-				return pendingRecord{}, 0, fmt.Errorf("take over stale start of pipeline %s: %w", r.pipeline, err)
-			}
-			r.log.Warn("taking over a start attempt that did not finish")
-			return *held, gen, nil
-		}
-		if !x.now().Before(deadline) {
-			return pendingRecord{}, 0, fmt.Errorf("trigger %s: another delivery is starting this run; retry later: %w", r.trig.ID, errTransient)
-		}
-		select {
-		case <-ctx.Done():
-			return pendingRecord{}, 0, ctx.Err()
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
+	return nil
 }
 
 // incrementalSince is the _since of an incremental run: the pipeline's
 // watermark, or the spec's _since when that is later (a floor), or the spec's
 // _since alone when there is no watermark yet.
-func (x *Exporter) incrementalSince(ctx context.Context, r *run) (string, error) {
-	wm, err := x.watermark(ctx, r.pipeline)
+func (x *Exporter) incrementalSince(ctx context.Context, p pendingRecord, specSince string) (string, error) {
+	wm, err := x.watermark(ctx, p.Pipeline)
 	if err != nil {
 		return "", err
 	}
 	if wm == "" {
-		return r.spec.Since, nil
+		return specSince, nil
 	}
-	if r.spec.Since != "" {
-		floor, _ := ParseSince(r.spec.Since)
+	if specSince != "" {
+		floor, _ := ParseSince(specSince)
 		w, _ := time.Parse(time.RFC3339Nano, wm)
 		if floor.After(w) {
-			return r.spec.Since, nil
+			return specSince, nil
 		}
 	}
 	return wm, nil
 }
 
-// watermark returns a pipeline's watermark, "" when it has none.
+// watermark returns a pipeline's watermark, "" when it has none. A corrupt
+// watermark is an error wrapping ErrCorrupt: it must not pass for "none",
+// which would re-export everything.
 func (x *Exporter) watermark(ctx context.Context, pipeline string) (string, error) {
 	var w watermarkRecord
 	_, err := x.state.read(ctx, watermarkObject(pipeline), &w)
 	if errors.Is(err, ErrNotFound) {
 		return "", nil
+	}
+	if err == nil {
+		if _, perr := time.Parse(time.RFC3339Nano, w.Watermark); perr != nil && w.Watermark != "" {
+			err = fmt.Errorf("state %s: %w: watermark %q is not a time", watermarkObject(pipeline), ErrCorrupt, w.Watermark)
+		}
 	}
 	if err != nil {
 		return "", fmt.Errorf("read watermark of pipeline %s: %w", pipeline, err)
@@ -289,107 +263,15 @@ func (x *Exporter) watermark(ctx context.Context, pipeline string) (string, erro
 	return w.Watermark, nil
 }
 
-// dropLock removes the pipeline lock this attempt holds at generation gen. A
-// lock it cannot remove expires with the start lease.
-func (x *Exporter) dropLock(ctx context.Context, r *run, gen int64) error {
-	err := x.state.remove(ctx, pendingObject(r.pipeline), gen)
-	if err != nil {
-		r.log.Warn("could not release pipeline lock; it expires with the start lease", "error", err.Error())
-	}
-	return err
-}
-
-// abandon releases the lock and the claim after a transient failure, so the
-// redelivery starts afresh, and returns cause for Pub/Sub to retry.
-func (x *Exporter) abandon(ctx context.Context, r *run, gen int64, cause error) error {
-	if x.dropLock(ctx, r, gen) != nil {
-		return cause
-	}
-	var rec runRecord
-	if g, err := x.state.read(ctx, runObject(r.key), &rec); err == nil && rec.Status == statusClaimed {
-		if err := x.state.remove(ctx, runObject(r.key), g); err != nil {
-			r.log.Warn("could not release trigger claim", "error", err.Error())
-		}
-	}
-	return cause
-}
-
-// refused reports an export the API refused for good (400, 403, 404): the
-// run ends as failed, the trigger is acknowledged.
-func (x *Exporter) refused(ctx context.Context, r *run, p pendingRecord, gen int64, apiErr error) error {
-	code, msg := statusOf(apiErr)
-	ev := events.Event{
-		ID: eventID("failed", r.key), Type: events.TypeFailed, Source: SourceOf(r.spec.FHIRStore),
-		Subject: r.trig.ID, Time: p.Started,
-		Data: baseData(p),
-	}
-	ev.Data.Error = &events.Error{Code: code, Message: msg}
-	r.log.Error("export refused by the Healthcare API", "code", code, "error", msg)
-	if err := x.finish(ctx, r, statusFailed, &ev); err != nil {
-		return err
-	}
-	x.dropLock(ctx, r, gen) // the run is reported; a lock left behind expires
-	return nil
-}
-
-// skip reports a trigger whose pipeline is busy with another run.
-func (x *Exporter) skip(ctx context.Context, r *run, held *pendingRecord) error {
-	ev := events.Event{
-		ID: eventID("skipped", r.key), Type: events.TypeRejected, Source: SourceOf(r.spec.FHIRStore),
-		Subject: r.trig.ID, Time: triggerTime(r.trig, x.now),
-		Data: events.Data{Store: r.spec.FHIRStore, Pipeline: r.pipeline, Name: r.spec.Name, Labels: r.spec.Labels,
-			Destination: r.dest, Types: r.types, Incremental: r.spec.Incremental, Trigger: r.ref,
-			Error: &events.Error{Code: codeAborted, Message: fmt.Sprintf(
-				"pipeline %s already has a run in progress (trigger %s, operation %q); this trigger was skipped, the next one after that run ends will export what changed",
-				r.pipeline, held.Trigger.ID, held.Operation)}},
-	}
-	r.log.Warn("pipeline busy; trigger skipped", "heldBy", held.Trigger.ID, "operation", held.Operation)
-	return x.finish(ctx, r, statusSkipped, &ev)
-}
-
-// finish records the terminal status of a run that has no operation, then
-// publishes its event. A crash in between repeats both on redelivery.
-func (x *Exporter) finish(ctx context.Context, r *run, status string, ev *events.Event) error {
-	var rec runRecord
-	gen, err := x.state.read(ctx, runObject(r.key), &rec)
-	if err != nil {
-		return fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err)
-	}
-	if rec.Status != statusClaimed {
-		// Ended meanwhile (a poller finished it): nothing left to report.
-		r.log.Info("duplicate delivery of an ended run; acknowledged", "status", rec.Status)
-		return nil
-	}
-	rec.Status, rec.Final = status, ev
-	if _, err := x.state.update(ctx, runObject(r.key), gen, rec, nil); err != nil {
-		return fmt.Errorf("record %s run of trigger %s: %w", status, r.trig.ID, err)
-	}
-	return x.pub.Publish(ctx, *ev)
-}
-
-// releaseLock removes the pipeline lock if this run still holds it.
-func (x *Exporter) releaseLock(ctx context.Context, r *run) error {
-	var held pendingRecord
-	gen, err := x.state.read(ctx, pendingObject(r.pipeline), &held)
-	if errors.Is(err, ErrNotFound) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("read lock of pipeline %s: %w", r.pipeline, err)
-	}
-	if held.Run != r.key || held.Operation != "" {
-		return nil
-	}
-	return x.dropLock(ctx, r, gen)
-}
-
-// reject reports a trigger that can never succeed and acknowledges it.
-func (x *Exporter) reject(ctx context.Context, log *slog.Logger, ref events.TriggerRef, trig events.Trigger, spec *Spec, cause error) error {
+// reject reports a trigger (or one store of a fleet trigger) that can never
+// succeed and acknowledges it.
+func (x *Exporter) reject(ctx context.Context, log *slog.Logger, trig events.Trigger, spec *Spec, store string, cause error) error {
 	var se *SpecError
 	field := ""
 	if errors.As(cause, &se) {
 		field = se.Field
 	}
+	ref := events.TriggerRef{Source: trig.Source, ID: trig.ID}
 	data := events.Data{Trigger: ref, Error: &events.Error{Code: codeInvalidArgument, Message: cause.Error(), Field: field}}
 	source := trig.Source
 	if spec != nil {
@@ -401,7 +283,7 @@ func (x *Exporter) reject(ctx context.Context, log *slog.Logger, ref events.Trig
 	}
 	log.Warn("trigger rejected", "field", field, "error", cause.Error())
 	return x.pub.Publish(ctx, events.Event{
-		ID: eventID("rejected", trig.Source, trig.ID), Type: events.TypeRejected, Source: source,
+		ID: eventID("rejected", trig.Source, trig.ID, store), Type: events.TypeRejected, Source: source,
 		Subject: trig.ID, Time: triggerTime(trig, x.now), Data: data,
 	})
 }
@@ -424,12 +306,16 @@ func triggerTime(t events.Trigger, now func() time.Time) time.Time {
 
 // google.rpc.Code values used in events.
 const (
-	codeInvalidArgument  = 3
-	codePermissionDenied = 7
-	codeAborted          = 10
-	codeUnknown          = 2
-	codeNotFound         = 5
-	codeUnauthenticated  = 16
+	codeCancelled          = 1
+	codeUnknown            = 2
+	codeInvalidArgument    = 3
+	codeDeadlineExceeded   = 4
+	codeNotFound           = 5
+	codePermissionDenied   = 7
+	codeFailedPrecondition = 9
+	codeAborted            = 10
+	codeInternal           = 13
+	codeUnauthenticated    = 16
 )
 
 // Permanent reports whether a Healthcare API error can never succeed on
@@ -445,6 +331,13 @@ func Permanent(err error) bool {
 		return true
 	}
 	return false
+}
+
+// exhausted reports 429 RESOURCE_EXHAUSTED: the API refused the call, so it
+// surely did nothing.
+func exhausted(err error) bool {
+	var ge *googleapi.Error
+	return errors.As(err, &ge) && ge.Code == http.StatusTooManyRequests
 }
 
 // statusOf turns an API error into a google.rpc.Code and message.

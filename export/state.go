@@ -1,12 +1,14 @@
 package export
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"path"
+	"time"
 
 	"cloud.google.com/go/storage"
 	"google.golang.org/api/googleapi"
@@ -18,12 +20,16 @@ var (
 	ErrExists   = errors.New("state object already exists")
 	ErrConflict = errors.New("state object changed concurrently")
 	ErrNotFound = errors.New("state object not found")
+	// ErrCorrupt marks a state object that is not what fhirexport wrote (it
+	// does not decode). It is permanent: retrying cannot heal it.
+	ErrCorrupt = errors.New("state object is corrupt")
 )
 
 // State is the run state kept as small JSON objects in Cloud Storage. Every
 // write carries a precondition (DoesNotExist or GenerationMatch) so concurrent
 // instances and redeliveries cannot double-start a run or lose an update.
 type State struct {
+	client *storage.Client
 	bkt    *storage.BucketHandle
 	bucket string
 	prefix string
@@ -31,7 +37,7 @@ type State struct {
 
 // NewState returns the state store at gs://bucket/prefix.
 func NewState(client *storage.Client, bucket, prefix string) *State {
-	return &State{bkt: client.Bucket(bucket), bucket: bucket, prefix: prefix}
+	return &State{client: client, bkt: client.Bucket(bucket), bucket: bucket, prefix: prefix}
 }
 
 func (s *State) object(name string) string { return path.Join(s.prefix, name) }
@@ -58,14 +64,36 @@ func (s *State) write(ctx context.Context, name string, cond storage.Conditions,
 	if err != nil {
 		return 0, fmt.Errorf("encode state %s: %w", name, err)
 	}
-	// The storage library retries uploads with a narrower test than other
-	// calls: a connection closed without an answer (EOF) is not retried.
-	// storage.ShouldRetry is the one it applies everywhere else.
-	w := s.bkt.Object(s.object(name)).If(cond).Retryer(storage.WithErrorFunc(storage.ShouldRetry)).NewWriter(ctx)
-	// Buffered, so the client can retry the write (a conditional write is
-	// idempotent); with ChunkSize 0 it sends one unretryable request. The
-	// library rounds this up to 256 KiB: still one request.
-	w.ChunkSize = len(data) + 1
+	// One request per attempt, without the library's 256 KiB chunk buffer
+	// (ChunkSize 0); the retries are ours. A conditional write is idempotent,
+	// except that a DoesNotExist write whose answer was lost meets its own
+	// object on the retry: reading it back tells that apart from a rival.
+	backoff := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		gen, err := s.writeOnce(ctx, name, cond, data, meta)
+		if err == nil {
+			return gen, nil
+		}
+		if attempt > 1 && errors.Is(err, ErrExists) {
+			if g, same := s.sameContent(ctx, name, data); same {
+				return g, nil
+			}
+		}
+		if attempt == 4 || !storage.ShouldRetry(unwrapState(err)) {
+			return 0, err
+		}
+		select {
+		case <-ctx.Done():
+			return 0, err
+		case <-time.After(backoff):
+		}
+		backoff *= 3
+	}
+}
+
+func (s *State) writeOnce(ctx context.Context, name string, cond storage.Conditions, data []byte, meta map[string]string) (int64, error) {
+	w := s.bkt.Object(s.object(name)).If(cond).Retryer(storage.WithPolicy(storage.RetryNever)).NewWriter(ctx)
+	w.ChunkSize = 0
 	w.ContentType = "application/json"
 	w.Metadata = meta
 	if _, err := w.Write(data); err != nil {
@@ -76,6 +104,34 @@ func (s *State) write(ctx context.Context, name string, cond storage.Conditions,
 		return 0, s.classify(name, err, cond)
 	}
 	return w.Attrs().Generation, nil
+}
+
+// sameContent reports whether name holds exactly data, and its generation.
+func (s *State) sameContent(ctx context.Context, name string, data []byte) (int64, bool) {
+	r, err := s.bkt.Object(s.object(name)).NewReader(ctx)
+	if err != nil {
+		return 0, false
+	}
+	defer r.Close()
+	got, err := io.ReadAll(r)
+	return r.Attrs.Generation, err == nil && bytes.Equal(got, data)
+}
+
+// stateError keeps the storage error under our wrapping for retry decisions.
+type stateError struct {
+	msg string
+	err error
+}
+
+func (e *stateError) Error() string { return e.msg }
+func (e *stateError) Unwrap() error { return e.err }
+
+func unwrapState(err error) error {
+	var se *stateError
+	if errors.As(err, &se) {
+		return se.err
+	}
+	return err
 }
 
 // read decodes name into v and returns its generation.
@@ -90,7 +146,7 @@ func (s *State) read(ctx context.Context, name string, v any) (int64, error) {
 		return 0, fmt.Errorf("read state %s: %w", name, err)
 	}
 	if err := json.Unmarshal(data, v); err != nil {
-		return 0, fmt.Errorf("decode state %s: %w", name, err)
+		return r.Attrs.Generation, fmt.Errorf("state %s: %w: %v", name, ErrCorrupt, err)
 	}
 	return r.Attrs.Generation, nil
 }
@@ -143,5 +199,69 @@ func (s *State) classify(name string, err error, cond storage.Conditions) error 
 	if errors.As(err, &ge) && ge.Code == 404 {
 		return fmt.Errorf("state %s: %w", name, ErrNotFound)
 	}
-	return fmt.Errorf("state gs://%s/%s: %w", s.bucket, s.object(name), err)
+	return &stateError{msg: fmt.Sprintf("state gs://%s/%s: %v", s.bucket, s.object(name), err), err: err}
+}
+
+// each calls fn for every object under dir as the listing streams in, so a
+// sweep over many objects holds one page at a time, not the whole listing.
+// Stopping early: fn returns errStop.
+func (s *State) each(ctx context.Context, dir string, fn func(stateObject) error) error {
+	q := &storage.Query{Prefix: s.object(dir) + "/"}
+	if err := q.SetAttrSelection([]string{"Name", "Generation", "Metadata"}); err != nil {
+		return fmt.Errorf("list state %s: %w", dir, err)
+	}
+	it := s.bkt.Objects(ctx, q)
+	for {
+		a, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("list state gs://%s/%s: %w", s.bucket, q.Prefix, err)
+		}
+		if err := fn(stateObject{Name: a.Name[len(q.Prefix):], Generation: a.Generation, Metadata: a.Metadata}); err != nil {
+			if errors.Is(err, errStop) {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+var errStop = errors.New("stop listing")
+
+// quarantine moves a corrupt object aside (quarantine/{name}.{gen}) so the
+// pipeline it blocked can move on, keeping its bytes for an operator.
+func (s *State) quarantine(ctx context.Context, name string, gen int64, reason string) error {
+	r, err := s.bkt.Object(s.object(name)).If(storage.Conditions{GenerationMatch: gen}).NewReader(ctx)
+	if errors.Is(err, storage.ErrObjectNotExist) {
+		return nil
+	}
+	if err != nil {
+		return s.classify(name, err, storage.Conditions{})
+	}
+	data, err := io.ReadAll(io.LimitReader(r, 1<<20))
+	r.Close()
+	if err != nil {
+		return fmt.Errorf("read state %s: %w", name, err)
+	}
+	to := fmt.Sprintf("quarantine/%s.%d", name, gen)
+	w := s.bkt.Object(s.object(to)).NewWriter(ctx)
+	w.ContentType = "application/octet-stream"
+	w.Metadata = map[string]string{"reason": truncate(reason, 1000), "from": name}
+	if _, err := w.Write(data); err != nil {
+		w.Close()
+		return s.classify(to, err, storage.Conditions{})
+	}
+	if err := w.Close(); err != nil {
+		return s.classify(to, err, storage.Conditions{})
+	}
+	return s.remove(ctx, name, gen)
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
 }

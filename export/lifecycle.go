@@ -1,0 +1,381 @@
+package export
+
+// A run's life, in one place. A run is one store's export for one trigger (a
+// fleet trigger makes one run per store). Its states and the objects that
+// hold them (records.go):
+//
+//	claimed   runs/{run} status "claimed"; nothing else yet
+//	queued    queue/{pipeline} holds it; runs/{run} status "queued"
+//	starting  pending/{pipeline} names it without an operation; slots/{n} held.
+//	          With Called set the export call's answer was lost: in doubt.
+//	running   pending/{pipeline} names its operation; operations/{op} owns it
+//	done      runs/{run} status "done" (or "failed" / "coalesced" with Final)
+//
+//	trigger ─claim─► claimed ─admit─┬─► starting ─export─► running ─finish─► done
+//	                                ├─► queued ──dequeue (sweep)──► starting
+//	                                └─► coalesced (its pipeline already has a queued run)
+//	starting ─429─► queued (backoff)     starting ─400/403/404─► failed
+//	starting ─answer lost─► in doubt ─resolve─► running (adopted) | starting (no operation: export again)
+//	starting, lease over, never redelivered ─sweep─► failed (code 4), or queued again when it came from the queue
+//	running ─past its timeout─► cancelled ─finish─► failed (code 4)
+//
+// Every transition below writes in an order that makes a crash at any point
+// repeat work instead of losing it or doing it twice:
+//
+//	claim       create runs/{run} (DoesNotExist). Exists: resume by status.
+//	admit       read pending/{pipeline}; free: create slots/{n} (DoesNotExist), then
+//	            create pending/{pipeline} (DoesNotExist). Crash between: the slot has no
+//	            lock and the sweep frees it after the start lease.
+//	enqueue     create queue/{pipeline} (DoesNotExist), then runs/{run} → queued, then
+//	            the queued event. Crash: the redelivery finds its own queue record.
+//	coalesce    update queue/{pipeline} (GenerationMatch) adding the trigger, then
+//	            runs/{run} → coalesced with Final, then the rejected event.
+//	export      fhirStores.export; then create operations/{op} (ownership), then
+//	            update pending/{pipeline} with the operation (GenerationMatch), then the
+//	            started event. A lost answer sets Called and the run is in doubt.
+//	resolve     take the lock's lease (GenerationMatch), operations.list the dataset
+//	            for ExportResources operations since the call; one owned by this run
+//	            or one nobody owns: adopt it (operations/{op} DoesNotExist decides
+//	            races); none: export again; several: wait, then fail.
+//	finish      (poll.go) [feed files], watermark (CAS), outcome event, runs/{run} →
+//	            done, remove pending/{pipeline}, remove slots/{n}.
+//	endEarly    runs/{run} → failed with Final, the event, remove the lock, the slot.
+//	dequeue     (queue.go) create slots/{n}, create pending/{pipeline} from the
+//	            queue record, remove queue/{pipeline}, export.
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"time"
+
+	"github.com/fhirexport/fhirexport/events"
+)
+
+// lockMeta is the pending object's metadata: what a sweep needs from the
+// listing alone, without reading the object.
+func lockMeta(p pendingRecord) map[string]string {
+	m := map[string]string{"run": p.Run, "started": p.Started.UTC().Format(time.RFC3339Nano)}
+	if p.Operation != "" {
+		m["operation"] = p.Operation
+	}
+	if p.Timeout != "" {
+		m["timeout"] = p.Timeout
+	}
+	if !p.Unobserved.IsZero() {
+		m["unobserved"] = p.Unobserved.UTC().Format(time.RFC3339Nano)
+	}
+	if p.Cancelled != "" {
+		m["cancelled"] = p.Cancelled
+	}
+	if p.Requeued != "" {
+		m["requeued"] = p.Requeued
+	}
+	if !p.Called.IsZero() {
+		m["called"] = p.Called.UTC().Format(time.RFC3339Nano)
+	}
+	m["slot"] = strconv.Itoa(p.Slot)
+	return m
+}
+
+// claim creates the run record; created is false when a delivery claimed it
+// before (rec and gen then hold it). A corrupt record is replaced by a fresh
+// claim: the pipeline lock still tells whether the run had started.
+func (x *Exporter) claim(ctx context.Context, r *run) (rec runRecord, gen int64, created bool, err error) {
+	spec, _ := json.Marshal(r.spec)
+	fresh := runRecord{Trigger: r.ref, Pipeline: r.pipeline, Store: r.spec.FHIRStore, Status: statusClaimed, Claimed: x.now(), Spec: spec}
+	_, err = x.state.create(ctx, runObject(r.key), fresh, nil)
+	if err == nil {
+		return fresh, 0, true, nil
+	}
+	if !errors.Is(err, ErrExists) {
+		return rec, 0, false, fmt.Errorf("claim trigger %s: %w", r.trig.ID, err)
+	}
+	gen, err = x.state.read(ctx, runObject(r.key), &rec)
+	switch {
+	case errors.Is(err, ErrCorrupt):
+		r.log.Error("run record is corrupt; replacing it with a fresh claim", "object", runObject(r.key), "error", err.Error())
+		if _, err := x.state.update(ctx, runObject(r.key), gen, fresh, nil); err != nil {
+			return rec, 0, false, fmt.Errorf("replace corrupt claim of trigger %s: %w", r.trig.ID, err)
+		}
+		return fresh, 0, true, nil
+	case errors.Is(err, ErrNotFound): // released between our create and read
+		return rec, 0, false, fmt.Errorf("trigger %s: claim released concurrently, retry: %w", r.trig.ID, errTransient)
+	case err != nil:
+		return rec, 0, false, fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err)
+	}
+	return rec, gen, false, nil
+}
+
+// admit starts a claimed run now, or queues it: when its pipeline is busy,
+// when a run of its pipeline is already queued, or when no export slot is free.
+func (x *Exporter) admit(ctx context.Context, r *run) error {
+	deadline := x.now().Add(x.WaitForPeer)
+	for {
+		var held pendingRecord
+		gen, err := x.state.read(ctx, pendingObject(r.pipeline), &held)
+		switch {
+		case errors.Is(err, ErrCorrupt):
+			r.log.Error("pipeline lock is corrupt; quarantined", "object", pendingObject(r.pipeline), "error", err.Error())
+			if err := x.state.quarantine(ctx, pendingObject(r.pipeline), gen, err.Error()); err != nil {
+				return err
+			}
+			continue
+		case errors.Is(err, ErrNotFound):
+			return x.admitFree(ctx, r)
+		case err != nil:
+			return fmt.Errorf("read lock of pipeline %s: %w", r.pipeline, err)
+		}
+		if held.Run != r.key {
+			return x.enqueue(ctx, r, "busy")
+		}
+		if held.Operation != "" { // an earlier delivery started it; make sure started was published
+			r.log.Info("duplicate delivery of a started run; acknowledged", "operation", held.Operation)
+			return x.pub.Publish(ctx, startedEvent(held))
+		}
+		if held.Requeued != "" {
+			return x.finishRequeue(ctx, held, gen)
+		}
+		// Called after Started: the answer was lost and nobody has taken the
+		// run over since (resolve moves Started on), so no wait is needed.
+		if held.Called.After(held.Started) || x.now().Sub(held.Started) >= x.StartLease {
+			return x.resolve(ctx, held, gen, false)
+		}
+		if !x.now().Before(deadline) {
+			return fmt.Errorf("trigger %s: another delivery is starting this run; retry later: %w", r.trig.ID, errTransient)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+// admitFree takes a slot and the pipeline's lock, then exports.
+func (x *Exporter) admitFree(ctx context.Context, r *run) error {
+	if _, _, err := x.readQueue(ctx, r.pipeline); err == nil {
+		return x.enqueue(ctx, r, "busy") // a run of this pipeline is waiting: this one merges into it
+	} else if !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	slot, ok, err := x.takeSlot(ctx, r.key, r.pipeline)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return x.enqueue(ctx, r, "budget")
+	}
+	p := r.pending(x.now())
+	p.Slot = slot
+	gen, err := x.state.create(ctx, pendingObject(r.pipeline), p, lockMeta(p))
+	if err != nil {
+		x.freeSlot(ctx, slot, r.key)
+		if errors.Is(err, ErrExists) {
+			return x.admit(ctx, r) // another run took the pipeline meanwhile
+		}
+		return fmt.Errorf("lock pipeline %s: %w", r.pipeline, err)
+	}
+	// A poller may have finished this very run between our reading the claim
+	// and taking the lock (a redelivery racing the sweep): read it again.
+	var rec runRecord
+	if _, err := x.state.read(ctx, runObject(r.key), &rec); err == nil && rec.Status != statusClaimed {
+		x.release(ctx, p, gen)
+		return x.resume(ctx, r, rec, 0)
+	}
+	return x.export(ctx, r.spec, p, gen)
+}
+
+// export calls fhirStores.export for a run holding its pipeline's lock at
+// generation gen, and records what became of the call.
+func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen int64) error {
+	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "store", p.Store, "trigger", p.Trigger.ID)
+	p.Since = spec.Since
+	if p.Incremental {
+		since, err := x.incrementalSince(ctx, p, spec.Since)
+		if errors.Is(err, ErrCorrupt) {
+			return x.endEarly(ctx, p, gen, codeFailedPrecondition, fmt.Sprintf(
+				"%v; incremental runs of this pipeline are held until an operator resets it (fhirexport watermark reset %s)", err, p.Pipeline))
+		}
+		if err != nil {
+			x.release(ctx, p, gen)
+			return err
+		}
+		p.Since = since
+	}
+	callCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	op, err := x.hc.Projects.Locations.Datasets.FhirStores.Export(p.Store, ExportRequest(spec, p.Destination, p.Since)).Context(callCtx).Do()
+	cancel()
+	switch {
+	case err == nil:
+		return x.recordOperation(ctx, p, gen, op.Name, false)
+	case exhausted(err):
+		log.Warn("export refused with 429 RESOURCE_EXHAUSTED; queued with backoff", "attempts", p.Attempts+1)
+		return x.requeue(ctx, p, gen, "exhausted")
+	case Permanent(err):
+		code, msg := statusOf(err)
+		log.Error("export refused by the Healthcare API", "code", code, "error", msg)
+		return x.endEarly(ctx, p, gen, code, msg)
+	case notSent(err):
+		log.Warn("export call not sent; released for a retry", "error", err.Error())
+		if p.FromQueue {
+			return x.requeue(ctx, p, gen, "budget")
+		}
+		x.release(ctx, p, gen)
+		return fmt.Errorf("export %s: %w", p.Store, err)
+	}
+	// The request may have reached the API: never export again blindly.
+	log.Warn("export answer lost; the run is in doubt until operations.list resolves it", "error", err.Error())
+	p.Called = x.now()
+	if _, uerr := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); uerr != nil {
+		log.Warn("could not mark the run in doubt; the start lease covers it", "error", uerr.Error())
+	}
+	return fmt.Errorf("export %s: answer lost, in doubt: %w", p.Store, err)
+}
+
+// notSent reports a call that surely never reached the API (no connection).
+func notSent(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
+}
+
+// recordOperation makes an operation this run's: operations/{op} first (so a
+// crash before the lock names it leaves the ownership to find), then the lock,
+// then the started event.
+func (x *Exporter) recordOperation(ctx context.Context, p pendingRecord, gen int64, op string, adopted bool) error {
+	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "operation", op)
+	own := opRecord{Operation: op, Run: p.Run, Pipeline: p.Pipeline, Store: p.Store, Recorded: x.now()}
+	if _, err := x.state.create(ctx, opObject(op), own, map[string]string{"run": p.Run}); errors.Is(err, ErrExists) {
+		var cur opRecord
+		if _, rerr := x.state.read(ctx, opObject(op), &cur); rerr == nil && cur.Run != p.Run {
+			return fmt.Errorf("operation %s belongs to run %s, not %s: %w", op, cur.Run, p.Run, errTransient)
+		}
+	} else if err != nil {
+		log.Error("export started but not recorded; a retry finds it with operations.list", "error", err.Error())
+		return fmt.Errorf("record operation %s: %w", op, err)
+	}
+	p.Operation, p.Adopted, p.Called = op, adopted, time.Time{}
+	if _, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
+		log.Error("export started but not recorded in the lock; a retry adopts it", "error", err.Error())
+		return fmt.Errorf("record operation %s: %w", op, err)
+	}
+	log.Info("export started", "since", p.Since, "destination", p.Destination, "adopted", adopted)
+	return x.pub.Publish(ctx, startedEvent(p))
+}
+
+// resolve settles a starting run whose export call may have reached the API
+// (its answer was lost, or its attempt died). fromSweep is set when no
+// delivery of the trigger is at hand: an orphan without a lost answer is then
+// reported failed (or queued again), rather than exported again.
+func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, fromSweep bool) error {
+	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "store", p.Store, "trigger", p.Trigger.ID)
+	called := p.Called
+	p.Started = x.now() // our lease while we resolve (not before Called: see admit)
+	if p.Started.Before(called) {
+		p.Started = called
+	}
+	gen, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p))
+	if err != nil {
+		return fmt.Errorf("resolve run %s: %w", p.Run, errTransient)
+	}
+	var rec runRecord
+	if _, err := x.state.read(ctx, runObject(p.Run), &rec); err == nil && (rec.Status == statusDone || rec.Status == statusFailed) {
+		if rec.Final != nil { // ended (endEarly) but the lock outlived it
+			if err := x.pub.Publish(ctx, *rec.Final); err != nil {
+				return err
+			}
+		}
+		x.release(ctx, p, gen)
+		return nil
+	}
+	op, others, err := x.findOperation(ctx, p, called)
+	if err != nil {
+		return err
+	}
+	switch {
+	case op != "":
+		log.Warn("adopting the operation the API started for this run", "operation", op)
+		return x.recordOperation(ctx, p, gen, op, true)
+	case others > 0:
+		if !called.IsZero() && x.now().Sub(called) > x.InDoubtPatience {
+			return x.endEarly(ctx, p, gen, codeUnknown, fmt.Sprintf(
+				"the answer to fhirStores.export was lost and %d operations of the dataset could be this run's; none could be confirmed within %s, so no export was repeated (check them with gcloud healthcare operations list)", others, x.InDoubtPatience))
+		}
+		log.Warn("run in doubt: several unowned export operations could be this run's; waiting for their output to tell", "candidates", others)
+		return fmt.Errorf("run %s in doubt among %d operations: %w", p.Run, others, errTransient)
+	case fromSweep && called.IsZero() && p.FromQueue:
+		log.Warn("a dequeued start died before calling the API; queued again")
+		return x.requeue(ctx, p, gen, "budget")
+	case fromSweep && called.IsZero():
+		return x.endEarly(ctx, p, gen, codeDeadlineExceeded, fmt.Sprintf(
+			"the start of this run did not finish within its %s lease and its trigger was not redelivered; operations.list shows no export for it, so none runs; the pipeline is free for the next trigger", x.StartLease))
+	}
+	log.Warn("no export found for the run in doubt; exporting again")
+	var spec Spec
+	if err := json.Unmarshal(p.Spec, &spec); err != nil {
+		return x.endEarly(ctx, p, gen, codeInternal, "the run's spec in its lock is unreadable: "+err.Error())
+	}
+	p.Called = time.Time{}
+	return x.export(ctx, &spec, p, gen)
+}
+
+// endEarly ends a run that got no operation as failed: the run record (with
+// the event, so a late redelivery re-publishes it and starts nothing), the
+// event, then the lock and the slot.
+func (x *Exporter) endEarly(ctx context.Context, p pendingRecord, gen int64, code int32, msg string) error {
+	ev := events.Event{
+		ID: eventID("failed", p.Run), Type: events.TypeFailed, Source: SourceOf(p.Store),
+		Subject: p.Trigger.ID, Time: x.now(), Data: baseData(p),
+	}
+	ev.Data.Error = &events.Error{Code: code, Message: msg}
+	if err := x.endRun(ctx, p.Run, statusFailed, &ev, ""); err != nil {
+		return err
+	}
+	if err := x.pub.Publish(ctx, ev); err != nil {
+		return err
+	}
+	Logger(ctx).Info("export outcome", "event", "failed", "pipeline", p.Pipeline, "store", p.Store, "run", p.Run, "code", code)
+	x.release(ctx, p, gen)
+	return nil
+}
+
+// endRun records a run's terminal status with its event (ev may be nil).
+func (x *Exporter) endRun(ctx context.Context, run, status string, ev *events.Event, into string) error {
+	for {
+		var rec runRecord
+		gen, err := x.state.read(ctx, runObject(run), &rec)
+		switch {
+		case errors.Is(err, ErrNotFound), errors.Is(err, ErrCorrupt):
+		case err != nil:
+			return fmt.Errorf("read run %s: %w", run, err)
+		case rec.Status == statusDone || rec.Status == statusFailed || rec.Status == statusCoalesced:
+			return nil
+		}
+		rec.Status, rec.Final, rec.Into, rec.Ended = status, ev, into, x.now()
+		if gen == 0 {
+			_, err = x.state.create(ctx, runObject(run), rec, nil)
+		} else {
+			_, err = x.state.update(ctx, runObject(run), gen, rec, nil)
+		}
+		if errors.Is(err, ErrExists) || errors.Is(err, ErrConflict) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("record %s run %s: %w", status, run, err)
+		}
+		return nil
+	}
+}
+
+// release removes the pipeline lock this run holds at gen, then its slot. A
+// lock it cannot remove is resolved by a later sweep; a slot, freed there.
+func (x *Exporter) release(ctx context.Context, p pendingRecord, gen int64) {
+	if err := x.state.remove(ctx, pendingObject(p.Pipeline), gen); err != nil {
+		Logger(ctx).Warn("could not release pipeline lock; a later sweep resolves it", "pipeline", p.Pipeline, "error", err.Error())
+		return
+	}
+	x.freeSlot(ctx, p.Slot, p.Run)
+}

@@ -1,0 +1,377 @@
+package export
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/fhirexport/fhirexport/events"
+)
+
+// The export budget: FHIREXPORT_MAX_RUNNING slots, each an object created
+// with DoesNotExist, so concurrent instances can never run more exports than
+// there are slots. Runs that find none, or find their pipeline busy, wait in
+// queue/{pipeline}.json (one per pipeline) and PollExport starts them oldest
+// first as slots free.
+
+func slotObject(n int) string { return fmt.Sprintf("slots/%03d.json", n) }
+
+// takeSlot takes a free export slot for run; ok is false when all are taken.
+func (x *Exporter) takeSlot(ctx context.Context, run, pipeline string) (int, bool, error) {
+	used := map[string]bool{}
+	err := x.state.each(ctx, "slots", func(o stateObject) error { used[o.Name] = true; return nil })
+	if err != nil {
+		return -1, false, err
+	}
+	for n := range max(1, x.MaxRunning) {
+		name := slotObject(n)
+		if used[strings.TrimPrefix(name, "slots/")] {
+			continue
+		}
+		_, err := x.state.create(ctx, name, slotRecord{Run: run, Pipeline: pipeline, Taken: x.now()},
+			map[string]string{"run": run, "pipeline": pipeline, "taken": x.now().UTC().Format(time.RFC3339Nano)})
+		if errors.Is(err, ErrExists) {
+			continue
+		}
+		if err != nil {
+			return -1, false, fmt.Errorf("take export slot: %w", err)
+		}
+		return n, true, nil
+	}
+	return -1, false, nil
+}
+
+// freeSlot removes slot n if run still holds it.
+func (x *Exporter) freeSlot(ctx context.Context, n int, run string) {
+	if n < 0 {
+		return
+	}
+	var s slotRecord
+	gen, err := x.state.read(ctx, slotObject(n), &s)
+	if err != nil || s.Run != run {
+		return
+	}
+	if err := x.state.remove(ctx, slotObject(n), gen); err != nil {
+		Logger(ctx).Warn("could not free export slot; the sweep frees it", "slot", n, "error", err.Error())
+	}
+}
+
+// reconcileSlots frees slots whose run does not hold its pipeline's lock any
+// more (a crash between two steps), once the start lease is over.
+func (x *Exporter) reconcileSlots(ctx context.Context) (free int, err error) {
+	taken := 0
+	err = x.state.each(ctx, "slots", func(o stateObject) error {
+		n, perr := strconv.Atoi(strings.TrimSuffix(o.Name, ".json"))
+		at, terr := time.Parse(time.RFC3339Nano, o.Metadata["taken"])
+		if perr != nil || terr != nil {
+			Logger(ctx).Warn("unexpected object under slots/; ignored", "object", o.Name)
+			return nil
+		}
+		if n >= max(1, x.MaxRunning) {
+			return nil // FHIREXPORT_MAX_RUNNING was lowered: this slot ends with its run
+		}
+		taken++
+		if x.now().Sub(at) < x.StartLease {
+			return nil
+		}
+		var held pendingRecord
+		if _, err := x.state.read(ctx, pendingObject(o.Metadata["pipeline"]), &held); err == nil && held.Run == o.Metadata["run"] {
+			return nil
+		} else if err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrCorrupt) {
+			return nil
+		}
+		if err := x.state.remove(ctx, slotObject(n), o.Generation); err == nil {
+			Logger(ctx).Warn("freed an export slot whose run no longer holds it", "slot", n, "run", o.Metadata["run"])
+			taken--
+		}
+		return nil
+	})
+	return max(0, max(1, x.MaxRunning)-taken), err
+}
+
+func (x *Exporter) readQueue(ctx context.Context, pipeline string) (queueRecord, int64, error) {
+	var q queueRecord
+	gen, err := x.state.read(ctx, queueObject(pipeline), &q)
+	if errors.Is(err, ErrCorrupt) {
+		Logger(ctx).Error("queued run is corrupt; quarantined", "object", queueObject(pipeline), "error", err.Error())
+		if qerr := x.state.quarantine(ctx, queueObject(pipeline), gen, err.Error()); qerr != nil {
+			return q, 0, qerr
+		}
+		return q, 0, fmt.Errorf("state %s: %w", queueObject(pipeline), ErrNotFound)
+	}
+	return q, gen, err
+}
+
+func queueMeta(q queueRecord) map[string]string {
+	m := map[string]string{"run": q.Run, "enqueued": q.Enqueued.UTC().Format(time.RFC3339Nano)}
+	if !q.NotBefore.IsZero() {
+		m["notBefore"] = q.NotBefore.UTC().Format(time.RFC3339Nano)
+	}
+	return m
+}
+
+// enqueue queues a claimed run as its pipeline's next run, or merges it into
+// the run already queued there.
+func (x *Exporter) enqueue(ctx context.Context, r *run, reason string) error {
+	q := queueRecord{pendingRecord: r.pending(x.now()), Enqueued: x.now()}
+	_, err := x.state.create(ctx, queueObject(r.pipeline), q, queueMeta(q))
+	if errors.Is(err, ErrExists) {
+		return x.coalesce(ctx, r)
+	}
+	if err != nil {
+		return fmt.Errorf("queue run of pipeline %s: %w", r.pipeline, err)
+	}
+	return x.queued(ctx, q, reason)
+}
+
+// queued records a run as queued and reports it.
+func (x *Exporter) queued(ctx context.Context, q queueRecord, reason string) error {
+	for {
+		var rec runRecord
+		gen, err := x.state.read(ctx, runObject(q.Run), &rec)
+		if err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrCorrupt) {
+			return fmt.Errorf("read run %s: %w", q.Run, err)
+		}
+		if rec.Status == statusQueued {
+			break
+		}
+		rec.Trigger, rec.Pipeline, rec.Store, rec.Status, rec.Spec = q.Trigger, q.Pipeline, q.Store, statusQueued, q.Spec
+		if rec.Claimed.IsZero() {
+			rec.Claimed = x.now()
+		}
+		if gen == 0 {
+			_, err = x.state.create(ctx, runObject(q.Run), rec, nil)
+		} else {
+			_, err = x.state.update(ctx, runObject(q.Run), gen, rec, nil)
+		}
+		if errors.Is(err, ErrExists) || errors.Is(err, ErrConflict) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("record queued run %s: %w", q.Run, err)
+		}
+		break
+	}
+	d := baseData(q.pendingRecord)
+	d.Reason = reason
+	if !q.NotBefore.IsZero() {
+		d.NotBefore = q.NotBefore.UTC().Format(time.RFC3339)
+	}
+	Logger(ctx).Info("export outcome", "event", "queued", "pipeline", q.Pipeline, "store", q.Store, "run", q.Run, "reason", reason)
+	return x.pub.Publish(ctx, events.Event{
+		ID: eventID("queued", q.Run, strconv.Itoa(q.Attempts)), Type: events.TypeQueued, Source: SourceOf(q.Store),
+		Subject: q.Trigger.ID, Time: x.now(), Data: d,
+	})
+}
+
+// coalesce merges a trigger into its pipeline's queued run: at most one
+// follow-up waits per pipeline, and an incremental one covers everything
+// changed meanwhile.
+func (x *Exporter) coalesce(ctx context.Context, r *run) error {
+	for range 10 {
+		q, gen, err := x.readQueue(ctx, r.pipeline)
+		if errors.Is(err, ErrNotFound) {
+			return x.admit(ctx, r) // dequeued meanwhile: try again from the start
+		}
+		if err != nil {
+			return err
+		}
+		if q.Run == r.key { // our own queue record (a crash before the run record said so)
+			return x.queued(ctx, q, "busy")
+		}
+		if !slices.Contains(q.Coalesced, r.ref) {
+			q.Coalesced = append(q.Coalesced, r.ref)
+			if len(q.Coalesced) > 100 {
+				q.Coalesced = q.Coalesced[len(q.Coalesced)-100:]
+			}
+			if _, err := x.state.update(ctx, queueObject(r.pipeline), gen, q, queueMeta(q)); errors.Is(err, ErrConflict) {
+				continue
+			} else if err != nil && !errors.Is(err, ErrNotFound) {
+				return fmt.Errorf("coalesce into queued run %s: %w", q.Run, err)
+			}
+		}
+		ev := events.Event{
+			ID: eventID("coalesced", r.key), Type: events.TypeRejected, Source: SourceOf(r.spec.FHIRStore),
+			Subject: r.trig.ID, Time: triggerTime(r.trig, x.now),
+			Data: events.Data{Store: r.spec.FHIRStore, Pipeline: r.pipeline, Name: r.spec.Name, Labels: r.spec.Labels,
+				Destination: r.dest, Types: r.types, Incremental: r.spec.Incremental, Trigger: r.ref, QueuedRun: q.Run,
+				Error: &events.Error{Code: codeAborted, Message: fmt.Sprintf(
+					"pipeline %s already has a queued run (%s, trigger %s); this trigger was merged into it and starts nothing of its own",
+					r.pipeline, q.Run, q.Trigger.ID)}},
+		}
+		if err := x.endRun(ctx, r.key, statusCoalesced, &ev, q.Run); err != nil {
+			return err
+		}
+		r.log.Info("trigger merged into the pipeline's queued run", "queuedRun", q.Run)
+		return x.pub.Publish(ctx, ev)
+	}
+	return fmt.Errorf("queue of pipeline %s keeps changing; retry: %w", r.pipeline, errTransient)
+}
+
+// requeue puts a starting run back in the queue (429, or a dequeued start
+// that died), releasing its lock and slot. The lock is marked first (its
+// generation is our ownership), so whoever finds it marked only finishes the
+// requeue and nobody exports the run meanwhile. A run of the pipeline queued
+// meanwhile absorbs it instead.
+func (x *Exporter) requeue(ctx context.Context, p pendingRecord, gen int64, reason string) error {
+	p.Requeued = reason
+	if reason == "exhausted" {
+		p.Attempts++
+	}
+	gen, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p))
+	if err != nil {
+		return fmt.Errorf("queue run %s again: %w", p.Run, errTransient)
+	}
+	return x.finishRequeue(ctx, p, gen)
+}
+
+// finishRequeue completes a requeue whose lock is marked: queue record, run
+// record and event, then the lock and the slot.
+func (x *Exporter) finishRequeue(ctx context.Context, p pendingRecord, gen int64) error {
+	reason := p.Requeued
+	q := queueRecord{pendingRecord: p, Enqueued: p.Started}
+	q.Operation, q.Called, q.Slot, q.FromQueue, q.Since, q.Requeued, q.Finalizing = "", time.Time{}, -1, false, "", "", time.Time{}
+	if reason == "exhausted" {
+		q.NotBefore = p.Started.Add(min(time.Hour, x.RetryBackoff<<min(max(q.Attempts, 1)-1, 6)))
+	}
+	_, err := x.state.create(ctx, queueObject(p.Pipeline), q, queueMeta(q))
+	switch {
+	case errors.Is(err, ErrExists):
+		cur, _, rerr := x.readQueue(ctx, p.Pipeline)
+		if rerr != nil {
+			return rerr
+		}
+		if cur.Run != p.Run {
+			ev := events.Event{
+				ID: eventID("coalesced", p.Run), Type: events.TypeRejected, Source: SourceOf(p.Store), Subject: p.Trigger.ID,
+				Time: x.now(), Data: baseData(p),
+			}
+			ev.Data.QueuedRun = cur.Run
+			ev.Data.Error = &events.Error{Code: codeAborted, Message: fmt.Sprintf("this run could not start (%s) and was merged into the pipeline's queued run %s", reason, cur.Run)}
+			if err := x.endRun(ctx, p.Run, statusCoalesced, &ev, cur.Run); err != nil {
+				return err
+			}
+			if err := x.pub.Publish(ctx, ev); err != nil {
+				return err
+			}
+			x.release(ctx, p, gen)
+			return nil
+		}
+	case err != nil:
+		return fmt.Errorf("queue run %s again: %w", p.Run, err)
+	}
+	if err := x.queued(ctx, q, reason); err != nil {
+		return err
+	}
+	x.release(ctx, p, gen)
+	return nil
+}
+
+// dequeue starts queued runs, oldest first, while slots are free and their
+// pipelines are idle. It returns how many it started.
+func (x *Exporter) dequeue(ctx context.Context, free int) (int, error) {
+	if free <= 0 {
+		return 0, nil
+	}
+	type entry struct {
+		pipeline string
+		enqueued time.Time
+	}
+	var waiting []entry
+	now := x.now()
+	err := x.state.each(ctx, "queue", func(o stateObject) error {
+		pipeline, ok := strings.CutSuffix(o.Name, ".json")
+		at, err := time.Parse(time.RFC3339Nano, o.Metadata["enqueued"])
+		if !ok || err != nil {
+			Logger(ctx).Warn("unexpected object under queue/; ignored", "object", o.Name)
+			return nil
+		}
+		if nb, err := time.Parse(time.RFC3339Nano, o.Metadata["notBefore"]); err == nil && now.Before(nb) {
+			return nil
+		}
+		waiting = append(waiting, entry{pipeline, at})
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	slices.SortFunc(waiting, func(a, b entry) int { return a.enqueued.Compare(b.enqueued) })
+	started := 0
+	var errs []error
+	for _, w := range waiting {
+		if started >= free {
+			break
+		}
+		ok, err := x.startQueued(ctx, w.pipeline)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if ok {
+			started++
+		}
+		if errors.Is(err, errNoSlot) {
+			break
+		}
+	}
+	return started, errors.Join(errs...)
+}
+
+var errNoSlot = errors.New("no export slot free")
+
+// startQueued moves one pipeline's queued run to starting and exports it.
+func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, error) {
+	q, qgen, err := x.readQueue(ctx, pipeline)
+	if errors.Is(err, ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	var held pendingRecord
+	if _, err := x.state.read(ctx, pendingObject(pipeline), &held); !errors.Is(err, ErrNotFound) {
+		if err == nil && held.Run == q.Run { // started by a sweep that died before removing the queue record
+			_ = x.state.remove(ctx, queueObject(pipeline), qgen)
+		}
+		return false, nil // busy (or unreadable: the sweep deals with the lock)
+	}
+	slot, ok, err := x.takeSlot(ctx, q.Run, pipeline)
+	if err != nil {
+		return false, err
+	}
+	if !ok {
+		return false, errNoSlot
+	}
+	p := q.pendingRecord
+	p.Slot, p.FromQueue, p.Started, p.Called, p.Operation = slot, true, x.now(), time.Time{}, ""
+	gen, err := x.state.create(ctx, pendingObject(pipeline), p, lockMeta(p))
+	if err != nil {
+		x.freeSlot(ctx, slot, q.Run)
+		if errors.Is(err, ErrExists) {
+			return false, nil
+		}
+		return false, err
+	}
+	for {
+		err := x.state.remove(ctx, queueObject(pipeline), qgen)
+		if err == nil || errors.Is(err, ErrNotFound) {
+			break
+		}
+		if !errors.Is(err, ErrConflict) {
+			return false, err // the lock names this run; the next sweep removes the queue record
+		}
+		if _, qgen, err = x.readQueue(ctx, pipeline); err != nil { // a trigger coalesced meanwhile: it is in this run too
+			break
+		}
+	}
+	var spec Spec
+	if err := json.Unmarshal(p.Spec, &spec); err != nil {
+		return true, x.endEarly(ctx, p, gen, codeInternal, "the queued run's spec is unreadable: "+err.Error())
+	}
+	Logger(ctx).Info("starting a queued run", "run", p.Run, "pipeline", pipeline, "slot", slot)
+	return true, x.export(ctx, &spec, p, gen)
+}
