@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Deploys fhirexport to a Google Cloud project with gcloud: APIs, Pub/Sub topics,
-# one service account and one custom role per function, least-privilege IAM,
-# both Cloud Run functions (2nd gen) and the Cloud Scheduler jobs.
+# one service account per function, custom roles, least-privilege IAM, the three
+# Cloud Run functions (2nd gen), the Cloud Scheduler jobs, FHIR store change
+# notifications, log-based metrics and alert policies.
 # Safe to re-run: existing resources are updated, IAM bindings are idempotent.
 # Run with --help for the variables, --dry-run to print every command instead.
 set -euo pipefail
@@ -38,15 +39,36 @@ Optional:
                                                 advice for concurrent export operations per project)
   BUILD_SERVICE_ACCOUNT --build-service-account email of the service account Cloud Build uses
                                                 (default: the project's default build account)
+  MAX_RUNNING           --max-running           exports running at once for the deployment
+                                                (FHIREXPORT_MAX_RUNNING; default: 5)
+  POLL_WORKERS          --poll-workers          concurrent operations.get calls in a sweep
+                                                (FHIREXPORT_POLL_WORKERS; default: the function's)
+  NOTIFY_STORES         --notify-stores         comma-separated full store names whose change
+                                                notifications feed RecordChange (deletion
+                                                tombstones); each must match ALLOWED_STORES. The
+                                                store's own notification configs are kept; needs
+                                                jq and curl (default: none)
+  NOTIFICATION_CHANNEL  --notification-channel  projects/P/notificationChannels/ID to alert on
+                                                (default: none, and then no alert policies)
+  ALERT_WATERMARK_AGE   --alert-watermark-age   alert when an incremental pipeline's watermark is
+                                                older than this: N followed by s, m, h or d
+                                                (default: 26h)
 
   --dry-run   print every command instead of running it (needs no gcloud account)
   --help      print this help
 
-Resources: topics NAME_PREFIX-requests, -poll, -events; functions NAME_PREFIX-start
-(StartExport) and NAME_PREFIX-poll (PollExport); service accounts NAME_PREFIX-start,
--poll (runtime) and NAME_PREFIX-start-trigger, -poll-trigger (Eventarc invokers);
-custom roles NAME_PREFIX_starter, NAME_PREFIX_poller; scheduler jobs NAME_PREFIX-poll,
--nightly, -hourly.
+Resources: topics NAME_PREFIX-requests, -poll, -events, -changes; functions
+NAME_PREFIX-start (StartExport), NAME_PREFIX-poll (PollExport) and
+NAME_PREFIX-record (RecordChange); runtime service accounts NAME_PREFIX-start,
+-poll, -record; invoker service accounts NAME_PREFIX-start-trigger, -poll-trigger
+(Eventarc) and NAME_PREFIX-record-push (Pub/Sub push); subscription
+NAME_PREFIX-record (deletions only, pushed to RecordChange); custom roles
+NAME_PREFIX_exporter, _starter, _poller, _recorder (hyphens in NAME_PREFIX become
+underscores); scheduler jobs NAME_PREFIX-poll, -nightly, -hourly; log-based
+metrics NAME_PREFIX_outcomes, NAME_PREFIX_watermark_age; alert policies
+"NAME_PREFIX: failed or partial export" and "NAME_PREFIX: stale incremental
+watermark" (only with NOTIFICATION_CHANNEL; made with 'gcloud alpha', the only
+track that has 'monitoring policies'). Re-runs update what exists.
 EOF
 }
 
@@ -95,6 +117,11 @@ while (($#)); do
     --hourly-schedule) HOURLY_SCHEDULE=$value ;;
     --start-max-instances) START_MAX_INSTANCES=$value ;;
     --build-service-account) BUILD_SERVICE_ACCOUNT=$value ;;
+    --max-running) MAX_RUNNING=$value ;;
+    --poll-workers) POLL_WORKERS=$value ;;
+    --notify-stores) NOTIFY_STORES=$value ;;
+    --notification-channel) NOTIFICATION_CHANNEL=$value ;;
+    --alert-watermark-age) ALERT_WATERMARK_AGE=$value ;;
     *) die_usage "unknown flag: $flag" ;;
   esac
 done
@@ -120,6 +147,11 @@ NIGHTLY_SCHEDULE=${NIGHTLY_SCHEDULE:-0 2 * * *}
 HOURLY_SCHEDULE=${HOURLY_SCHEDULE:-15 * * * *}
 START_MAX_INSTANCES=${START_MAX_INSTANCES:-5}
 BUILD_SERVICE_ACCOUNT=${BUILD_SERVICE_ACCOUNT:-}
+MAX_RUNNING=${MAX_RUNNING:-5}
+POLL_WORKERS=${POLL_WORKERS:-}
+NOTIFY_STORES=${NOTIFY_STORES:-}
+NOTIFICATION_CHANNEL=${NOTIFICATION_CHANNEL:-}
+ALERT_WATERMARK_AGE=${ALERT_WATERMARK_AGE:-26h}
 # Unset means the default file; set but empty means no job.
 NIGHTLY_SPEC=${NIGHTLY_SPEC-$SCRIPT_DIR/specs/nightly-full-gcs.json}
 if [[ -z ${HOURLY_SPEC+set} ]]; then
@@ -146,6 +178,8 @@ re_prefix='^[a-z]([a-z0-9-]{0,14}[a-z0-9])?$'
 re_tz='^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$'
 re_cron='^[^[:space:]]+( [^[:space:]]+){4}$'
 re_sa_email='^[a-z0-9-]+@[a-z0-9.-]+\.gserviceaccount\.com$'
+re_channel='^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/notificationChannels/[A-Za-z0-9_-]+$'
+re_age='^([1-9][0-9]{0,6})([smhd])$'
 
 # split_list VALUE: the comma-separated items of VALUE, trimmed, one per line.
 split_list() {
@@ -200,6 +234,20 @@ if [[ ! $START_MAX_INSTANCES =~ ^[1-9][0-9]{0,3}$ ]]; then
 fi
 if [[ -n $BUILD_SERVICE_ACCOUNT && ! $BUILD_SERVICE_ACCOUNT =~ $re_sa_email ]]; then
   bad "BUILD_SERVICE_ACCOUNT '$BUILD_SERVICE_ACCOUNT' is not a service account email"
+fi
+[[ $MAX_RUNNING =~ ^[1-9][0-9]{0,3}$ ]] || bad "MAX_RUNNING '$MAX_RUNNING' must be a positive integer"
+if [[ -n $POLL_WORKERS && ! $POLL_WORKERS =~ ^[1-9][0-9]{0,3}$ ]]; then
+  bad "POLL_WORKERS '$POLL_WORKERS' must be a positive integer"
+fi
+if [[ -n $NOTIFICATION_CHANNEL && ! $NOTIFICATION_CHANNEL =~ $re_channel ]]; then
+  bad "NOTIFICATION_CHANNEL '$NOTIFICATION_CHANNEL' is not projects/P/notificationChannels/ID (the channel's full resource name)"
+fi
+WATERMARK_AGE_SECONDS=0
+if [[ $ALERT_WATERMARK_AGE =~ $re_age ]]; then
+  case ${BASH_REMATCH[2]} in s) unit=1 ;; m) unit=60 ;; h) unit=3600 ;; d) unit=86400 ;; esac
+  WATERMARK_AGE_SECONDS=$((BASH_REMATCH[1] * unit))
+else
+  bad "ALERT_WATERMARK_AGE '$ALERT_WATERMARK_AGE' must be a number followed by s, m, h or d, e.g. 26h"
 fi
 
 # Stores: the custom roles live in PROJECT_ID, so they can only be granted there.
@@ -313,6 +361,26 @@ check_spec() {
 [[ -z $NIGHTLY_SPEC ]] || check_spec NIGHTLY_SPEC "$NIGHTLY_SPEC"
 [[ -z $HOURLY_SPEC ]] || check_spec HOURLY_SPEC "$HOURLY_SPEC"
 
+# Stores whose changes feed RecordChange: concrete stores of PROJECT_ID (its
+# Healthcare service agent is the one granted publish on the changes topic) that
+# the functions may export (tombstones of any other store would never be read).
+notify=()
+while IFS= read -r s; do notify+=("$s"); done < <(split_list "$NOTIFY_STORES")
+for s in ${notify[@]+"${notify[@]}"}; do
+  if [[ ! $s =~ $re_store || $s == *'*'* ]]; then
+    bad "NOTIFY_STORES entry '$s' is not projects/P/locations/L/datasets/D/fhirStores/S (no '*')"
+  elif [[ ${BASH_REMATCH[1]} != "$PROJECT_ID" ]]; then
+    bad "NOTIFY_STORES entry '$s' is outside PROJECT_ID $PROJECT_ID"
+  elif ! store_allowed "$s"; then
+    bad "NOTIFY_STORES entry '$s' is not in ALLOWED_STORES"
+  fi
+done
+if ((${#notify[@]} && DRY_RUN == 0)); then
+  for tool in jq curl; do
+    command -v "$tool" >/dev/null || bad "NOTIFY_STORES needs $tool to merge and write the stores' notification configs (install it, or leave NOTIFY_STORES empty)"
+  done
+fi
+
 if ((${#errors[@]})); then
   for e in "${errors[@]}"; do printf 'deploy.sh: %s\n' "$e" >&2; done
   die_usage "${#errors[@]} invalid value(s)"
@@ -323,19 +391,40 @@ P=$PROJECT_ID
 REQUESTS_TOPIC=$NAME_PREFIX-requests
 POLL_TOPIC=$NAME_PREFIX-poll
 EVENTS_TOPIC=$NAME_PREFIX-events
+CHANGES_TOPIC=$NAME_PREFIX-changes
 START_FN=$NAME_PREFIX-start
 POLL_FN=$NAME_PREFIX-poll
+RECORD_FN=$NAME_PREFIX-record
+RECORD_SUB=$NAME_PREFIX-record
 START_SA=$NAME_PREFIX-start@$P.iam.gserviceaccount.com
 POLL_SA=$NAME_PREFIX-poll@$P.iam.gserviceaccount.com
+RECORD_SA=$NAME_PREFIX-record@$P.iam.gserviceaccount.com
 START_TRIGGER_SA=$NAME_PREFIX-start-trigger@$P.iam.gserviceaccount.com
 POLL_TRIGGER_SA=$NAME_PREFIX-poll-trigger@$P.iam.gserviceaccount.com
-START_ROLE=${NAME_PREFIX//-/_}_starter
-POLL_ROLE=${NAME_PREFIX//-/_}_poller
-# Starting an export is all StartExport does with the Healthcare API; following
-# it is PollExport's job, which reads operations by name (its state lists them,
-# so operations.list is not needed).
-START_PERMISSIONS=healthcare.fhirStores.export
-POLL_PERMISSIONS=healthcare.operations.get
+# Not -record-trigger: with a 16-character NAME_PREFIX that is 31 characters,
+# one more than a service account ID may have.
+RECORD_PUSH_SA=$NAME_PREFIX-record-push@$P.iam.gserviceaccount.com
+ID_PREFIX=${NAME_PREFIX//-/_}
+EXPORT_ROLE=${ID_PREFIX}_exporter
+START_ROLE=${ID_PREFIX}_starter
+POLL_ROLE=${ID_PREFIX}_poller
+RECORD_ROLE=${ID_PREFIX}_recorder
+OUTCOMES_METRIC=${ID_PREFIX}_outcomes
+WATERMARK_METRIC=${ID_PREFIX}_watermark_age
+# Permissions are split by the resource they are checked on, so that each role
+# is granted on the narrowest one: fhirStores.export on the store; listing
+# stores and every operations.* on the dataset (operations belong to it).
+# Both functions start exports (PollExport starts queued ones as slots free).
+EXPORT_PERMISSIONS=healthcare.fhirStores.export
+# StartExport lists a fleet's stores (fhirStores/*) and lists and reads the
+# dataset's operations to find an export whose answer was lost.
+START_PERMISSIONS=healthcare.fhirStores.list,healthcare.operations.get,healthcare.operations.list
+# PollExport reads the operations it recorded, by name, and cancels overdue
+# ones (the spec's timeout) and those an operator cancels.
+POLL_PERMISSIONS=healthcare.operations.cancel,healthcare.operations.get
+# RecordChange only adds tombstones, reading what is there to stay idempotent:
+# no update, no delete.
+RECORD_PERMISSIONS=storage.objects.create,storage.objects.get,storage.objects.list
 
 # --- Running or printing commands. ----------------------------------------------
 quote() {
@@ -406,7 +495,7 @@ step "APIs"
 apis=(cloudfunctions.googleapis.com run.googleapis.com cloudbuild.googleapis.com
   artifactregistry.googleapis.com eventarc.googleapis.com pubsub.googleapis.com
   cloudscheduler.googleapis.com healthcare.googleapis.com storage.googleapis.com
-  iam.googleapis.com logging.googleapis.com)
+  iam.googleapis.com logging.googleapis.com monitoring.googleapis.com)
 [[ -z $BQ_DATASET ]] || apis+=(bigquery.googleapis.com)
 run gcloud services enable "${apis[@]}" --project="$P"
 # Service agents are created lazily; IAM bindings to them fail until they exist.
@@ -415,7 +504,7 @@ run gcloud beta services identity create --service=pubsub.googleapis.com --proje
 
 # --- 3. Topics. -----------------------------------------------------------------
 step "Pub/Sub topics"
-for t in "$REQUESTS_TOPIC" "$POLL_TOPIC" "$EVENTS_TOPIC"; do
+for t in "$REQUESTS_TOPIC" "$POLL_TOPIC" "$EVENTS_TOPIC" "$CHANGES_TOPIC"; do
   st=0
   probe gcloud pubsub topics describe "$t" --project="$P" || st=$?
   ((st == 0)) || run_if absent gcloud pubsub topics create "$t" --project="$P"
@@ -440,8 +529,10 @@ sa_create() {
 }
 sa_create "$START_SA" "fhirexport StartExport runtime"
 sa_create "$POLL_SA" "fhirexport PollExport runtime"
+sa_create "$RECORD_SA" "fhirexport RecordChange runtime"
 sa_create "$START_TRIGGER_SA" "fhirexport StartExport Eventarc trigger"
 sa_create "$POLL_TRIGGER_SA" "fhirexport PollExport Eventarc trigger"
+sa_create "$RECORD_PUSH_SA" "fhirexport RecordChange Pub/Sub push"
 
 # --- 6. Custom roles. -----------------------------------------------------------
 step "Custom IAM roles"
@@ -453,12 +544,15 @@ role_apply() {
   ((st == 1)) || run_if present gcloud iam roles update "$id" --project="$P" \
     --title="$title" --description="$desc" --permissions="$perms" --stage=GA
 }
-role_apply "$START_ROLE" "fhirexport starter" "Start FHIR store exports (StartExport)" "$START_PERMISSIONS"
-role_apply "$POLL_ROLE" "fhirexport poller" "Follow FHIR export operations (PollExport)" "$POLL_PERMISSIONS"
+role_apply "$EXPORT_ROLE" "fhirexport exporter" "Export FHIR stores (StartExport, PollExport)" "$EXPORT_PERMISSIONS"
+role_apply "$START_ROLE" "fhirexport starter" "List stores and export operations (StartExport)" "$START_PERMISSIONS"
+role_apply "$POLL_ROLE" "fhirexport poller" "Follow and cancel FHIR export operations (PollExport)" "$POLL_PERMISSIONS"
+role_apply "$RECORD_ROLE" "fhirexport recorder" "Add deletion tombstones to the state bucket (RecordChange)" "$RECORD_PERMISSIONS"
 
 # --- 7. Healthcare API: each role on the narrowest resource the patterns allow. -
-# StartExport exports stores; PollExport reads the operations, which belong to
-# the dataset. A '*' widens the grant to the dataset or, failing that, the project.
+# Exporting is granted on the store; listing stores and operations, which belong
+# to the dataset, on the dataset. A '*' widens the grant to the dataset or,
+# failing that, the project.
 step "Healthcare API access (custom roles on the allowed stores)"
 granted=" "
 healthcare_grant() {
@@ -486,7 +580,9 @@ healthcare_grant() {
   fi
 }
 for s in ${stores[@]+"${stores[@]}"}; do
-  healthcare_grant "serviceAccount:$START_SA" "$START_ROLE" store "$s"
+  healthcare_grant "serviceAccount:$START_SA" "$EXPORT_ROLE" store "$s"
+  healthcare_grant "serviceAccount:$START_SA" "$START_ROLE" dataset "$s"
+  healthcare_grant "serviceAccount:$POLL_SA" "$EXPORT_ROLE" store "$s"
   healthcare_grant "serviceAccount:$POLL_SA" "$POLL_ROLE" dataset "$s"
 done
 
@@ -499,9 +595,15 @@ for sa in "$START_SA" "$POLL_SA"; do
   grant gcloud storage buckets add-iam-policy-binding "gs://$STATE_BUCKET" --project="$P" \
     --member="serviceAccount:$sa" --role=roles/storage.objectUser
 done
+# RecordChange writes tombstones only; it publishes no events. Its stdout logs
+# reach Cloud Logging through Cloud Run and need no role (as for the others).
+grant gcloud storage buckets add-iam-policy-binding "gs://$STATE_BUCKET" --project="$P" \
+  --member="serviceAccount:$RECORD_SA" --role="projects/$P/roles/$RECORD_ROLE"
 
-# --- 9. The Healthcare service agent writes the exports. ------------------------
-step "Healthcare service agent access to the destinations"
+# --- 9. The Healthcare service agent writes the exports and the notifications. -
+step "Healthcare service agent access to the destinations and the changes topic"
+grant gcloud pubsub topics add-iam-policy-binding "$CHANGES_TOPIC" --project="$P" \
+  --member="serviceAccount:$HEALTHCARE_AGENT" --role=roles/pubsub.publisher
 # objectAdmin, not objectCreator: re-running an export overwrites objects.
 grant gcloud storage buckets add-iam-policy-binding "gs://$EXPORT_BUCKET" --project="$P" \
   --member="serviceAccount:$HEALTHCARE_AGENT" --role=roles/storage.objectAdmin
@@ -520,48 +622,144 @@ fi
 # function keeps invoking and exporting apart. Pub/Sub mints its OIDC tokens,
 # which needs Token Creator for projects whose Pub/Sub agent predates 2021-04-08.
 step "Trigger identities"
-for sa in "$START_TRIGGER_SA" "$POLL_TRIGGER_SA"; do
+for sa in "$START_TRIGGER_SA" "$POLL_TRIGGER_SA" "$RECORD_PUSH_SA"; do
   grant gcloud iam service-accounts add-iam-policy-binding "$sa" --project="$P" \
     --member="serviceAccount:$PUBSUB_AGENT" --role=roles/iam.serviceAccountTokenCreator
 done
 
 # --- 11. Functions. --------------------------------------------------------------
 step "Functions"
-ENV_FILE=$WORK_DIR/env.yaml
 yaml_quote() { printf "'%s'" "${1//\'/\'\'}"; }
-{
-  printf 'FHIREXPORT_EVENTS_TOPIC: %s\n' "$(yaml_quote "projects/$P/topics/$EVENTS_TOPIC")"
-  printf 'FHIREXPORT_STATE: %s\n' "$(yaml_quote "$STATE")"
-  printf 'FHIREXPORT_ALLOWED_STORES: %s\n' "$(yaml_quote "$ALLOWED_STORES")"
-  printf 'FHIREXPORT_ALLOWED_DESTINATIONS: %s\n' "$(yaml_quote "$ALLOWED_DESTINATIONS")"
-} >"$ENV_FILE"
-if ((DRY_RUN)); then
-  printf '# --env-vars-file (a temporary file, removed on exit) holds:\n'
-  sed 's/^/#   /' "$ENV_FILE"
-fi
+# env_file NAME [VAR VALUE]...: writes the common variables and the extra ones
+# to $WORK_DIR/NAME and shows them in a dry run.
+env_file() {
+  local file=$WORK_DIR/$1
+  shift
+  {
+    printf 'FHIREXPORT_EVENTS_TOPIC: %s\n' "$(yaml_quote "projects/$P/topics/$EVENTS_TOPIC")"
+    printf 'FHIREXPORT_STATE: %s\n' "$(yaml_quote "$STATE")"
+    printf 'FHIREXPORT_ALLOWED_STORES: %s\n' "$(yaml_quote "$ALLOWED_STORES")"
+    printf 'FHIREXPORT_ALLOWED_DESTINATIONS: %s\n' "$(yaml_quote "$ALLOWED_DESTINATIONS")"
+    while (($#)); do
+      printf '%s: %s\n' "$1" "$(yaml_quote "$2")"
+      shift 2
+    done
+  } >"$file"
+  show_file "$file"
+}
+# show_file FILE: a dry run prints a generated file, which is removed on exit.
+show_file() {
+  ((DRY_RUN)) || return 0
+  printf '# %s (a temporary file, removed on exit) holds:\n' "$(basename "$1")"
+  sed 's/^/#   /' "$1"
+}
+env_file env-start.yaml FHIREXPORT_MAX_RUNNING "$MAX_RUNNING"
+poll_env=(FHIREXPORT_MAX_RUNNING "$MAX_RUNNING")
+[[ -z $POLL_WORKERS ]] || poll_env+=(FHIREXPORT_POLL_WORKERS "$POLL_WORKERS")
+env_file env-poll.yaml "${poll_env[@]}"
+env_file env-record.yaml
 build_flags=()
 [[ -z $BUILD_SERVICE_ACCOUNT ]] ||
   build_flags=(--build-service-account="projects/$P/serviceAccounts/$BUILD_SERVICE_ACCOUNT")
 
+# deploy_fn NAME ENTRY SA INVOKER TIMEOUT MAX ENV TRIGGER-FLAG...
 deploy_fn() {
-  local name=$1 entry=$2 topic=$3 sa=$4 trigger_sa=$5 timeout=$6 max=$7
+  local name=$1 entry=$2 sa=$3 invoker=$4 timeout=$5 max=$6 env=$7
+  shift 7
   # Cloud Functions builds the module root; .gcloudignore keeps the upload small.
+  # Concurrency 1 (the default) is explicit: the functions framework's CloudEvent
+  # handler can stall under concurrent requests (cloudevents/sdk-go #1224, #1332).
   ((DRY_RUN == 0)) || printf '# from %s:\n' "$REPO_ROOT"
   (cd "$REPO_ROOT" && run gcloud functions deploy "$name" --gen2 --runtime=go126 \
-    --region="$REGION" --project="$P" --source=. --entry-point="$entry" \
-    --trigger-topic="$topic" --retry --service-account="$sa" \
-    --trigger-service-account="$trigger_sa" --ingress-settings=internal-only \
-    --env-vars-file="$ENV_FILE" --timeout="$timeout" --max-instances="$max" \
+    --region="$REGION" --project="$P" --source=. --entry-point="$entry" "$@" \
+    --service-account="$sa" --ingress-settings=internal-only \
+    --env-vars-file="$WORK_DIR/$env" --timeout="$timeout" --max-instances="$max" --concurrency=1 \
     ${build_flags[@]+"${build_flags[@]}"})
   # Grants roles/run.invoker on the function's Cloud Run service only.
   grant gcloud functions add-invoker-policy-binding "$name" --region="$REGION" --project="$P" \
-    --member="serviceAccount:$trigger_sa"
+    --member="serviceAccount:$invoker"
 }
-deploy_fn "$START_FN" StartExport "$REQUESTS_TOPIC" "$START_SA" "$START_TRIGGER_SA" 60s "$START_MAX_INSTANCES"
+deploy_fn "$START_FN" StartExport "$START_SA" "$START_TRIGGER_SA" 60s "$START_MAX_INSTANCES" env-start.yaml \
+  --trigger-topic="$REQUESTS_TOPIC" --retry --trigger-service-account="$START_TRIGGER_SA"
 # One poller at a time, running up to the 540 s an event-driven function may take.
-deploy_fn "$POLL_FN" PollExport "$POLL_TOPIC" "$POLL_SA" "$POLL_TRIGGER_SA" 540s 1
+deploy_fn "$POLL_FN" PollExport "$POLL_SA" "$POLL_TRIGGER_SA" 540s 1 env-poll.yaml \
+  --trigger-topic="$POLL_TOPIC" --retry --trigger-service-account="$POLL_TRIGGER_SA"
+# RecordChange wants deletions only, but a store notifies every create, update
+# and patch too, and an Eventarc Pub/Sub trigger (--trigger-topic) cannot filter
+# on message attributes: every write to a busy store would start an instance.
+# So it is an HTTP function fed by our own push subscription whose filter
+# delivers DeleteResource only (the functions framework turns a Pub/Sub push
+# body into the same CloudEvent Eventarc would send). Only the push identity may
+# invoke it; Pub/Sub in the same project passes internal-only ingress.
+deploy_fn "$RECORD_FN" RecordChange "$RECORD_SA" "$RECORD_PUSH_SA" 60s 5 env-record.yaml \
+  --trigger-http --no-allow-unauthenticated
 
-# --- 12. Scheduler jobs. ----------------------------------------------------------
+# --- 12. Change notifications: store → changes topic → deletions → RecordChange. -
+step "FHIR store change notifications"
+if ((DRY_RUN)); then
+  run gcloud functions describe "$RECORD_FN" --gen2 --region="$REGION" --project="$P" \
+    --format='value(serviceConfig.uri)'
+  RECORD_URL=https://RECORD_FUNCTION_URL
+else
+  RECORD_URL=$(gcloud functions describe "$RECORD_FN" --gen2 --region="$REGION" --project="$P" \
+    --format='value(serviceConfig.uri)')
+  [[ $RECORD_URL == https://* ]] || { printf 'deploy.sh: no URL for function %s\n' "$RECORD_FN" >&2; exit 1; }
+fi
+# The topic in the path lets the functions framework name the event's source;
+# the token's audience is the service URL itself, as Cloud Run expects. A
+# message is retried with backoff for the subscription's 7-day retention, and the
+# subscription never expires: a store may go a month without a deletion.
+push_flags=(--push-endpoint="$RECORD_URL/projects/$P/topics/$CHANGES_TOPIC"
+  --push-auth-service-account="$RECORD_PUSH_SA" --push-auth-token-audience="$RECORD_URL"
+  --ack-deadline=60 --min-retry-delay=10s --max-retry-delay=600s --expiration-period=never)
+st=0
+probe gcloud pubsub subscriptions describe "$RECORD_SUB" --project="$P" || st=$?
+# A filter is fixed when the subscription is created; re-runs update the rest.
+((st == 0)) || run_if absent gcloud pubsub subscriptions create "$RECORD_SUB" --project="$P" \
+  --topic="$CHANGES_TOPIC" --message-filter='attributes.action = "DeleteResource"' "${push_flags[@]}"
+((st == 1)) || run_if present gcloud pubsub subscriptions update "$RECORD_SUB" --project="$P" \
+  "${push_flags[@]}"
+
+# gcloud healthcare fhir-stores update --pubsub-topic sets only the deprecated
+# single notificationConfig, so the list is read with gcloud and written with a
+# REST PATCH (updateMask=notificationConfigs), keeping every existing config.
+# A concurrent edit of the same store's configs between the read and the write
+# would be lost: the FhirStore has no etag to guard it.
+CHANGES_TOPIC_NAME=projects/$P/topics/$CHANGES_TOPIC
+AUTH_HEADER=$WORK_DIR/auth-header
+for s in ${notify[@]+"${notify[@]}"}; do
+  [[ $s =~ $re_store ]]
+  loc=${BASH_REMATCH[2]} ds=${BASH_REMATCH[3]} fs=${BASH_REMATCH[4]}
+  body=$WORK_DIR/notify-$ds-$fs.json
+  patch=(curl --silent --show-error --fail-with-body -X PATCH -H "@$AUTH_HEADER"
+    -H 'Content-Type: application/json' --data-binary "@$body"
+    "https://healthcare.googleapis.com/v1/$s?updateMask=notificationConfigs")
+  if ((DRY_RUN)); then
+    run gcloud healthcare fhir-stores describe "$fs" --dataset="$ds" --location="$loc" --project="$P" --format=json
+    run_if absent gcloud auth print-access-token
+    printf '# %s: its notificationConfigs plus {"pubsubTopic": "%s", "sendFullResource": false};\n' \
+      "$(basename "$body")" "$CHANGES_TOPIC_NAME"
+    printf '# %s: "Authorization: Bearer" and the token\n' "$(basename "$AUTH_HEADER")"
+    run_if absent "${patch[@]}"
+    continue
+  fi
+  current=$(gcloud healthcare fhir-stores describe "$fs" --dataset="$ds" --location="$loc" --project="$P" --format=json)
+  if jq -e --arg t "$CHANGES_TOPIC_NAME" 'any(.notificationConfigs[]?; .pubsubTopic == $t)' <<<"$current" >/dev/null; then
+    printf '# %s already notifies %s\n' "$s" "$CHANGES_TOPIC_NAME"
+    continue
+  fi
+  jq --arg t "$CHANGES_TOPIC_NAME" \
+    '{notificationConfigs: ((.notificationConfigs // []) + [{pubsubTopic: $t, sendFullResource: false}])}' \
+    <<<"$current" >"$body"
+  token=$(gcloud auth print-access-token)
+  [[ -n $token ]] || { printf 'deploy.sh: gcloud auth print-access-token printed nothing\n' >&2; exit 1; }
+  (umask 077 && printf 'Authorization: Bearer %s\n' "$token" >"$AUTH_HEADER")
+  "${patch[@]}" >/dev/null
+  rm -f "$AUTH_HEADER"
+  printf '# %s now also notifies %s\n' "$s" "$CHANGES_TOPIC_NAME"
+done
+
+# --- 13. Scheduler jobs. ----------------------------------------------------------
 step "Cloud Scheduler jobs"
 # job NAME SCHEDULE TOPIC DESCRIPTION BODY-FLAG
 job() {
@@ -584,9 +782,169 @@ if [[ -n $HOURLY_SPEC ]]; then
     --message-body-from-file="$HOURLY_SPEC"
 fi
 
+# --- 14. Log-based metrics and alert policies. -----------------------------------
+# The functions log one JSON line per outcome ("export outcome": event, pipeline,
+# store, operation) and, per sweep, one per incremental pipeline ("watermark
+# age": pipeline, watermarkAgeSeconds). Gen2 functions log as their Cloud Run
+# service, so the metrics' series carry the cloud_run_revision resource.
+step "Log-based metrics"
+metric_apply() {
+  local name=$1 file=$2 st=0
+  show_file "$file"
+  probe gcloud logging metrics describe "$name" --project="$P" || st=$?
+  ((st == 0)) || run_if absent gcloud logging metrics create "$name" --project="$P" --config-from-file="$file"
+  ((st == 1)) || run_if present gcloud logging metrics update "$name" --project="$P" --config-from-file="$file"
+}
+run_filter="resource.type=\\\"cloud_run_revision\\\""
+cat >"$WORK_DIR/outcomes-metric.json" <<EOF
+{
+  "description": "fhirexport export outcomes by event and pipeline",
+  "filter": "$run_filter AND resource.labels.service_name=(\"$START_FN\" OR \"$POLL_FN\") AND jsonPayload.message=\"export outcome\"",
+  "metricDescriptor": {
+    "metricKind": "DELTA",
+    "valueType": "INT64",
+    "unit": "1",
+    "labels": [
+      {"key": "event", "valueType": "STRING", "description": "succeeded, partial, failed, rejected, queued or started"},
+      {"key": "pipeline", "valueType": "STRING", "description": "the export's pipeline"}
+    ]
+  },
+  "labelExtractors": {
+    "event": "EXTRACT(jsonPayload.event)",
+    "pipeline": "EXTRACT(jsonPayload.pipeline)"
+  }
+}
+EOF
+# Bucket bounds every hour up to 2 days, then every 6 hours up to 7 days, then
+# every day up to 31: an alert threshold of whole hours (days beyond 2) is a
+# bound, so a percentile of ages below it can never read above it.
+bounds="60, 300, 600, 900, 1800, 2700"
+for ((b = 3600; b <= 172800; b += 3600)); do bounds+=", $b"; done
+for ((b = 194400; b <= 604800; b += 21600)); do bounds+=", $b"; done
+for ((b = 691200; b <= 2678400; b += 86400)); do bounds+=", $b"; done
+cat >"$WORK_DIR/watermark-age-metric.json" <<EOF
+{
+  "description": "fhirexport age of each incremental pipeline's watermark, per poll sweep",
+  "filter": "$run_filter AND resource.labels.service_name=\"$POLL_FN\" AND jsonPayload.message=\"watermark age\"",
+  "valueExtractor": "EXTRACT(jsonPayload.watermarkAgeSeconds)",
+  "metricDescriptor": {
+    "metricKind": "DELTA",
+    "valueType": "DISTRIBUTION",
+    "unit": "s",
+    "labels": [
+      {"key": "pipeline", "valueType": "STRING", "description": "the incremental pipeline"}
+    ]
+  },
+  "labelExtractors": {
+    "pipeline": "EXTRACT(jsonPayload.pipeline)"
+  },
+  "bucketOptions": {"explicitBuckets": {"bounds": [$bounds]}}
+}
+EOF
+metric_apply "$OUTCOMES_METRIC" "$WORK_DIR/outcomes-metric.json"
+metric_apply "$WATERMARK_METRIC" "$WORK_DIR/watermark-age-metric.json"
+
+step "Alert policies"
+# Policy IDs are chosen by the server, so a policy is found by its display name:
+# updated (replaced by the file) when present, created when absent.
+policy_apply() {
+  local display=$1 file=$2 names name
+  show_file "$file"
+  local list=(gcloud alpha monitoring policies list --project="$P" --filter="displayName=\"$display\""
+    --format='value(name)')
+  if ((DRY_RUN)); then
+    run "${list[@]}"
+    run_if absent gcloud alpha monitoring policies create --project="$P" --policy-from-file="$file"
+    run_if present gcloud alpha monitoring policies update "projects/$P/alertPolicies/POLICY_ID" \
+      --project="$P" --policy-from-file="$file"
+    return
+  fi
+  names=$("${list[@]}")
+  if [[ -z $names ]]; then
+    gcloud alpha monitoring policies create --project="$P" --policy-from-file="$file"
+    return
+  fi
+  for name in $names; do
+    gcloud alpha monitoring policies update "$name" --project="$P" --policy-from-file="$file"
+  done
+}
+if [[ -z $NOTIFICATION_CHANNEL ]]; then
+  printf '# NOTIFICATION_CHANNEL is not set: no alert policies were created or updated (the metrics are there to chart)\n'
+else
+  metric_filter() { printf 'resource.type = \\"cloud_run_revision\\" AND metric.type = \\"logging.googleapis.com/user/%s\\"' "$1"; }
+  cat >"$WORK_DIR/policy-outcomes.json" <<EOF
+{
+  "displayName": "$NAME_PREFIX: failed or partial export",
+  "documentation": {
+    "content": "An export of $NAME_PREFIX ended failed or partial. Its outcome event and the function's log line (jsonPayload.message=\"export outcome\") name the store and the operation.",
+    "mimeType": "text/markdown"
+  },
+  "combiner": "OR",
+  "conditions": [
+    {
+      "displayName": "an export outcome is failed or partial",
+      "conditionThreshold": {
+        "filter": "$(metric_filter "$OUTCOMES_METRIC") AND metric.label.event = one_of(\"failed\", \"partial\")",
+        "aggregations": [
+          {
+            "alignmentPeriod": "300s",
+            "perSeriesAligner": "ALIGN_SUM",
+            "crossSeriesReducer": "REDUCE_SUM",
+            "groupByFields": ["metric.label.pipeline", "metric.label.event"]
+          }
+        ],
+        "comparison": "COMPARISON_GT",
+        "thresholdValue": 0,
+        "duration": "0s",
+        "trigger": {"count": 1}
+      }
+    }
+  ],
+  "alertStrategy": {"autoClose": "86400s"},
+  "notificationChannels": ["$NOTIFICATION_CHANNEL"],
+  "enabled": true
+}
+EOF
+  cat >"$WORK_DIR/policy-watermark.json" <<EOF
+{
+  "displayName": "$NAME_PREFIX: stale incremental watermark",
+  "documentation": {
+    "content": "An incremental pipeline of $NAME_PREFIX has not completed a fully successful export for more than $ALERT_WATERMARK_AGE ($WATERMARK_AGE_SECONDS s).",
+    "mimeType": "text/markdown"
+  },
+  "combiner": "OR",
+  "conditions": [
+    {
+      "displayName": "watermark older than $ALERT_WATERMARK_AGE",
+      "conditionThreshold": {
+        "filter": "$(metric_filter "$WATERMARK_METRIC")",
+        "aggregations": [
+          {
+            "alignmentPeriod": "600s",
+            "perSeriesAligner": "ALIGN_PERCENTILE_99",
+            "crossSeriesReducer": "REDUCE_MAX",
+            "groupByFields": ["metric.label.pipeline"]
+          }
+        ],
+        "comparison": "COMPARISON_GT",
+        "thresholdValue": $WATERMARK_AGE_SECONDS,
+        "duration": "0s",
+        "trigger": {"count": 1}
+      }
+    }
+  ],
+  "alertStrategy": {"autoClose": "86400s"},
+  "notificationChannels": ["$NOTIFICATION_CHANNEL"],
+  "enabled": true
+}
+EOF
+  policy_apply "$NAME_PREFIX: failed or partial export" "$WORK_DIR/policy-outcomes.json"
+  policy_apply "$NAME_PREFIX: stale incremental watermark" "$WORK_DIR/policy-watermark.json"
+fi
+
 step "Done"
 if ((DRY_RUN)); then
   printf '# dry run: nothing was changed\n'
 else
-  printf '# deployed %s and %s in %s\n' "$START_FN" "$POLL_FN" "$P"
+  printf '# deployed %s, %s and %s in %s\n' "$START_FN" "$POLL_FN" "$RECORD_FN" "$P"
 fi

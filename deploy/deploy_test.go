@@ -3,6 +3,7 @@ package deploy
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -14,20 +15,53 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	logging "google.golang.org/api/logging/v2"
+	monitoring "google.golang.org/api/monitoring/v3"
 )
 
-// fakeCLI stands in for gcloud and bq. It appends each invocation to $FAKE_LOG
-// (program and arguments tab-separated, one invocation per line), keeps a copy
-// of the --env-vars-file it is given, prints a project number, and answers
-// every describe "not found" the first time it sees those exact arguments and
-// "found" afterwards, as a project would after the first deployment.
+// fakeCLI stands in for gcloud, bq and curl. It appends each invocation to
+// $FAKE_LOG (program and arguments tab-separated, one invocation per line),
+// keeps a copy of every file it is given (--env-vars-file, --config-from-file,
+// --policy-from-file, curl's @files) as $FAKE_LOG.BASENAME, prints a project
+// number, a function URL and a token, and answers every describe (and every
+// alert policy list) "not found" the first time it sees those exact arguments
+// and "found" afterwards, as a project would after the first deployment. A FHIR
+// store is described from store.json beside the log, which curl's PATCH
+// replaces with the body it sends, as the API would.
 const fakeCLI = `#!/usr/bin/env bash
 set -u
 { printf '%s' "$(basename "$0")"; for a in "$@"; do printf '\t%s' "$a"; done; printf '\n'; } >>"$FAKE_LOG"
+store=$(dirname "$FAKE_LOG")/store.json
 for a in "$@"; do
-  case $a in --env-vars-file=*) cp "${a#--env-vars-file=}" "$FAKE_LOG.env.yaml" ;; esac
+  case $a in
+    --env-vars-file=* | --config-from-file=* | --policy-from-file=*)
+      f=${a#*=}
+      cp "$f" "$FAKE_LOG.$(basename "$f")" 2>/dev/null ;;
+    @*)
+      cp "${a#@}" "$FAKE_LOG.$(basename "${a#@}")" 2>/dev/null ;;
+  esac
 done
+if [[ $(basename "$0") == curl ]]; then
+  prev=""
+  for a in "$@"; do
+    if [[ $prev == --data-binary ]]; then cp "${a#@}" "$store" 2>/dev/null; fi
+    prev=$a
+  done
+  echo '{}'
+  exit 0
+fi
 if [[ ${1:-} == projects && ${2:-} == describe ]]; then echo 123456789012; exit 0; fi
+if [[ ${1:-} == functions && ${2:-} == describe ]]; then echo "https://$3-fake-uc.a.run.app"; exit 0; fi
+if [[ ${1:-} == auth && ${2:-} == print-access-token ]]; then echo fake-token; exit 0; fi
+if [[ ${1:-} == healthcare && ${2:-} == fhir-stores && ${3:-} == describe ]]; then
+  if [[ -e $store ]]; then cat "$store"; else echo '{"name": "fake"}'; fi
+  exit 0
+fi
+if [[ ${2:-} == monitoring && ${3:-} == policies && ${4:-} == list ]]; then
+  key=$FAKE_STATE/$(printf '%s\n' "$@" | cksum | cut -d' ' -f1)
+  if [[ -e $key ]]; then echo projects/my-project/alertPolicies/POLICY_ID; else : >"$key"; fi
+  exit 0
+fi
 for a in "$@"; do
   if [[ $a == describe ]]; then
     key=$FAKE_STATE/$(printf '%s\n' "$@" | cksum | cut -d' ' -f1)
@@ -55,7 +89,7 @@ func newFake(t *testing.T) *fake {
 	if err := os.Mkdir(bin, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	for _, name := range []string{"gcloud", "bq"} {
+	for _, name := range []string{"gcloud", "bq", "curl"} {
 		if err := os.WriteFile(filepath.Join(bin, name), []byte(fakeCLI), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -99,8 +133,12 @@ func baseEnv() map[string]string {
 		"ALLOWED_STORES":       "projects/my-project/locations/us-central1/datasets/clinical/fhirStores/*",
 		"ALLOWED_DESTINATIONS": "gs://my-project-fhir-exports/nightly, bq://my-project.fhir_analytics",
 		"BQ_DATASET":           "my-project.fhir_analytics",
+		"NOTIFY_STORES":        mainStore,
+		"NOTIFICATION_CHANNEL": "projects/my-project/notificationChannels/123",
 	}
 }
+
+const mainStore = "projects/my-project/locations/us-central1/datasets/clinical/fhirStores/main"
 
 func with(env map[string]string, kv ...string) map[string]string {
 	out := map[string]string{}
@@ -179,7 +217,7 @@ func dryRun(t *testing.T, env map[string]string, args ...string) []printed {
 	var out []printed
 	var script strings.Builder
 	for _, line := range strings.Split(r.stdout, "\n") {
-		if !strings.HasPrefix(line, "gcloud ") && !strings.HasPrefix(line, "bq ") {
+		if !strings.HasPrefix(line, "gcloud ") && !strings.HasPrefix(line, "bq ") && !strings.HasPrefix(line, "curl ") {
 			continue
 		}
 		p := printed{line: line}
@@ -207,13 +245,15 @@ func dryRun(t *testing.T, env map[string]string, args ...string) []printed {
 	return out
 }
 
-// normalize replaces the per-run temporary env file path so runs compare equal.
+// workDir matches the script's per-run temporary directory in a path.
+var workDir = regexp.MustCompile(`[^\s=@]*/fhirexport-deploy\.[^/]+/`)
+
+// normalize replaces the per-run temporary directory with WORK_DIR/ so runs
+// compare equal.
 func normalize(argv []string) []string {
 	out := slices.Clone(argv)
 	for i, a := range out {
-		if strings.HasPrefix(a, "--env-vars-file=") {
-			out[i] = "--env-vars-file=ENV_FILE"
-		}
+		out[i] = workDir.ReplaceAllString(a, "WORK_DIR/")
 	}
 	return out
 }
@@ -239,13 +279,16 @@ func specPath(t *testing.T, name string) string {
 
 // expected is every command deploy.sh runs for baseEnv, in order, with when it
 // runs. It is written out in full on purpose: this is the deployment's contract.
-func expected(t *testing.T, projectNumber string) []printed {
+// recordURL is what describing the RecordChange function answers.
+func expected(t *testing.T, projectNumber, recordURL string) []printed {
 	const (
-		p         = "--project=my-project"
-		startSA   = "fhirexport-start@my-project.iam.gserviceaccount.com"
-		pollSA    = "fhirexport-poll@my-project.iam.gserviceaccount.com"
-		startTrig = "fhirexport-start-trigger@my-project.iam.gserviceaccount.com"
-		pollTrig  = "fhirexport-poll-trigger@my-project.iam.gserviceaccount.com"
+		p          = "--project=my-project"
+		startSA    = "fhirexport-start@my-project.iam.gserviceaccount.com"
+		pollSA     = "fhirexport-poll@my-project.iam.gserviceaccount.com"
+		recordSA   = "fhirexport-record@my-project.iam.gserviceaccount.com"
+		startTrig  = "fhirexport-start-trigger@my-project.iam.gserviceaccount.com"
+		pollTrig   = "fhirexport-poll-trigger@my-project.iam.gserviceaccount.com"
+		recordPush = "fhirexport-record-push@my-project.iam.gserviceaccount.com"
 	)
 	agent := "serviceAccount:service-" + projectNumber + "@gcp-sa-healthcare.iam.gserviceaccount.com"
 	pubsubAgent := "serviceAccount:service-" + projectNumber + "@gcp-sa-pubsub.iam.gserviceaccount.com"
@@ -255,10 +298,11 @@ func expected(t *testing.T, projectNumber string) []printed {
 	add("", "gcloud", "services", "enable", "cloudfunctions.googleapis.com", "run.googleapis.com",
 		"cloudbuild.googleapis.com", "artifactregistry.googleapis.com", "eventarc.googleapis.com",
 		"pubsub.googleapis.com", "cloudscheduler.googleapis.com", "healthcare.googleapis.com",
-		"storage.googleapis.com", "iam.googleapis.com", "logging.googleapis.com", "bigquery.googleapis.com", p)
+		"storage.googleapis.com", "iam.googleapis.com", "logging.googleapis.com", "monitoring.googleapis.com",
+		"bigquery.googleapis.com", p)
 	add("", "gcloud", "beta", "services", "identity", "create", "--service=healthcare.googleapis.com", p)
 	add("", "gcloud", "beta", "services", "identity", "create", "--service=pubsub.googleapis.com", p)
-	for _, topic := range []string{"fhirexport-requests", "fhirexport-poll", "fhirexport-events"} {
+	for _, topic := range []string{"fhirexport-requests", "fhirexport-poll", "fhirexport-events", "fhirexport-changes"} {
 		add("", "gcloud", "pubsub", "topics", "describe", topic, p)
 		add("absent", "gcloud", "pubsub", "topics", "create", topic, p)
 	}
@@ -270,16 +314,24 @@ func expected(t *testing.T, projectNumber string) []printed {
 	for _, sa := range [][2]string{
 		{startSA, "fhirexport StartExport runtime"},
 		{pollSA, "fhirexport PollExport runtime"},
+		{recordSA, "fhirexport RecordChange runtime"},
 		{startTrig, "fhirexport StartExport Eventarc trigger"},
 		{pollTrig, "fhirexport PollExport Eventarc trigger"},
+		{recordPush, "fhirexport RecordChange Pub/Sub push"},
 	} {
 		add("", "gcloud", "iam", "service-accounts", "describe", sa[0], p)
 		add("absent", "gcloud", "iam", "service-accounts", "create", strings.Split(sa[0], "@")[0], p,
 			"--display-name="+sa[1])
 	}
 	for _, r := range [][4]string{
-		{"fhirexport_starter", "fhirexport starter", "Start FHIR store exports (StartExport)", "healthcare.fhirStores.export"},
-		{"fhirexport_poller", "fhirexport poller", "Follow FHIR export operations (PollExport)", "healthcare.operations.get"},
+		{"fhirexport_exporter", "fhirexport exporter", "Export FHIR stores (StartExport, PollExport)",
+			"healthcare.fhirStores.export"},
+		{"fhirexport_starter", "fhirexport starter", "List stores and export operations (StartExport)",
+			"healthcare.fhirStores.list,healthcare.operations.get,healthcare.operations.list"},
+		{"fhirexport_poller", "fhirexport poller", "Follow and cancel FHIR export operations (PollExport)",
+			"healthcare.operations.cancel,healthcare.operations.get"},
+		{"fhirexport_recorder", "fhirexport recorder", "Add deletion tombstones to the state bucket (RecordChange)",
+			"storage.objects.create,storage.objects.get,storage.objects.list"},
 	} {
 		add("", "gcloud", "iam", "roles", "describe", r[0], p)
 		for _, verb := range []string{"create", "update"} {
@@ -288,37 +340,68 @@ func expected(t *testing.T, projectNumber string) []printed {
 				"--permissions="+r[3], "--stage=GA")
 		}
 	}
-	add("", "gcloud", "healthcare", "datasets", "add-iam-policy-binding", "clinical", "--location=us-central1", p,
-		"--member=serviceAccount:"+startSA, "--role=projects/my-project/roles/fhirexport_starter")
-	add("", "gcloud", "healthcare", "datasets", "add-iam-policy-binding", "clinical", "--location=us-central1", p,
-		"--member=serviceAccount:"+pollSA, "--role=projects/my-project/roles/fhirexport_poller")
+	for _, g := range [][2]string{
+		{startSA, "fhirexport_exporter"}, {startSA, "fhirexport_starter"},
+		{pollSA, "fhirexport_exporter"}, {pollSA, "fhirexport_poller"},
+	} {
+		add("", "gcloud", "healthcare", "datasets", "add-iam-policy-binding", "clinical", "--location=us-central1", p,
+			"--member=serviceAccount:"+g[0], "--role=projects/my-project/roles/"+g[1])
+	}
 	for _, sa := range []string{startSA, pollSA} {
 		add("", "gcloud", "pubsub", "topics", "add-iam-policy-binding", "fhirexport-events", p,
 			"--member=serviceAccount:"+sa, "--role=roles/pubsub.publisher")
 		add("", "gcloud", "storage", "buckets", "add-iam-policy-binding", "gs://my-project-fhirexport-state", p,
 			"--member=serviceAccount:"+sa, "--role=roles/storage.objectUser")
 	}
+	add("", "gcloud", "storage", "buckets", "add-iam-policy-binding", "gs://my-project-fhirexport-state", p,
+		"--member=serviceAccount:"+recordSA, "--role=projects/my-project/roles/fhirexport_recorder")
+	add("", "gcloud", "pubsub", "topics", "add-iam-policy-binding", "fhirexport-changes", p,
+		"--member="+agent, "--role=roles/pubsub.publisher")
 	add("", "gcloud", "storage", "buckets", "add-iam-policy-binding", "gs://my-project-fhir-exports", p,
 		"--member="+agent, "--role=roles/storage.objectAdmin")
 	add("", "bq", "query", "--project_id=my-project", "--use_legacy_sql=false",
 		"GRANT `roles/bigquery.dataEditor` ON SCHEMA `my-project.fhir_analytics` TO \""+agent+"\"")
 	add("", "gcloud", "projects", "add-iam-policy-binding", "my-project", "--member="+agent,
 		"--role=roles/bigquery.jobUser", "--condition=None")
-	for _, sa := range []string{startTrig, pollTrig} {
+	for _, sa := range []string{startTrig, pollTrig, recordPush} {
 		add("", "gcloud", "iam", "service-accounts", "add-iam-policy-binding", sa, p,
 			"--member="+pubsubAgent, "--role=roles/iam.serviceAccountTokenCreator")
 	}
-	for _, fn := range [][7]string{
-		{"fhirexport-start", "StartExport", "fhirexport-requests", startSA, startTrig, "60s", "5"},
-		{"fhirexport-poll", "PollExport", "fhirexport-poll", pollSA, pollTrig, "540s", "1"},
+	for _, fn := range []struct {
+		name, entry, sa, invoker, timeout, max, env string
+		trigger                                     []string
+	}{
+		{"fhirexport-start", "StartExport", startSA, startTrig, "60s", "5", "env-start.yaml",
+			[]string{"--trigger-topic=fhirexport-requests", "--retry", "--trigger-service-account=" + startTrig}},
+		{"fhirexport-poll", "PollExport", pollSA, pollTrig, "540s", "1", "env-poll.yaml",
+			[]string{"--trigger-topic=fhirexport-poll", "--retry", "--trigger-service-account=" + pollTrig}},
+		{"fhirexport-record", "RecordChange", recordSA, recordPush, "60s", "5", "env-record.yaml",
+			[]string{"--trigger-http", "--no-allow-unauthenticated"}},
 	} {
-		add("", "gcloud", "functions", "deploy", fn[0], "--gen2", "--runtime=go126", "--region=us-central1", p,
-			"--source=.", "--entry-point="+fn[1], "--trigger-topic="+fn[2], "--retry",
-			"--service-account="+fn[3], "--trigger-service-account="+fn[4], "--ingress-settings=internal-only",
-			"--env-vars-file=ENV_FILE", "--timeout="+fn[5], "--max-instances="+fn[6])
-		add("", "gcloud", "functions", "add-invoker-policy-binding", fn[0], "--region=us-central1", p,
-			"--member=serviceAccount:"+fn[4])
+		argv := []string{"gcloud", "functions", "deploy", fn.name, "--gen2", "--runtime=go126", "--region=us-central1", p,
+			"--source=.", "--entry-point=" + fn.entry}
+		argv = append(argv, fn.trigger...)
+		argv = append(argv, "--service-account="+fn.sa, "--ingress-settings=internal-only",
+			"--env-vars-file=WORK_DIR/"+fn.env, "--timeout="+fn.timeout, "--max-instances="+fn.max, "--concurrency=1")
+		add("", argv...)
+		add("", "gcloud", "functions", "add-invoker-policy-binding", fn.name, "--region=us-central1", p,
+			"--member=serviceAccount:"+fn.invoker)
 	}
+	add("", "gcloud", "functions", "describe", "fhirexport-record", "--gen2", "--region=us-central1", p,
+		"--format=value(serviceConfig.uri)")
+	push := []string{"--push-endpoint=" + recordURL + "/projects/my-project/topics/fhirexport-changes",
+		"--push-auth-service-account=" + recordPush, "--push-auth-token-audience=" + recordURL,
+		"--ack-deadline=60", "--min-retry-delay=10s", "--max-retry-delay=600s", "--expiration-period=never"}
+	add("", "gcloud", "pubsub", "subscriptions", "describe", "fhirexport-record", p)
+	add("absent", append([]string{"gcloud", "pubsub", "subscriptions", "create", "fhirexport-record", p,
+		"--topic=fhirexport-changes", `--message-filter=attributes.action = "DeleteResource"`}, push...)...)
+	add("present", append([]string{"gcloud", "pubsub", "subscriptions", "update", "fhirexport-record", p}, push...)...)
+	add("", "gcloud", "healthcare", "fhir-stores", "describe", "main", "--dataset=clinical", "--location=us-central1", p,
+		"--format=json")
+	add("absent", "gcloud", "auth", "print-access-token")
+	add("absent", "curl", "--silent", "--show-error", "--fail-with-body", "-X", "PATCH", "-H", "@WORK_DIR/auth-header",
+		"-H", "Content-Type: application/json", "--data-binary", "@WORK_DIR/notify-clinical-main.json",
+		"https://healthcare.googleapis.com/v1/"+mainStore+"?updateMask=notificationConfigs")
 	for _, j := range [][5]string{
 		{"fhirexport-poll", "* * * * *", "fhirexport-poll", "--message-body={}", "fhirexport: poll pending exports"},
 		{"fhirexport-nightly", "0 2 * * *", "fhirexport-requests",
@@ -334,19 +417,44 @@ func expected(t *testing.T, projectNumber string) []printed {
 				"--description="+j[4])
 		}
 	}
+	for _, m := range [][2]string{{"fhirexport_outcomes", "outcomes-metric.json"}, {"fhirexport_watermark_age", "watermark-age-metric.json"}} {
+		add("", "gcloud", "logging", "metrics", "describe", m[0], p)
+		add("absent", "gcloud", "logging", "metrics", "create", m[0], p, "--config-from-file=WORK_DIR/"+m[1])
+		add("present", "gcloud", "logging", "metrics", "update", m[0], p, "--config-from-file=WORK_DIR/"+m[1])
+	}
+	for _, pol := range [][2]string{{"fhirexport: failed or partial export", "policy-outcomes.json"},
+		{"fhirexport: stale incremental watermark", "policy-watermark.json"}} {
+		add("", "gcloud", "alpha", "monitoring", "policies", "list", p, `--filter=displayName="`+pol[0]+`"`,
+			"--format=value(name)")
+		add("absent", "gcloud", "alpha", "monitoring", "policies", "create", p, "--policy-from-file=WORK_DIR/"+pol[1])
+		add("present", "gcloud", "alpha", "monitoring", "policies", "update", "projects/my-project/alertPolicies/POLICY_ID",
+			p, "--policy-from-file=WORK_DIR/"+pol[1])
+	}
 	return out
 }
 
-const wantEnvFile = `FHIREXPORT_EVENTS_TOPIC: 'projects/my-project/topics/fhirexport-events'
+const (
+	dryRunRecordURL = "https://RECORD_FUNCTION_URL"
+	fakeRecordURL   = "https://fhirexport-record-fake-uc.a.run.app"
+)
+
+const commonEnv = `FHIREXPORT_EVENTS_TOPIC: 'projects/my-project/topics/fhirexport-events'
 FHIREXPORT_STATE: 'gs://my-project-fhirexport-state/state'
 FHIREXPORT_ALLOWED_STORES: 'projects/my-project/locations/us-central1/datasets/clinical/fhirStores/*'
 FHIREXPORT_ALLOWED_DESTINATIONS: 'gs://my-project-fhir-exports/nightly,bq://my-project.fhir_analytics'
 `
 
+// wantEnvFiles are the functions' --env-vars-file contents for baseEnv.
+var wantEnvFiles = map[string]string{
+	"env-start.yaml":  commonEnv + "FHIREXPORT_MAX_RUNNING: '5'\n",
+	"env-poll.yaml":   commonEnv + "FHIREXPORT_MAX_RUNNING: '5'\n",
+	"env-record.yaml": commonEnv,
+}
+
 func TestDryRunPrintsEveryCommand(t *testing.T) {
 	t.Parallel()
 	got := dryRun(t, baseEnv())
-	want := expected(t, "PROJECT_NUMBER")
+	want := expected(t, "PROJECT_NUMBER", dryRunRecordURL)
 	if diff := cmp.Diff(argvs(want, ""), argvs(got, "")); diff != "" {
 		t.Errorf("dry-run commands differ (-want +got):\n%s", diff)
 	}
@@ -364,10 +472,20 @@ func TestDryRunShowsEnvFileAndNeedsNoAccount(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)
 	}
-	for _, line := range strings.Split(strings.TrimSuffix(wantEnvFile, "\n"), "\n") {
-		if !strings.Contains(r.stdout, "#   "+line+"\n") {
-			t.Errorf("dry run does not show env file line %q", line)
+	for name, content := range wantEnvFiles {
+		shown := "# " + name + " (a temporary file, removed on exit) holds:\n#   " +
+			strings.ReplaceAll(strings.TrimSuffix(content, "\n"), "\n", "\n#   ") + "\n"
+		if !strings.Contains(r.stdout, shown) {
+			t.Errorf("dry run does not show %s as\n%s", name, shown)
 		}
+	}
+	for _, name := range []string{"outcomes-metric.json", "watermark-age-metric.json", "policy-outcomes.json", "policy-watermark.json"} {
+		if !strings.Contains(r.stdout, "# "+name+" (a temporary file, removed on exit) holds:\n#   {\n") {
+			t.Errorf("dry run does not show %s", name)
+		}
+	}
+	if !strings.Contains(r.stdout, `# notify-clinical-main.json: its notificationConfigs plus {"pubsubTopic": "projects/my-project/topics/fhirexport-changes", "sendFullResource": false}`) {
+		t.Error("dry run does not say what the notification config PATCH sends")
 	}
 	if !strings.Contains(r.stdout, "service-PROJECT_NUMBER@gcp-sa-healthcare.iam.gserviceaccount.com") {
 		t.Error("dry run does not use the PROJECT_NUMBER placeholder")
@@ -379,7 +497,7 @@ func TestDryRunShowsEnvFileAndNeedsNoAccount(t *testing.T) {
 func TestDeployWithFakeGcloud(t *testing.T) {
 	t.Parallel()
 	f := newFake(t)
-	want := expected(t, "123456789012")
+	want := expected(t, "123456789012", fakeRecordURL)
 
 	first := runScript(t, f, baseEnv())
 	if first.code != 0 {
@@ -393,12 +511,14 @@ func TestDeployWithFakeGcloud(t *testing.T) {
 	if diff := cmp.Diff(argvs(want, "present"), normalized); diff != "" {
 		t.Errorf("first run: commands differ (-want +got):\n%s", diff)
 	}
-	env, err := os.ReadFile(f.log + ".env.yaml")
-	if err != nil {
-		t.Fatalf("no --env-vars-file was passed: %v", err)
-	}
-	if diff := cmp.Diff(wantEnvFile, string(env)); diff != "" {
-		t.Errorf("env vars file differs (-want +got):\n%s", diff)
+	for name, content := range wantEnvFiles {
+		env, err := os.ReadFile(f.log + "." + name)
+		if err != nil {
+			t.Fatalf("no --env-vars-file %s was passed: %v", name, err)
+		}
+		if diff := cmp.Diff(content, string(env)); diff != "" {
+			t.Errorf("%s differs (-want +got):\n%s", name, diff)
+		}
 	}
 	checkLeastPrivilege(t, calls)
 	checkOrder(t, calls)
@@ -441,20 +561,27 @@ func checkLeastPrivilege(t *testing.T, calls [][]string) {
 	}
 	sa := func(name string) string { return "serviceAccount:" + name + "@my-project.iam.gserviceaccount.com" }
 	agent := "serviceAccount:service-123456789012@gcp-sa-healthcare.iam.gserviceaccount.com"
+	pubsubAgent := "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceaccount.com"
 	want := []grant{
+		{"healthcare datasets clinical", sa("fhirexport-start"), "projects/my-project/roles/fhirexport_exporter"},
 		{"healthcare datasets clinical", sa("fhirexport-start"), "projects/my-project/roles/fhirexport_starter"},
+		{"healthcare datasets clinical", sa("fhirexport-poll"), "projects/my-project/roles/fhirexport_exporter"},
 		{"healthcare datasets clinical", sa("fhirexport-poll"), "projects/my-project/roles/fhirexport_poller"},
 		{"pubsub topics fhirexport-events", sa("fhirexport-start"), "roles/pubsub.publisher"},
 		{"storage buckets gs://my-project-fhirexport-state", sa("fhirexport-start"), "roles/storage.objectUser"},
 		{"pubsub topics fhirexport-events", sa("fhirexport-poll"), "roles/pubsub.publisher"},
 		{"storage buckets gs://my-project-fhirexport-state", sa("fhirexport-poll"), "roles/storage.objectUser"},
+		{"storage buckets gs://my-project-fhirexport-state", sa("fhirexport-record"), "projects/my-project/roles/fhirexport_recorder"},
+		{"pubsub topics fhirexport-changes", agent, "roles/pubsub.publisher"},
 		{"storage buckets gs://my-project-fhir-exports", agent, "roles/storage.objectAdmin"},
 		{"bq dataset my-project.fhir_analytics", "sql", "GRANT `roles/bigquery.dataEditor` ON SCHEMA `my-project.fhir_analytics` TO \"" + agent + "\""},
 		{"projects my-project", agent, "roles/bigquery.jobUser"},
-		{"iam service-accounts " + sa("fhirexport-start-trigger")[len("serviceAccount:"):], "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceaccount.com", "roles/iam.serviceAccountTokenCreator"},
-		{"iam service-accounts " + sa("fhirexport-poll-trigger")[len("serviceAccount:"):], "serviceAccount:service-123456789012@gcp-sa-pubsub.iam.gserviceaccount.com", "roles/iam.serviceAccountTokenCreator"},
+		{"iam service-accounts " + sa("fhirexport-start-trigger")[len("serviceAccount:"):], pubsubAgent, "roles/iam.serviceAccountTokenCreator"},
+		{"iam service-accounts " + sa("fhirexport-poll-trigger")[len("serviceAccount:"):], pubsubAgent, "roles/iam.serviceAccountTokenCreator"},
+		{"iam service-accounts " + sa("fhirexport-record-push")[len("serviceAccount:"):], pubsubAgent, "roles/iam.serviceAccountTokenCreator"},
 		{"functions fhirexport-start", sa("fhirexport-start-trigger"), "roles/run.invoker"},
 		{"functions fhirexport-poll", sa("fhirexport-poll-trigger"), "roles/run.invoker"},
+		{"functions fhirexport-record", sa("fhirexport-record-push"), "roles/run.invoker"},
 	}
 	if diff := cmp.Diff(want, got, cmp.AllowUnexported(grant{})); diff != "" {
 		t.Errorf("IAM grants differ (-want +got):\n%s", diff)
@@ -482,6 +609,16 @@ func checkOrder(t *testing.T, calls [][]string) {
 		{{"functions", "deploy", "fhirexport-start"}, {"add-invoker-policy-binding", "fhirexport-start"}},
 		{{"functions", "deploy", "fhirexport-poll"}, {"add-invoker-policy-binding", "fhirexport-poll"}},
 		{{"functions", "deploy", "fhirexport-poll"}, {"scheduler", "create", "fhirexport-poll"}},
+		{{"topics", "create", "fhirexport-changes"}, {"fhirexport-changes", "add-iam-policy-binding"}},
+		{{"roles", "create", "fhirexport_recorder"}, {"add-iam-policy-binding", "--role=projects/my-project/roles/fhirexport_recorder"}},
+		{{"functions", "deploy", "fhirexport-record"}, {"subscriptions", "create", "fhirexport-record"}},
+		{{"add-invoker-policy-binding", "fhirexport-record"}, {"subscriptions", "create", "fhirexport-record"}},
+		// Nothing may be published to the changes topic before the
+		// subscription exists (it would be lost) or the agent may publish.
+		{{"subscriptions", "create", "fhirexport-record"}, {"curl", "PATCH"}},
+		{{"fhirexport-changes", "add-iam-policy-binding"}, {"curl", "PATCH"}},
+		{{"metrics", "create", "fhirexport_outcomes"}, {"policies", "create"}},
+		{{"metrics", "create", "fhirexport_watermark_age"}, {"policies", "create"}},
 	}
 	for _, b := range before {
 		if i, j := index(b[0]...), index(b[1]...); i > j {
@@ -570,23 +707,39 @@ func TestDryRunVariants(t *testing.T) {
 		t.Parallel()
 		ps := dryRun(t, with(baseEnv(), "ALLOWED_STORES",
 			"projects/my-project/locations/us-central1/datasets/clinical/fhirStores/main,projects/my-project/locations/*/datasets/*/fhirStores/*"))
-		store := find(ps, "fhir-stores", "add-iam-policy-binding", "main")
-		if len(store) != 1 || flag(store[0], "--role") != "projects/my-project/roles/fhirexport_starter" ||
-			flag(store[0], "--dataset") != "clinical" || flag(store[0], "--location") != "us-central1" {
-			t.Errorf("starter store grant = %q", store)
+		// Only exporting is granted on the store; listing and operations
+		// are checked on the dataset.
+		var store []string
+		for _, c := range find(ps, "fhir-stores", "add-iam-policy-binding", "main", "--dataset=clinical", "--location=us-central1") {
+			store = append(store, flag(c, "--member")+" "+flag(c, "--role"))
 		}
-		ds := find(ps, "datasets", "add-iam-policy-binding", "clinical")
-		if len(ds) != 1 || flag(ds[0], "--role") != "projects/my-project/roles/fhirexport_poller" {
-			t.Errorf("poller dataset grant = %q", ds)
+		wantStore := []string{
+			"serviceAccount:fhirexport-start@my-project.iam.gserviceaccount.com projects/my-project/roles/fhirexport_exporter",
+			"serviceAccount:fhirexport-poll@my-project.iam.gserviceaccount.com projects/my-project/roles/fhirexport_exporter",
 		}
-		var custom [][]string
+		if diff := cmp.Diff(wantStore, store); diff != "" {
+			t.Errorf("store grants differ (-want +got):\n%s", diff)
+		}
+		var ds []string
+		for _, c := range find(ps, "datasets", "add-iam-policy-binding", "clinical") {
+			ds = append(ds, flag(c, "--member")+" "+flag(c, "--role"))
+		}
+		wantDataset := []string{
+			"serviceAccount:fhirexport-start@my-project.iam.gserviceaccount.com projects/my-project/roles/fhirexport_starter",
+			"serviceAccount:fhirexport-poll@my-project.iam.gserviceaccount.com projects/my-project/roles/fhirexport_poller",
+		}
+		if diff := cmp.Diff(wantDataset, ds); diff != "" {
+			t.Errorf("dataset grants differ (-want +got):\n%s", diff)
+		}
+		var custom []string
 		for _, c := range find(ps, "projects", "add-iam-policy-binding", "--condition=None") {
 			if strings.HasPrefix(flag(c, "--role"), "projects/") {
-				custom = append(custom, c)
+				custom = append(custom, flag(c, "--member")+" "+flag(c, "--role"))
 			}
 		}
-		if len(custom) != 2 {
-			t.Errorf("a '*' dataset needs a project-level grant per function, got %q", custom)
+		// A '*' dataset needs every custom role at project level.
+		if diff := cmp.Diff(append(wantStore[:1:1], wantDataset[0], wantStore[1], wantDataset[1]), custom); diff != "" {
+			t.Errorf("project-level grants differ (-want +got):\n%s", diff)
 		}
 	})
 	t.Run("flags override variables", func(t *testing.T) {
@@ -597,7 +750,8 @@ func TestDryRunVariants(t *testing.T) {
 			"--state=gs://my-project-fhirexport-state/state", "--export-bucket=my-project-fhir-exports",
 			"--allowed-stores=projects/my-project/locations/us-central1/datasets/clinical/fhirStores/*",
 			"--allowed-destinations=gs://my-project-fhir-exports/nightly,bq://my-project.fhir_analytics",
-			"--bq-dataset=my-project.fhir_analytics")
+			"--bq-dataset=my-project.fhir_analytics", "--notify-stores", mainStore,
+			"--notification-channel=projects/my-project/notificationChannels/123")
 		if diff := cmp.Diff(argvs(fromEnv, ""), argvs(fromFlags, "")); diff != "" {
 			t.Errorf("flags and variables differ (-env +flags):\n%s", diff)
 		}
@@ -611,7 +765,11 @@ func TestHelp(t *testing.T) {
 		t.Fatalf("--help exited %d", r.code)
 	}
 	for _, v := range []string{"PROJECT_ID", "REGION", "STATE", "EXPORT_BUCKET", "ALLOWED_STORES", "ALLOWED_DESTINATIONS",
-		"BQ_DATASET", "NAME_PREFIX", "SCHEDULER_TIMEZONE", "NIGHTLY_SPEC", "HOURLY_SPEC", "START_MAX_INSTANCES", "--dry-run"} {
+		"BQ_DATASET", "NAME_PREFIX", "SCHEDULER_TIMEZONE", "NIGHTLY_SPEC", "HOURLY_SPEC", "START_MAX_INSTANCES", "--dry-run",
+		"MAX_RUNNING", "--max-running", "POLL_WORKERS", "--poll-workers", "NOTIFY_STORES", "--notify-stores",
+		"NOTIFICATION_CHANNEL", "--notification-channel", "ALERT_WATERMARK_AGE", "--alert-watermark-age",
+		"NAME_PREFIX-record (RecordChange)", "NAME_PREFIX-record-push", "NAME_PREFIX_outcomes", "NAME_PREFIX_watermark_age",
+		"-changes", "_recorder", "gcloud alpha"} {
 		if !strings.Contains(r.stdout, v) {
 			t.Errorf("--help does not mention %s", v)
 		}
@@ -698,6 +856,14 @@ func TestBadValues(t *testing.T) {
 		{"spec store not allowed", with(baseEnv(), "ALLOWED_STORES", "projects/my-project/locations/us-central1/datasets/other/fhirStores/*"), nil, "fhirStore projects/my-project/locations/us-central1/datasets/clinical/fhirStores/main is not in ALLOWED_STORES"},
 		{"spec destination not allowed", with(baseEnv(), "ALLOWED_DESTINATIONS", "gs://my-project-fhir-exports/elsewhere,bq://my-project.fhir_analytics"), nil, "destination gs://my-project-fhir-exports/nightly/{dataset}/{store}/{date} is not in ALLOWED_DESTINATIONS"},
 		{"hourly spec without dataset", with(without(baseEnv(), "BQ_DATASET"), "ALLOWED_DESTINATIONS", "gs://my-project-fhir-exports/nightly", "HOURLY_SPEC", "specs/hourly-incremental-bq.json"), nil, "exports to BigQuery but BQ_DATASET is not set"},
+		{"max running zero", with(baseEnv(), "MAX_RUNNING", "0"), nil, "MAX_RUNNING '0' must be a positive integer"},
+		{"poll workers word", baseEnv(), []string{"--poll-workers=many"}, "POLL_WORKERS 'many' must be a positive integer"},
+		{"channel id only", with(baseEnv(), "NOTIFICATION_CHANNEL", "123"), nil, "NOTIFICATION_CHANNEL '123' is not projects/P/notificationChannels/ID"},
+		{"watermark age unit", with(baseEnv(), "ALERT_WATERMARK_AGE", "26 hours"), nil, "ALERT_WATERMARK_AGE '26 hours' must be a number followed by s, m, h or d"},
+		{"watermark age zero", baseEnv(), []string{"--alert-watermark-age=0h"}, "ALERT_WATERMARK_AGE '0h'"},
+		{"notify wildcard", with(baseEnv(), "NOTIFY_STORES", "projects/my-project/locations/us-central1/datasets/clinical/fhirStores/*"), nil, "NOTIFY_STORES entry 'projects/my-project/locations/us-central1/datasets/clinical/fhirStores/*' is not projects/P/locations/L/datasets/D/fhirStores/S (no '*')"},
+		{"notify other project", with(baseEnv(), "NOTIFY_STORES", "projects/other-project/locations/us-central1/datasets/clinical/fhirStores/main"), nil, "NOTIFY_STORES entry 'projects/other-project/locations/us-central1/datasets/clinical/fhirStores/main' is outside PROJECT_ID"},
+		{"notify not allowed", with(baseEnv(), "NOTIFY_STORES", mainStore+",projects/my-project/locations/us-central1/datasets/other/fhirStores/main"), nil, "NOTIFY_STORES entry 'projects/my-project/locations/us-central1/datasets/other/fhirStores/main' is not in ALLOWED_STORES"},
 		{"unknown flag", baseEnv(), []string{"--projekt=x"}, "unknown flag: --projekt"},
 		{"flag without value", baseEnv(), []string{"--project"}, "--project needs a value"},
 		{"stray argument", baseEnv(), []string{"deploy"}, "unexpected argument: deploy"},
@@ -786,33 +952,55 @@ func TestCommandsParseWithRealGcloud(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: skipping the real gcloud check (15-30 s)")
 	}
-	envFile := filepath.Join(t.TempDir(), "env.yaml")
-	if err := os.WriteFile(envFile, []byte(wantEnvFile), 0o644); err != nil {
-		t.Fatal(err)
-	}
 	root, err := filepath.Abs("..")
 	if err != nil {
 		t.Fatal(err)
 	}
-	envFlag := regexp.MustCompile(`--env-vars-file=\S+`)
 	seen := map[string]bool{}
 	var lines []string
 	// A concrete store and a '*' dataset add the store- and project-level grants.
-	env := with(baseEnv(), "BUILD_SERVICE_ACCOUNT", "builder@my-project.iam.gserviceaccount.com", "ALLOWED_STORES",
-		"projects/my-project/locations/us-central1/datasets/clinical/fhirStores/main,projects/my-project/locations/*/datasets/*/fhirStores/*")
+	env := with(baseEnv(), "BUILD_SERVICE_ACCOUNT", "builder@my-project.iam.gserviceaccount.com", "POLL_WORKERS", "8",
+		"ALLOWED_STORES", "projects/my-project/locations/us-central1/datasets/clinical/fhirStores/main,projects/my-project/locations/*/datasets/*/fhirStores/*")
+	// The files the script generates (env vars, metrics, policies) are gone
+	// after a dry run: take the copies a run against the fake kept.
+	f := newFake(t)
+	if r := runScript(t, f, env); r.code != 0 {
+		t.Fatalf("run against the fake exited %d:\n%s", r.code, r.stderr)
+	}
+	files := t.TempDir()
+	copies, err := filepath.Glob(f.log + ".*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range copies {
+		b, err := os.ReadFile(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(files, strings.TrimPrefix(c, f.log+".")), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
 	for _, p := range dryRun(t, env) {
 		if p.argv[0] != "gcloud" {
 			continue
 		}
-		// Commands that differ only in values (three topics, two functions)
+		// Commands that differ only in values (four topics, three functions)
 		// are run once: the command path and flag names are what gcloud checks.
 		if sig := signature(p.argv); !seen[sig] {
 			seen[sig] = true
-			lines = append(lines, envFlag.ReplaceAllString(p.line, "--env-vars-file="+envFile))
+			line := workDir.ReplaceAllString(p.line, files+"/")
+			for _, m := range regexp.MustCompile(`-file=(\S+)`).FindAllStringSubmatch(line, -1) {
+				if _, err := os.Stat(m[1]); err != nil {
+					t.Errorf("%s: the run against the fake kept no %s", line, m[1])
+				}
+			}
+			lines = append(lines, line)
 		}
 	}
 	for _, line := range lines {
-		name := strings.Join(strings.Fields(line)[1:5], " ")
+		words := strings.Fields(line)
+		name := strings.Join(words[1:min(5, len(words))], " ")
 		t.Run(name, func(t *testing.T) {
 			t.Parallel()
 			checkGcloudParses(t, gcloud, root, line)
@@ -856,4 +1044,254 @@ func checkGcloudParses(t *testing.T, gcloud, dir, line string) {
 	if gcloudParseError.Match(out) || !gcloudAuthError.Match(out) {
 		t.Errorf("%s\ndid not get past argument parsing:\n%s", line, out)
 	}
+}
+
+// TestNotificationConfigMerge runs the script against the fake with a store
+// that has notification configs of its own: the PATCH must send them all back
+// (the update mask replaces the whole list) plus ours, and a second run, the
+// topic now among them, must leave the store alone.
+func TestNotificationConfigMerge(t *testing.T) {
+	t.Parallel()
+	const ours = `{"pubsubTopic": "projects/my-project/topics/fhirexport-changes", "sendFullResource": false}`
+	cases := []struct {
+		name, store string
+		want        string // the PATCH body; "" for no PATCH
+	}{
+		{"keeps the user's configs",
+			`{"name": "` + mainStore + `", "version": "R4", "notificationConfigs": [
+				{"pubsubTopic": "projects/my-project/topics/audit", "sendFullResource": true, "sendPreviousResourceOnDelete": true},
+				{"pubsubTopic": "projects/other/topics/analytics"}]}`,
+			`{"notificationConfigs": [
+				{"pubsubTopic": "projects/my-project/topics/audit", "sendFullResource": true, "sendPreviousResourceOnDelete": true},
+				{"pubsubTopic": "projects/other/topics/analytics"}, ` + ours + `]}`},
+		{"no configs yet", `{"name": "` + mainStore + `", "version": "R4"}`, `{"notificationConfigs": [` + ours + `]}`},
+		{"already notifies", `{"name": "` + mainStore + `", "notificationConfigs": [` + ours + `]}`, ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			f := newFake(t)
+			if err := os.WriteFile(filepath.Join(f.dir, "store.json"), []byte(tc.store), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			r := runScript(t, f, baseEnv())
+			if r.code != 0 {
+				t.Fatalf("exit %d:\n%s", r.code, r.stderr)
+			}
+			calls := f.calls(t)
+			patches := slices.DeleteFunc(slices.Clone(calls), func(c []string) bool { return c[0] != "curl" })
+			tokens := slices.DeleteFunc(slices.Clone(calls), func(c []string) bool { return !containsAll(c, "print-access-token") })
+			if tc.want == "" {
+				if len(patches)+len(tokens) != 0 {
+					t.Errorf("the topic is already there, yet the script ran %q", append(tokens, patches...))
+				}
+				if !strings.Contains(r.stdout, "# "+mainStore+" already notifies projects/my-project/topics/fhirexport-changes") {
+					t.Errorf("stdout does not say the store already notifies:\n%s", r.stdout)
+				}
+				return
+			}
+			if len(patches) != 1 || len(tokens) != 1 {
+				t.Fatalf("want one token and one PATCH, got %q", append(tokens, patches...))
+			}
+			if got := patches[0][len(patches[0])-1]; got != "https://healthcare.googleapis.com/v1/"+mainStore+"?updateMask=notificationConfigs" {
+				t.Errorf("PATCH URL = %s", got)
+			}
+			body, err := os.ReadFile(f.log + ".notify-clinical-main.json")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got, want any
+			if err := json.Unmarshal(body, &got); err != nil {
+				t.Fatalf("PATCH body is not JSON: %v\n%s", err, body)
+			}
+			if err := json.Unmarshal([]byte(tc.want), &want); err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(want, got); diff != "" {
+				t.Errorf("PATCH body differs (-want +got):\n%s", diff)
+			}
+			header, err := os.ReadFile(f.log + ".auth-header")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(header) != "Authorization: Bearer fake-token\n" {
+				t.Errorf("auth header = %q", header)
+			}
+			if slices.ContainsFunc(patches[0], func(a string) bool { return strings.Contains(a, "fake-token") }) {
+				t.Error("the token is on curl's command line, where ps shows it")
+			}
+
+			// The fake store now holds what was sent: a re-run changes nothing.
+			if r := runScript(t, f, baseEnv()); r.code != 0 {
+				t.Fatalf("second run exited %d:\n%s", r.code, r.stderr)
+			}
+			for _, c := range f.calls(t) {
+				if c[0] == "curl" || containsAll(c, "print-access-token") {
+					t.Errorf("second run: %q", c)
+				}
+			}
+		})
+	}
+}
+
+// readStrict decodes a generated file into v, refusing unknown fields, so a
+// misspelt field of the API's message fails here (gcloud reads the files
+// only after it has an account).
+func readStrict(t *testing.T, path string, v any) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.DisallowUnknownFields()
+	if err := d.Decode(v); err != nil {
+		t.Fatalf("%s: %v\n%s", filepath.Base(path), err, b)
+	}
+}
+
+// TestMetricAndPolicyFiles checks the log-based metrics and alert policies the
+// script hands to gcloud, field by field, as the Logging and Monitoring APIs'
+// own Go types decode them.
+func TestMetricAndPolicyFiles(t *testing.T) {
+	t.Parallel()
+	f := newFake(t)
+	r := runScript(t, f, with(baseEnv(), "NAME_PREFIX", "fx-dev", "ALERT_WATERMARK_AGE", "2d",
+		"NOTIFICATION_CHANNEL", "projects/my-project/notificationChannels/987"))
+	if r.code != 0 {
+		t.Fatalf("exit %d:\n%s", r.code, r.stderr)
+	}
+	calls := f.calls(t)
+	for _, want := range [][]string{
+		{"logging", "metrics", "create", "fx_dev_outcomes"},
+		{"logging", "metrics", "create", "fx_dev_watermark_age"},
+		{"policies", "list", `--filter=displayName="fx-dev: failed or partial export"`},
+		{"policies", "list", `--filter=displayName="fx-dev: stale incremental watermark"`},
+	} {
+		if !slices.ContainsFunc(calls, func(c []string) bool { return containsAll(c, want...) }) {
+			t.Errorf("no call with %q", want)
+		}
+	}
+
+	var outcomes, age logging.LogMetric
+	readStrict(t, f.log+".outcomes-metric.json", &outcomes)
+	readStrict(t, f.log+".watermark-age-metric.json", &age)
+	runRevision := `resource.type="cloud_run_revision"`
+	wantOutcomes := logging.LogMetric{
+		Description: "fhirexport export outcomes by event and pipeline",
+		Filter: runRevision + ` AND resource.labels.service_name=("fx-dev-start" OR "fx-dev-poll")` +
+			` AND jsonPayload.message="export outcome"`,
+		MetricDescriptor: &logging.MetricDescriptor{MetricKind: "DELTA", ValueType: "INT64", Unit: "1",
+			Labels: []*logging.LabelDescriptor{
+				{Key: "event", ValueType: "STRING", Description: "succeeded, partial, failed, rejected, queued or started"},
+				{Key: "pipeline", ValueType: "STRING", Description: "the export's pipeline"},
+			}},
+		LabelExtractors: map[string]string{"event": "EXTRACT(jsonPayload.event)", "pipeline": "EXTRACT(jsonPayload.pipeline)"},
+	}
+	if diff := cmp.Diff(wantOutcomes, outcomes); diff != "" {
+		t.Errorf("outcomes metric differs (-want +got):\n%s", diff)
+	}
+	bounds := age.BucketOptions.ExplicitBuckets.Bounds
+	age.BucketOptions = nil
+	wantAge := logging.LogMetric{
+		Description:    "fhirexport age of each incremental pipeline's watermark, per poll sweep",
+		Filter:         runRevision + ` AND resource.labels.service_name="fx-dev-poll" AND jsonPayload.message="watermark age"`,
+		ValueExtractor: "EXTRACT(jsonPayload.watermarkAgeSeconds)",
+		MetricDescriptor: &logging.MetricDescriptor{MetricKind: "DELTA", ValueType: "DISTRIBUTION", Unit: "s",
+			Labels: []*logging.LabelDescriptor{{Key: "pipeline", ValueType: "STRING", Description: "the incremental pipeline"}}},
+		LabelExtractors: map[string]string{"pipeline": "EXTRACT(jsonPayload.pipeline)"},
+	}
+	if diff := cmp.Diff(wantAge, age); diff != "" {
+		t.Errorf("watermark age metric differs (-want +got):\n%s", diff)
+	}
+	if !slices.IsSorted(bounds) || len(slices.Compact(slices.Clone(bounds))) != len(bounds) {
+		t.Errorf("bucket bounds are not strictly increasing: %v", bounds)
+	}
+	for _, b := range []float64{3600, 26 * 3600, 2 * 86400, 3 * 86400, 7 * 86400, 31 * 86400} {
+		if !slices.Contains(bounds, b) {
+			t.Errorf("bucket bounds lack %v s, so a threshold there is not exact: %v", b, bounds)
+		}
+	}
+
+	var failed, stale monitoring.AlertPolicy
+	readStrict(t, f.log+".policy-outcomes.json", &failed)
+	readStrict(t, f.log+".policy-watermark.json", &stale)
+	for _, p := range []*monitoring.AlertPolicy{&failed, &stale} {
+		if p.Documentation == nil || !strings.Contains(p.Documentation.Content, "fx-dev") || p.Documentation.MimeType != "text/markdown" {
+			t.Errorf("%s: documentation = %+v", p.DisplayName, p.Documentation)
+		}
+		p.Documentation = nil
+	}
+	policy := func(display, condition, filter string, agg *monitoring.Aggregation, threshold float64) monitoring.AlertPolicy {
+		return monitoring.AlertPolicy{
+			DisplayName: display,
+			Combiner:    "OR",
+			Conditions: []*monitoring.Condition{{
+				DisplayName: condition,
+				ConditionThreshold: &monitoring.MetricThreshold{
+					Filter:         filter,
+					Aggregations:   []*monitoring.Aggregation{agg},
+					Comparison:     "COMPARISON_GT",
+					ThresholdValue: threshold,
+					Duration:       "0s",
+					Trigger:        &monitoring.Trigger{Count: 1},
+				},
+			}},
+			AlertStrategy:        &monitoring.AlertStrategy{AutoClose: "86400s"},
+			NotificationChannels: []string{"projects/my-project/notificationChannels/987"},
+			Enabled:              true,
+		}
+	}
+	wantFailed := policy("fx-dev: failed or partial export", "an export outcome is failed or partial",
+		`resource.type = "cloud_run_revision" AND metric.type = "logging.googleapis.com/user/fx_dev_outcomes"`+
+			` AND metric.label.event = one_of("failed", "partial")`,
+		&monitoring.Aggregation{AlignmentPeriod: "300s", PerSeriesAligner: "ALIGN_SUM", CrossSeriesReducer: "REDUCE_SUM",
+			GroupByFields: []string{"metric.label.pipeline", "metric.label.event"}}, 0)
+	if diff := cmp.Diff(wantFailed, failed); diff != "" {
+		t.Errorf("failed-or-partial policy differs (-want +got):\n%s", diff)
+	}
+	wantStale := policy("fx-dev: stale incremental watermark", "watermark older than 2d",
+		`resource.type = "cloud_run_revision" AND metric.type = "logging.googleapis.com/user/fx_dev_watermark_age"`,
+		&monitoring.Aggregation{AlignmentPeriod: "600s", PerSeriesAligner: "ALIGN_PERCENTILE_99", CrossSeriesReducer: "REDUCE_MAX",
+			GroupByFields: []string{"metric.label.pipeline"}}, 172800)
+	if diff := cmp.Diff(wantStale, stale); diff != "" {
+		t.Errorf("stale watermark policy differs (-want +got):\n%s", diff)
+	}
+}
+
+// TestDryRunOptionalFeatures covers what baseEnv turns on: without a channel no
+// policy is touched (and the script says so), without stores no store is, and
+// the new settings reach the functions' environment.
+func TestDryRunOptionalFeatures(t *testing.T) {
+	t.Parallel()
+	f := newFake(t)
+	r := runScript(t, f, without(baseEnv(), "NOTIFICATION_CHANNEL", "NOTIFY_STORES"), "--dry-run",
+		"--max-running=3", "--poll-workers", "7")
+	if r.code != 0 {
+		t.Fatalf("exit %d:\n%s", r.code, r.stderr)
+	}
+	if !strings.Contains(r.stdout, "# NOTIFICATION_CHANNEL is not set: no alert policies were created or updated") {
+		t.Errorf("the dry run does not say why there are no alert policies:\n%s", r.stdout)
+	}
+	for _, absent := range []string{"monitoring policies", "policy-outcomes.json", "fhir-stores describe", "curl ", "print-access-token"} {
+		if strings.Contains(r.stdout, absent) {
+			t.Errorf("dry run mentions %q without NOTIFICATION_CHANNEL and NOTIFY_STORES", absent)
+		}
+	}
+	for _, present := range []string{
+		"gcloud logging metrics describe fhirexport_outcomes",
+		"gcloud pubsub subscriptions describe fhirexport-record",
+		"# env-start.yaml (a temporary file, removed on exit) holds:\n" + indent(commonEnv) + "#   FHIREXPORT_MAX_RUNNING: '3'\n# ",
+		"# env-poll.yaml (a temporary file, removed on exit) holds:\n" + indent(commonEnv) +
+			"#   FHIREXPORT_MAX_RUNNING: '3'\n#   FHIREXPORT_POLL_WORKERS: '7'\n# ",
+		"# env-record.yaml (a temporary file, removed on exit) holds:\n" + indent(commonEnv) + "# ",
+	} {
+		if !strings.Contains(r.stdout, present) {
+			t.Errorf("dry run does not show\n%s", present)
+		}
+	}
+}
+
+func indent(s string) string {
+	return "#   " + strings.ReplaceAll(strings.TrimSuffix(s, "\n"), "\n", "\n#   ") + "\n"
 }
