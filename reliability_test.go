@@ -305,9 +305,9 @@ func shortenLeases(t *testing.T, lease time.Duration) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	start, final, peer := x.StartLease, x.FinalizeLease, x.WaitForPeer
-	x.StartLease, x.FinalizeLease, x.WaitForPeer = lease, lease, lease/4
-	t.Cleanup(func() { x.StartLease, x.FinalizeLease, x.WaitForPeer = start, final, peer })
+	start, final, peer, backoff := x.StartLease, x.FinalizeLease, x.WaitForPeer, x.RetryBackoff
+	x.StartLease, x.FinalizeLease, x.WaitForPeer, x.RetryBackoff = lease, lease, lease/4, lease/4
+	t.Cleanup(func() { x.StartLease, x.FinalizeLease, x.WaitForPeer, x.RetryBackoff = start, final, peer, backoff })
 }
 
 // --- TestFaultInjection ---
@@ -533,7 +533,8 @@ type faultStats struct {
 // outcomesOf returns the events that report how a run ended.
 func outcomesOf(evs []received) []received {
 	return slices.DeleteFunc(slices.Clone(evs), func(e received) bool {
-		return e.Attrs["ce-type"] == events.TypeStarted || e.Attrs["ce-type"] == events.TypeRejected
+		t := e.Attrs["ce-type"]
+		return t == events.TypeStarted || t == events.TypeRejected || t == events.TypeQueued
 	})
 }
 
@@ -682,7 +683,7 @@ func TestHelperFunctionProcess(t *testing.T) {
 	// The production leases are 2 minutes; exported fields let a test
 	// binary shorten them without a production knob.
 	if d, err := time.ParseDuration(os.Getenv(childLeaseEnv)); err == nil {
-		x.StartLease, x.FinalizeLease, x.WaitForPeer = d, d, d/4
+		x.StartLease, x.FinalizeLease, x.WaitForPeer, x.RetryBackoff = d, d, d/4, d/4
 	}
 	t.Fatal(funcframework.StartHostPort("127.0.0.1", port))
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -25,17 +26,22 @@ const callSkew = 2 * time.Minute
 // it) or the only one nobody owns; otherwise how many unowned candidates it
 // could not tell apart. Cloud Storage output ({destination}/{opID}_*) tells
 // candidates apart once they have written it.
+//
+// The window is on the service's clock: operations fhirexport owns give the
+// offset between its createTime and our record of it; without one, every
+// unowned export operation of the dataset is a candidate.
 func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, called time.Time) (string, int, error) {
 	i := strings.Index(p.Store, "/fhirStores/")
 	if i < 0 {
 		return "", 0, fmt.Errorf("store %q has no dataset", p.Store)
 	}
 	dataset := p.Store[:i]
-	from := p.Started.Add(-callSkew)
-	if !called.IsZero() && called.Add(-callSkew-time.Minute).Before(from) {
-		from = called.Add(-callSkew - time.Minute)
+	type cand struct {
+		name string
+		ct   time.Time
 	}
-	var unowned []string
+	var unowned []cand
+	offset, known := time.Duration(0), false // our clock minus the service's, at most
 	pages := 0
 	err := x.hc.Projects.Locations.Datasets.Operations.List(dataset).PageSize(100).Pages(ctx, func(page *healthcare.ListOperationsResponse) error {
 		pages++
@@ -45,7 +51,7 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, called ti
 				continue
 			}
 			ct, err := time.Parse(time.RFC3339Nano, meta.CreateTime)
-			if err != nil || ct.Before(from) {
+			if err != nil {
 				continue
 			}
 			var own opRecord
@@ -54,14 +60,18 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, called ti
 			case err == nil && own.Run == p.Run:
 				return foundOp(op.Name)
 			case err == nil:
-				continue // another run's
+				if d := own.Recorded.Sub(ct); !known || d < offset {
+					offset, known = d, true
+				}
 			case errors.Is(err, ErrNotFound):
-				unowned = append(unowned, op.Name)
+				unowned = append(unowned, cand{op.Name, ct})
+			case errors.Is(err, ErrCorrupt):
+				continue
 			default:
 				return err
 			}
 		}
-		if pages >= 50 {
+		if pages >= 20 {
 			return errStop
 		}
 		return nil
@@ -73,18 +83,22 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, called ti
 	case err != nil && !errors.Is(err, errStop):
 		return "", 0, fmt.Errorf("operations.list %s: %w", dataset, err)
 	}
+	if known {
+		from := p.Started.Add(-callSkew - offset)
+		unowned = slices.DeleteFunc(unowned, func(c cand) bool { return c.ct.Before(from) })
+	}
 	if len(unowned) == 1 {
-		return unowned[0], 0, nil
+		return unowned[0].name, 0, nil
 	}
 	if len(unowned) > 1 && strings.HasPrefix(p.Destination, "gs://") {
 		var confirmed []string
-		for _, op := range unowned {
-			ok, err := x.wroteOutput(ctx, p.Destination, op)
+		for _, c := range unowned {
+			ok, err := x.wroteOutput(ctx, p.Destination, c.name)
 			if err != nil {
 				return "", 0, err
 			}
 			if ok {
-				confirmed = append(confirmed, op)
+				confirmed = append(confirmed, c.name)
 			}
 		}
 		if len(confirmed) == 1 {
