@@ -539,3 +539,29 @@ func sharedReferences(a, b reflect.Value, path string) []string {
 	}
 	return nil
 }
+
+// BenchmarkFirstNameChecks compares what the first configuration load and the
+// first spec cost in the name checks: compiling and running the regular
+// expressions they once used (regexp) against the hand-written checks
+// (checks). Both run each check once on a valid input, as a cold instance's
+// first event does.
+func BenchmarkFirstNameChecks(b *testing.B) {
+	inputs := make([]string, len(regexpEquivalents))
+	for i, tc := range regexpEquivalents {
+		inputs[i] = tc.seeds[0]
+	}
+	b.Run("regexp", func(b *testing.B) {
+		for b.Loop() {
+			for i, tc := range regexpEquivalents {
+				regexp.MustCompile(tc.re).MatchString(inputs[i])
+			}
+		}
+	})
+	b.Run("checks", func(b *testing.B) {
+		for b.Loop() {
+			for i, tc := range regexpEquivalents {
+				tc.check(inputs[i])
+			}
+		}
+	})
+}
