@@ -166,3 +166,34 @@ func TestPolicyFleets(t *testing.T) {
 		})
 	}
 }
+
+// TestStartNeverAdmitsAFleetName drives Exporter.Start with fleet specs under
+// a policy of "*" patterns: the fleet name must not reach fhirStores.export as
+// if it were a store. (When Start expands fleets, each concrete store is
+// admitted on its own; the fleet name itself still never is.)
+func TestStartNeverAdmitsAFleetName(t *testing.T) {
+	t.Parallel()
+	g := newGate(t, "projects/*/locations/*/datasets/*/fhirStores/*", secDests)
+	tests := []struct {
+		name, spec string
+	}{
+		{"gcs", `{"fhirStore":"projects/p-1234/locations/us/datasets/clinical/fhirStores/*","gcsDestination":{"uriPrefix":"gs://allowed-bucket/exports/{store}"}}`},
+		{"bigquery", `{"fhirStore":"projects/p-1234/locations/us/datasets/clinical/fhirStores/*","bigqueryDestination":{"datasetUri":"bq://p-1234.ds",` +
+			`"schemaConfig":{"schemaType":"ANALYTICS_V2"},"writeDisposition":"WRITE_APPEND"}}`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			if _, err := ParseSpec([]byte(tc.spec)); err != nil {
+				t.Fatalf("the fleet spec itself must be valid: %v", err)
+			}
+			if g.admits(t, []byte(tc.spec)) {
+				t.Errorf("Start admitted the fleet name as a store: %s", tc.spec)
+			}
+		})
+	}
+	// The same gate admits a concrete store, so the test can tell the two apart.
+	if !g.admits(t, []byte(`{"fhirStore":"projects/p-1234/locations/us/datasets/clinical/fhirStores/ehr","gcsDestination":{"uriPrefix":"gs://allowed-bucket/exports/{store}"}}`)) {
+		t.Error("the gate refused a concrete store its policy allows")
+	}
+}
