@@ -2,9 +2,12 @@ package events
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"time"
+	"unicode/utf8"
 
 	"cloud.google.com/go/pubsub/v2"
 )
@@ -83,11 +86,45 @@ type TriggerRef struct {
 	ID     string `json:"id"`
 }
 
+// Pub/Sub's limits on a published message
+// (https://cloud.google.com/pubsub/quotas#resource_limits). Outbound messages
+// stay within them: a message over a limit is refused on publish, and a
+// refusal that repeats on every redelivery would block the run's outcome.
+const (
+	MaxAttributeKeyBytes   = 256
+	MaxAttributeValueBytes = 1024
+	MaxAttributes          = 100
+	MaxMessageBytes        = 10_000_000
+)
+
+// shortenedPrefixBytes is how much of an over-long attribute value is kept,
+// leaving room under MaxAttributeValueBytes for the marker and the hash.
+const shortenedPrefixBytes = 900
+
+// fitAttribute returns v unchanged when it fits in an attribute. Otherwise
+// it returns v's first shortenedPrefixBytes (cut at a UTF-8 boundary), then
+// "…sha256:" and the first 16 hex digits of v's SHA-256: still readable,
+// still distinct for distinct values, and short enough. The event data keeps
+// the whole value.
+func fitAttribute(v string) string {
+	if len(v) <= MaxAttributeValueBytes {
+		return v
+	}
+	cut := shortenedPrefixBytes
+	for cut > 0 && !utf8.RuneStart(v[cut]) {
+		cut--
+	}
+	sum := sha256.Sum256([]byte(v))
+	return v[:cut] + "…sha256:" + hex.EncodeToString(sum[:8])
+}
+
 // Message encodes e as a Pub/Sub message in binary content mode, per the
 // CloudEvents Pub/Sub protocol binding
 // (https://github.com/cloudevents/spec/blob/main/cloudevents/bindings/pubsub-protocol-binding.md):
 // context attributes become lower-case "ce-" attributes and the data is the
-// message data.
+// message data. Attribute values longer than Pub/Sub allows (a source or
+// subject taken from a direct CloudEvent's trigger can be) are shortened as
+// fitAttribute says; the data always carries the trigger's whole source and id.
 func Message(e Event) (*pubsub.Message, error) {
 	data, err := json.Marshal(e.Data)
 	if err != nil {
@@ -103,6 +140,14 @@ func Message(e Event) (*pubsub.Message, error) {
 	}
 	if e.Subject != "" {
 		attrs["ce-subject"] = e.Subject
+	}
+	size := len(data)
+	for k, v := range attrs {
+		attrs[k] = fitAttribute(v)
+		size += len(k) + len(attrs[k])
+	}
+	if size > MaxMessageBytes {
+		return nil, fmt.Errorf("encode %s event %s: %d bytes, over Pub/Sub's limit of %d", e.Type, e.ID, size, MaxMessageBytes)
 	}
 	return &pubsub.Message{Data: data, Attributes: attrs}, nil
 }

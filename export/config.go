@@ -21,7 +21,18 @@ type Config struct {
 	PollWorkers        int // FHIREXPORT_POLL_WORKERS: concurrent operations.get in a sweep (default 16)
 }
 
-var topicRE = lazyRegexp(`^projects/[a-z0-9][a-z0-9.:-]{0,62}[a-z0-9]/topics/[A-Za-z][A-Za-z0-9._~%+-]{2,254}$`)
+// validTopic reports whether s is projects/PROJECT/topics/TOPIC, the topic ID
+// [A-Za-z][A-Za-z0-9._~%+-]{2,254}. Checked by hand, like the spec's names,
+// to keep regular expressions out of the cold start.
+func validTopic(s string) bool {
+	segs := strings.Split(s, "/")
+	if len(segs) != 4 || segs[0] != "projects" || segs[2] != "topics" || !validProjectID(segs[1]) {
+		return false
+	}
+	t := segs[3]
+	return len(t) >= 3 && len(t) <= 255 && isLetter(t[0]) &&
+		every(t, func(c byte) bool { return isLetter(c) || isDigit(c) || strings.IndexByte("._~%+-", c) >= 0 })
+}
 
 // LoadConfig reads the FHIREXPORT_* variables (and the client libraries'
 // emulator switches) through lookup, so tests need not touch the process
@@ -33,7 +44,7 @@ func LoadConfig(lookup func(string) (string, bool)) (Config, error) {
 	switch {
 	case c.EventsTopic == "":
 		return Config{}, fmt.Errorf("FHIREXPORT_EVENTS_TOPIC is required: the Pub/Sub topic for outcome events, as projects/PROJECT/topics/TOPIC")
-	case !topicRE().MatchString(c.EventsTopic):
+	case !validTopic(c.EventsTopic):
 		return Config{}, fmt.Errorf("FHIREXPORT_EVENTS_TOPIC: %q is not a topic name; accepted: projects/PROJECT/topics/TOPIC", c.EventsTopic)
 	}
 	state := get("FHIREXPORT_STATE")
@@ -73,7 +84,7 @@ func ParseStateLocation(v string) (bucket, prefix string, err error) {
 	rest, ok := strings.CutPrefix(v, "gs://")
 	bucket, prefix, _ = strings.Cut(rest, "/")
 	prefix = strings.Trim(prefix, "/")
-	if !ok || !bucketRE().MatchString(bucket) || strings.Contains(prefix, "//") {
+	if !ok || !validBucket(bucket) || strings.Contains(prefix, "//") {
 		return "", "", fmt.Errorf("%q is not a Cloud Storage location; accepted: gs://BUCKET or gs://BUCKET/PREFIX", v)
 	}
 	return bucket, prefix, nil

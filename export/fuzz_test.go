@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -25,6 +26,20 @@ var validSpecs = []string{
 	`{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/s","bigqueryDestination":{"datasetUri":"bq://example.com:my-proj.ds_1",` +
 		`"schemaConfig":{"schemaType":"ANALYTICS","recursiveStructureDepth":null}},"gcsDestination":null,"labels":null}`,
 	`{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/s","gcsDestination":{"uriPrefix":"gs://b-1"},"labels":{}}`,
+	`{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/*","gcsDestination":{"uriPrefix":"gs://b-1/{store}/{date}"},"timeout":"6h30m"}`,
+	`{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/*","bigqueryDestination":{"datasetUri":"bq://p-1234.ds",` +
+		`"schemaConfig":{"schemaType":"ANALYTICS"},"writeDisposition":"WRITE_APPEND"},"timeout":"90m","labels":{"team":"données"}}`,
+}
+
+// rejectedSpecs seed the fuzzer with specs one rule away from valid: the
+// timeout range, fleet destinations, non-printable characters.
+var rejectedSpecs = []string{
+	`{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/s","gcsDestination":{"uriPrefix":"gs://b-1"},"timeout":"59s"}`,
+	`{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/*","gcsDestination":{"uriPrefix":"gs://b-1/x"}}`,
+	`{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/*","bigqueryDestination":{"datasetUri":"bq://p-1234.ds",` +
+		`"schemaConfig":{"schemaType":"ANALYTICS"},"writeDisposition":"WRITE_TRUNCATE"}}`,
+	`{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/s","gcsDestination":{"uriPrefix":"gs://b-1"},"labels":{"a":"x\u202e"}}`,
+	`{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/s","gcsDestination":{"uriPrefix":"gs://b-1/\u2028"},"x\u0085":1}`,
 }
 
 // FuzzParseSpec checks that ParseSpec never panics and that every answer is
@@ -34,7 +49,7 @@ func FuzzParseSpec(f *testing.F) {
 	for _, tc := range loadBadSpecs(f) {
 		f.Add([]byte(tc.Spec))
 	}
-	for _, s := range validSpecs {
+	for _, s := range append(validSpecs, rejectedSpecs...) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -112,4 +127,27 @@ func knownFieldPath(se *SpecError) bool {
 	parent, ok := strings.CutSuffix(f, "."+key)
 	k, declared := specFields[parent]
 	return ok && declared && k == kObject
+}
+
+// FuzzNameChecks checks every hand-written name check against the regular
+// expression it replaced (see regexpEquivalents) on the same input.
+func FuzzNameChecks(f *testing.F) {
+	for _, tc := range regexpEquivalents {
+		for _, s := range tc.seeds {
+			f.Add(s)
+		}
+	}
+	res := make([]*regexp.Regexp, len(regexpEquivalents))
+	for i, tc := range regexpEquivalents {
+		res[i] = regexp.MustCompile(tc.re)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		for i, tc := range regexpEquivalents {
+			m := res[i].FindStringSubmatch(s)
+			want := m != nil && (tc.extra == nil || tc.extra(m))
+			if got := tc.check(s); got != want {
+				t.Errorf("%s check(%q) = %v, the regexp said %v", tc.name, s, got, want)
+			}
+		}
+	})
 }

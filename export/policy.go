@@ -33,7 +33,7 @@ func ParsePolicy(stores, destinations string) (Policy, error) {
 		case strings.HasPrefix(d, "gs://"):
 			d = strings.TrimRight(d, "/")
 			bucket, path, _ := strings.Cut(strings.TrimPrefix(d, "gs://"), "/")
-			if !bucketRE().MatchString(bucket) {
+			if !validBucket(bucket) {
 				return Policy{}, fmt.Errorf("FHIREXPORT_ALLOWED_DESTINATIONS: %q has an invalid bucket name", d)
 			}
 			if path != "" {
@@ -44,7 +44,7 @@ func ParsePolicy(stores, destinations string) (Policy, error) {
 				}
 			}
 		case strings.HasPrefix(d, "bq://"):
-			if !datasetRE().MatchString(d) {
+			if !validDatasetURI(d) {
 				return Policy{}, fmt.Errorf("FHIREXPORT_ALLOWED_DESTINATIONS: %q is not bq://PROJECT_ID.DATASET_ID", d)
 			}
 		default:
@@ -65,26 +65,44 @@ func splitList(v string) []string {
 	return out
 }
 
-// AllowStore reports whether store matches an allowed pattern, segment by
-// segment and case-sensitively.
+// AllowStore reports whether store, a concrete store name, matches an allowed
+// pattern, segment by segment and case-sensitively. A fleet name
+// (…/fhirStores/*) is never allowed as such: a "*" in the name is not a
+// store ID, and a pattern's "*" would otherwise match it. The caller checks
+// each store of a fleet on its own.
 func (p Policy) AllowStore(store string) bool {
 	segs := strings.Split(store, "/")
 	for _, pat := range p.stores {
-		if len(pat) != len(segs) {
-			continue
-		}
-		ok := true
-		for i := range pat {
-			if segs[i] == "" || (pat[i] != "*" && pat[i] != segs[i]) {
-				ok = false
-				break
-			}
-		}
-		if ok {
+		if len(pat) == len(segs) && matchSegments(pat, segs) {
 			return true
 		}
 	}
 	return false
+}
+
+// AllowFleet reports whether some pattern could allow a store of dataset
+// (projects/P/locations/L/datasets/D). It lets a fleet spec whose dataset no
+// pattern reaches be rejected before the dataset's stores are listed; each
+// store listed must still pass AllowStore.
+func (p Policy) AllowFleet(dataset string) bool {
+	segs := strings.Split(dataset, "/")
+	for _, pat := range p.stores {
+		if len(pat) == len(segs)+2 && matchSegments(pat[:len(segs)], segs) {
+			return true
+		}
+	}
+	return false
+}
+
+// matchSegments matches a name's segments against a pattern's of the same
+// length. An empty or "*" segment in the name matches nothing.
+func matchSegments(pat, segs []string) bool {
+	for i := range pat {
+		if segs[i] == "" || segs[i] == "*" || (pat[i] != "*" && pat[i] != segs[i]) {
+			return false
+		}
+	}
+	return true
 }
 
 // AllowDestination reports whether an expanded destination lies inside an

@@ -123,3 +123,77 @@ func TestLoadConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestPolicyFleets checks that a fleet name is never allowed as a store, and
+// that AllowFleet answers whether any store of a dataset could be.
+func TestPolicyFleets(t *testing.T) {
+	t.Parallel()
+	p, err := ParsePolicy(
+		"projects/p-1234/locations/us/datasets/clinical/fhirStores/*, projects/p-1234/locations/us/datasets/*/fhirStores/shared, projects/*/locations/*/datasets/*/fhirStores/*",
+		"gs://exports-ok")
+	if err != nil {
+		t.Fatal(err)
+	}
+	narrow, err := ParsePolicy("projects/p-1234/locations/us/datasets/clinical/fhirStores/ehr", "gs://exports-ok")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name   string
+		policy Policy
+		check  func(Policy, string) bool
+		arg    string
+		want   bool
+	}{
+		{"fleet name as a store, wide policy", p, Policy.AllowStore, "projects/p-1234/locations/us/datasets/clinical/fhirStores/*", false},
+		{"fleet name as a store, any-store policy", p, Policy.AllowStore, "projects/x/locations/y/datasets/z/fhirStores/*", false},
+		{"wildcard dataset as a store", p, Policy.AllowStore, "projects/x/locations/y/datasets/*/fhirStores/s", false},
+		{"concrete store of the fleet", p, Policy.AllowStore, "projects/p-1234/locations/us/datasets/clinical/fhirStores/ehr", true},
+		{"fleet of a listed dataset", p, Policy.AllowFleet, "projects/p-1234/locations/us/datasets/clinical", true},
+		{"fleet of a dataset with one listed store", narrow, Policy.AllowFleet, "projects/p-1234/locations/us/datasets/clinical", true},
+		{"fleet of another dataset", narrow, Policy.AllowFleet, "projects/p-1234/locations/us/datasets/other", false},
+		{"fleet of a wildcard dataset", p, Policy.AllowFleet, "projects/p-1234/locations/us/datasets/*", false},
+		{"fleet of a store name", p, Policy.AllowFleet, "projects/p-1234/locations/us/datasets/clinical/fhirStores/ehr", false},
+		{"fleet of an empty dataset ID", p, Policy.AllowFleet, "projects/p-1234/locations/us/datasets/", false},
+		{"fleet under the empty policy", Policy{}, Policy.AllowFleet, "projects/p-1234/locations/us/datasets/clinical", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			if got := tc.check(tc.policy, tc.arg); got != tc.want {
+				t.Errorf("%s: got %v, want %v", tc.arg, got, tc.want)
+			}
+		})
+	}
+}
+
+// TestStartNeverAdmitsAFleetName drives Exporter.Start with fleet specs under
+// a policy of "*" patterns: the fleet name must not reach fhirStores.export as
+// if it were a store. (When Start expands fleets, each concrete store is
+// admitted on its own; the fleet name itself still never is.)
+func TestStartNeverAdmitsAFleetName(t *testing.T) {
+	t.Parallel()
+	g := newGate(t, "projects/*/locations/*/datasets/*/fhirStores/*", secDests)
+	tests := []struct {
+		name, spec string
+	}{
+		{"gcs", `{"fhirStore":"projects/p-1234/locations/us/datasets/clinical/fhirStores/*","gcsDestination":{"uriPrefix":"gs://allowed-bucket/exports/{store}"}}`},
+		{"bigquery", `{"fhirStore":"projects/p-1234/locations/us/datasets/clinical/fhirStores/*","bigqueryDestination":{"datasetUri":"bq://p-1234.ds",` +
+			`"schemaConfig":{"schemaType":"ANALYTICS_V2"},"writeDisposition":"WRITE_APPEND"}}`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			if _, err := ParseSpec([]byte(tc.spec)); err != nil {
+				t.Fatalf("the fleet spec itself must be valid: %v", err)
+			}
+			if g.admits(t, []byte(tc.spec)) {
+				t.Errorf("Start admitted the fleet name as a store: %s", tc.spec)
+			}
+		})
+	}
+	// The same gate admits a concrete store, so the test can tell the two apart.
+	if !g.admits(t, []byte(`{"fhirStore":"projects/p-1234/locations/us/datasets/clinical/fhirStores/ehr","gcsDestination":{"uriPrefix":"gs://allowed-bucket/exports/{store}"}}`)) {
+		t.Error("the gate refused a concrete store its policy allows")
+	}
+}

@@ -6,13 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"regexp"
+	"maps"
 	"slices"
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // MaxSpecBytes is the largest spec accepted. Real specs are a few hundred
@@ -31,6 +32,98 @@ type Spec struct {
 	Incremental         bool                 `json:"incremental,omitempty"`
 	Name                string               `json:"name,omitempty"`
 	Labels              map[string]string    `json:"labels,omitempty"`
+	// Timeout is how long a run may take, as a Go duration ("90m", "6h");
+	// "" means DefaultTimeout. See TimeoutDuration.
+	Timeout string `json:"timeout,omitempty"`
+}
+
+// DefaultTimeout is how long a run may take when its spec sets no timeout.
+// Exports of large stores, and BigQuery exports in particular, take hours; a
+// day leaves them room while still ending, within a day, a run whose
+// operation is stuck.
+const DefaultTimeout = 24 * time.Hour
+
+// The timeouts a spec may set. Below a minute a run would be cancelled before
+// one poll (every minute) could see it finish; finished operations stay
+// readable for about 30 days, and nothing legitimate runs for a week.
+const (
+	minTimeout = time.Minute
+	maxTimeout = 7 * 24 * time.Hour
+)
+
+// TimeoutDuration returns the spec's timeout, or DefaultTimeout when it sets
+// none (or, in a spec that did not validate, an unparsable one).
+func (s *Spec) TimeoutDuration() time.Duration {
+	if s.Timeout == "" {
+		return DefaultTimeout
+	}
+	d, err := parseTimeout(s.Timeout)
+	if err != nil {
+		return DefaultTimeout
+	}
+	return d
+}
+
+func parseTimeout(v string) (time.Duration, error) {
+	const accepted = "a Go duration from 1m to 168h (7 days), such as 90m or 6h"
+	if err := checkPrintable("timeout", v); err != nil {
+		return 0, err
+	}
+	d, err := time.ParseDuration(v)
+	switch {
+	case err != nil:
+		return 0, specErr("timeout", accepted, "%q is not a duration", v)
+	case d < minTimeout:
+		return 0, specErr("timeout", accepted, "%s is shorter than a minute", d)
+	case d > maxTimeout:
+		return 0, specErr("timeout", accepted, "%s is longer than 7 days", d)
+	}
+	return d, nil
+}
+
+// fleetSuffix ends a fleet spec's fhirStore: every store of the dataset.
+const fleetSuffix = "/fhirStores/*"
+
+// IsFleet reports whether the spec names every store of a dataset
+// (projects/P/locations/L/datasets/D/fhirStores/*) rather than one store.
+// A fleet is run as one spec per store (ForStore), each store checked against
+// the allow-list on its own.
+func (s *Spec) IsFleet() bool { return strings.HasSuffix(s.FHIRStore, fleetSuffix) }
+
+// Dataset returns the dataset of the spec's store or fleet,
+// projects/P/locations/L/datasets/D, or "" when fhirStore names none.
+func (s *Spec) Dataset() string {
+	i := strings.LastIndex(s.FHIRStore, "/fhirStores/")
+	if i < 0 {
+		return ""
+	}
+	return s.FHIRStore[:i]
+}
+
+// ForStore returns a deep copy of s for one concrete store (for a fleet: one
+// of its dataset's stores). It does not check store: the caller validates the
+// copy and checks the store against the allow-list.
+func (s *Spec) ForStore(store string) *Spec {
+	c := *s
+	c.FHIRStore = store
+	if s.GCSDestination != nil {
+		g := *s.GCSDestination
+		c.GCSDestination = &g
+	}
+	if s.BigQueryDestination != nil {
+		b := *s.BigQueryDestination
+		if b.SchemaConfig != nil {
+			sc := *b.SchemaConfig
+			if sc.LastUpdatedPartitionConfig != nil {
+				pc := *sc.LastUpdatedPartitionConfig
+				sc.LastUpdatedPartitionConfig = &pc
+			}
+			b.SchemaConfig = &sc
+		}
+		c.BigQueryDestination = &b
+	}
+	c.Labels = maps.Clone(s.Labels)
+	return &c
 }
 
 // GCSDestination is GoogleCloudHealthcareV1FhirGcsDestination; UriPrefix may
@@ -147,6 +240,7 @@ var specFields = map[string]kind{
 	"incremental":                                                              kBool,
 	"name":                                                                     kString,
 	"labels":                                                                   kLabelMap,
+	"timeout":                                                                  kString,
 }
 
 // fieldsUnder lists the accepted fields directly under an object path, for
@@ -215,6 +309,12 @@ func walkObject(dec *json.Decoder, data []byte, path string) error {
 			return specErr(path, "a JSON object", "not valid JSON: %v", syntaxProblem(err, data))
 		}
 		key := tok.(string) // inside an object, a token in key position is a string
+		if err := checkPrintable(path, key); err != nil {
+			// Name the object, not the key: the key itself must not reach
+			// logs and events.
+			err.Problem = "a field name: " + err.Problem
+			return err
+		}
 		field := key
 		if path != "" {
 			field = path + "." + key
@@ -323,29 +423,191 @@ func syntaxProblem(err error, data []byte) string {
 	return err.Error()
 }
 
-// The patterns compile at first use, not at init: cold starts stay short.
-var (
-	storeRE   = lazyRegexp(`^projects/([a-z0-9][a-z0-9.:-]{0,62}[a-z0-9])/locations/([a-z0-9][a-z0-9-]{0,62})/datasets/([A-Za-z0-9_.-]{1,256})/fhirStores/([A-Za-z0-9_.-]{1,256})$`)
-	sinceRE   = lazyRegexp(`^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$`)
-	bucketRE  = lazyRegexp(`^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$`)
-	datasetRE = lazyRegexp(`^bq://((?:[a-z0-9.-]+:)?[a-z][a-z0-9-]{4,28}[a-z0-9])\.([A-Za-z0-9_]{1,1000})$`)
-	nameRE    = lazyRegexp(`^[a-z0-9][a-z0-9._-]{0,62}$`)
-	labelKey  = lazyRegexp(`^[a-z][a-z0-9_-]{0,62}$`)
-	typeRE    = lazyRegexp(`^[A-Z][A-Za-z]{1,63}$`)
-)
+// printableAccepted says what checkPrintable accepts.
+const printableAccepted = "printable UTF-8: no control (Cc), format (Cf, such as U+200B or U+202E) or line and paragraph separator (U+2028, U+2029) characters"
 
-func lazyRegexp(expr string) func() *regexp.Regexp {
-	return sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(expr) })
+// checkPrintable rejects a value that is not valid UTF-8 or holds a character
+// that could hide or reorder text in the logs and events it is copied into:
+// controls (Cc, including U+0085 NEL), format characters (Cf: bidi overrides,
+// zero-width characters) and line or paragraph separators (Zl, Zp). The
+// error names the code point, never the value.
+func checkPrintable(field, v string) *SpecError {
+	for i := 0; i < len(v); {
+		if c := v[i]; c < utf8.RuneSelf {
+			if c < 0x20 || c == 0x7f {
+				return specErr(field, printableAccepted, "%U at byte %d is a control character", rune(c), i)
+			}
+			i++
+			continue
+		}
+		r, w := utf8.DecodeRuneInString(v[i:])
+		if r == utf8.RuneError && w == 1 {
+			return specErr(field, printableAccepted, "not valid UTF-8 at byte %d", i)
+		}
+		if unicode.In(r, unicode.Cc, unicode.Cf, unicode.Zl, unicode.Zp) {
+			return specErr(field, printableAccepted, "%U at byte %d is a control, format or separator character", r, i)
+		}
+		i += w
+	}
+	return nil
+}
+
+// Names are checked by hand rather than with regular expressions: the
+// bounded repeats the rules need ({1,256}, {2,254}) compile into large
+// programs, milliseconds of a cold start (issue 13). spec_test.go checks each
+// against the regular expression it replaced.
+
+func isLowerOrDigit(c byte) bool { return 'a' <= c && c <= 'z' || '0' <= c && c <= '9' }
+
+func isDigit(c byte) bool { return '0' <= c && c <= '9' }
+
+func isLetter(c byte) bool { return 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' }
+
+// every reports whether ok holds for every byte of s.
+func every(s string, ok func(byte) bool) bool {
+	for i := 0; i < len(s); i++ {
+		if !ok(s[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// validProjectID: [a-z0-9][a-z0-9.:-]{0,62}[a-z0-9] (domain-scoped IDs hold
+// '.' and ':').
+func validProjectID(s string) bool {
+	return len(s) >= 2 && len(s) <= 64 && isLowerOrDigit(s[0]) && isLowerOrDigit(s[len(s)-1]) &&
+		every(s, func(c byte) bool { return isLowerOrDigit(c) || c == '.' || c == ':' || c == '-' })
+}
+
+// validLocation: [a-z0-9][a-z0-9-]{0,62}.
+func validLocation(s string) bool {
+	return len(s) >= 1 && len(s) <= 63 && isLowerOrDigit(s[0]) &&
+		every(s, func(c byte) bool { return isLowerOrDigit(c) || c == '-' })
+}
+
+// validResourceID is a dataset or store ID: [A-Za-z0-9_.-]{1,256}, but not
+// "." or "..", which would change the meaning of a path.
+func validResourceID(s string) bool {
+	return len(s) >= 1 && len(s) <= 256 && s != "." && s != ".." &&
+		every(s, func(c byte) bool { return isLetter(c) || isDigit(c) || c == '_' || c == '.' || c == '-' })
+}
+
+// validStoreName reports whether s is projects/P/locations/L/datasets/D/fhirStores/S,
+// or, with fleet, projects/P/locations/L/datasets/D/fhirStores/*.
+func validStoreName(s string, fleet bool) bool {
+	segs := strings.Split(s, "/")
+	if len(segs) != 8 || segs[0] != "projects" || segs[2] != "locations" || segs[4] != "datasets" || segs[6] != "fhirStores" {
+		return false
+	}
+	return validProjectID(segs[1]) && validLocation(segs[3]) && validResourceID(segs[5]) &&
+		(validResourceID(segs[7]) || fleet && segs[7] == "*")
+}
+
+// validSinceShape: YYYY-MM-DDThh:mm:ss, optional .fraction of 1-9 digits, then
+// Z or ±hh:mm. Whether the date exists is time.Parse's job.
+func validSinceShape(v string) bool {
+	if len(v) < 20 {
+		return false
+	}
+	for i := range 19 {
+		c := v[i]
+		switch i {
+		case 4, 7:
+			if c != '-' {
+				return false
+			}
+		case 10:
+			if c != 'T' {
+				return false
+			}
+		case 13, 16:
+			if c != ':' {
+				return false
+			}
+		default:
+			if !isDigit(c) {
+				return false
+			}
+		}
+	}
+	rest := v[19:]
+	if rest[0] == '.' {
+		n := 1
+		for n < len(rest) && isDigit(rest[n]) {
+			n++
+		}
+		if n < 2 || n > 10 {
+			return false
+		}
+		rest = rest[n:]
+	}
+	if rest == "Z" {
+		return true
+	}
+	return len(rest) == 6 && (rest[0] == '+' || rest[0] == '-') && isDigit(rest[1]) && isDigit(rest[2]) &&
+		rest[3] == ':' && isDigit(rest[4]) && isDigit(rest[5])
+}
+
+// validBucket: [a-z0-9][a-z0-9._-]{1,220}[a-z0-9].
+func validBucket(s string) bool {
+	return len(s) >= 3 && len(s) <= 222 && isLowerOrDigit(s[0]) && isLowerOrDigit(s[len(s)-1]) &&
+		every(s, func(c byte) bool { return isLowerOrDigit(c) || c == '.' || c == '_' || c == '-' })
+}
+
+// validDatasetURI: bq://[DOMAIN:]PROJECT.DATASET, where PROJECT is
+// [a-z][a-z0-9-]{4,28}[a-z0-9], DOMAIN [a-z0-9.-]+ and DATASET
+// [A-Za-z0-9_]{1,1000}. Only the domain may hold '.', and nothing but the
+// domain's end holds ':', so the last '.' and the first ':' split it.
+func validDatasetURI(s string) bool {
+	rest, ok := strings.CutPrefix(s, "bq://")
+	i := strings.LastIndexByte(rest, '.')
+	if !ok || i < 0 {
+		return false
+	}
+	project, dataset := rest[:i], rest[i+1:]
+	if j := strings.IndexByte(project, ':'); j >= 0 {
+		domain := project[:j]
+		project = project[j+1:]
+		if domain == "" || !every(domain, func(c byte) bool { return isLowerOrDigit(c) || c == '.' || c == '-' }) {
+			return false
+		}
+	}
+	return len(project) >= 6 && len(project) <= 30 && 'a' <= project[0] && project[0] <= 'z' &&
+		isLowerOrDigit(project[len(project)-1]) &&
+		every(project, func(c byte) bool { return isLowerOrDigit(c) || c == '-' }) &&
+		len(dataset) >= 1 && len(dataset) <= 1000 &&
+		every(dataset, func(c byte) bool { return isLetter(c) || isDigit(c) || c == '_' })
+}
+
+// validName is a pipeline name: [a-z0-9][a-z0-9._-]{0,62}.
+func validName(s string) bool {
+	return len(s) >= 1 && len(s) <= 63 && isLowerOrDigit(s[0]) &&
+		every(s, func(c byte) bool { return isLowerOrDigit(c) || c == '.' || c == '_' || c == '-' })
+}
+
+// validLabelKey: [a-z][a-z0-9_-]{0,62}.
+func validLabelKey(s string) bool {
+	return len(s) >= 1 && len(s) <= 63 && 'a' <= s[0] && s[0] <= 'z' &&
+		every(s, func(c byte) bool { return isLowerOrDigit(c) || c == '_' || c == '-' })
+}
+
+// validTypeName has the shape of a resource type: [A-Z][A-Za-z]{1,63}.
+func validTypeName(s string) bool {
+	return len(s) >= 2 && len(s) <= 64 && 'A' <= s[0] && s[0] <= 'Z' && every(s, isLetter)
 }
 
 // Validate checks every field, returning the first problem as a *SpecError.
 func (s *Spec) Validate() error {
+	const storeAccepted = "projects/P/locations/L/datasets/D/fhirStores/S with IDs of letters, digits, '_', '-', '.', or a fleet: projects/P/locations/L/datasets/D/fhirStores/*"
 	if s.FHIRStore == "" {
-		return specErr("fhirStore", "projects/P/locations/L/datasets/D/fhirStores/S", "required")
+		return specErr("fhirStore", storeAccepted, "required")
 	}
-	m := storeRE().FindStringSubmatch(s.FHIRStore)
-	if m == nil || m[3] == "." || m[3] == ".." || m[4] == "." || m[4] == ".." {
-		return specErr("fhirStore", "projects/P/locations/L/datasets/D/fhirStores/S with IDs of letters, digits, '_', '-', '.'", "%q is not a FHIR store resource name", s.FHIRStore)
+	if err := checkPrintable("fhirStore", s.FHIRStore); err != nil {
+		return err
+	}
+	if !validStoreName(s.FHIRStore, true) {
+		return specErr("fhirStore", storeAccepted, "%q is not a FHIR store resource name", s.FHIRStore)
 	}
 	if _, err := s.Types(); err != nil {
 		return err
@@ -364,23 +626,45 @@ func (s *Spec) Validate() error {
 		if err := validateURIPrefix(s.GCSDestination.URIPrefix); err != nil {
 			return err
 		}
+		if s.IsFleet() && !strings.Contains(s.GCSDestination.URIPrefix, "{store}") {
+			return specErr("gcsDestination.uriPrefix", "for a fleet (fhirStores/*), a uriPrefix with {store}, such as gs://BUCKET/PATH/{store}/{date}",
+				"a fleet runs one export per store; without {store} every store's files land under the same prefix, where they cannot be told apart")
+		}
 	default:
 		if err := s.validateBigQuery(); err != nil {
 			return err
 		}
 	}
-	if s.Name != "" && !nameRE().MatchString(s.Name) {
-		return specErr("name", "1-63 of a-z, 0-9, '.', '_', '-', starting with a letter or digit", "%q is not a pipeline name", s.Name)
+	if s.Name != "" {
+		if err := checkPrintable("name", s.Name); err != nil {
+			return err
+		}
+		if !validName(s.Name) {
+			return specErr("name", "1-63 of a-z, 0-9, '.', '_', '-', starting with a letter or digit", "%q is not a pipeline name", s.Name)
+		}
+	}
+	if s.Timeout != "" {
+		if _, err := parseTimeout(s.Timeout); err != nil {
+			return err
+		}
 	}
 	if len(s.Labels) > 64 {
 		return specErr("labels", "at most 64 labels", "%d labels", len(s.Labels))
 	}
 	for k, v := range s.Labels {
-		if !labelKey().MatchString(k) {
+		if err := checkPrintable("labels", k); err != nil {
+			err.Problem = "a label key: " + err.Problem
+			return err
+		}
+		if !validLabelKey(k) {
 			return specErr("labels."+k, "keys of 1-63 of a-z, 0-9, '_', '-', starting with a letter", "%q is not a label key", k)
 		}
-		if len(v) > 256 || strings.ContainsFunc(v, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
-			return specErr("labels."+k, "values of at most 256 printable characters", "invalid label value")
+		if err := checkPrintable("labels."+k, v); err != nil {
+			err.Accepted = "values of at most 256 bytes of " + printableAccepted
+			return err
+		}
+		if len(v) > 256 {
+			return specErr("labels."+k, "values of at most 256 bytes of "+printableAccepted, "the value is %d bytes", len(v))
 		}
 	}
 	return nil
@@ -393,13 +677,16 @@ func (s *Spec) Types() ([]string, error) {
 		return nil, nil
 	}
 	const accepted = "comma-separated FHIR resource types such as Patient,Observation"
+	if err := checkPrintable("_type", s.Type); err != nil {
+		return nil, err
+	}
 	parts := strings.Split(s.Type, ",")
 	seen := map[string]bool{}
 	for _, p := range parts {
 		switch {
 		case p == "":
 			return nil, specErr("_type", accepted, "%q has an empty entry", s.Type)
-		case !typeRE().MatchString(p) || !knownTypes[p]:
+		case !validTypeName(p) || !knownTypes[p]:
 			return nil, specErr("_type", accepted, "%q is not a FHIR resource type", p)
 		case seen[p]:
 			return nil, specErr("_type", accepted, "%q is listed twice", p)
@@ -413,7 +700,10 @@ func (s *Spec) Types() ([]string, error) {
 // fractional seconds allowed, as the API requires.
 func ParseSince(v string) (time.Time, error) {
 	const accepted = "RFC 3339 to the second with a time zone, e.g. 2026-01-01T00:00:00Z or 2026-01-01T02:00:00.5+02:00"
-	if !sinceRE().MatchString(v) {
+	if err := checkPrintable("_since", v); err != nil {
+		return time.Time{}, err
+	}
+	if !validSinceShape(v) {
 		return time.Time{}, specErr("_since", accepted, "%q is not a timestamp", v)
 	}
 	t, err := time.Parse(time.RFC3339Nano, v)
@@ -428,12 +718,15 @@ var placeholders = []string{"{store}", "{dataset}", "{date}", "{time}", "{run}"}
 
 func validateURIPrefix(p string) error {
 	const accepted = "gs://BUCKET/PATH with optional placeholders {store}, {dataset}, {date}, {time}, {run}"
+	if err := checkPrintable("gcsDestination.uriPrefix", p); err != nil {
+		return err
+	}
 	rest, ok := strings.CutPrefix(p, "gs://")
 	if !ok {
 		return specErr("gcsDestination.uriPrefix", accepted, "%q does not start with gs://", p)
 	}
 	bucket, path, _ := strings.Cut(rest, "/")
-	if !bucketRE().MatchString(bucket) || strings.Contains(bucket, "..") {
+	if !validBucket(bucket) || strings.Contains(bucket, "..") {
 		return specErr("gcsDestination.uriPrefix", accepted, "%q is not a valid bucket name", bucket)
 	}
 	path = strings.TrimSuffix(path, "/")
@@ -465,7 +758,10 @@ func validateURIPrefix(p string) error {
 
 func (s *Spec) validateBigQuery() error {
 	bq := s.BigQueryDestination
-	if !datasetRE().MatchString(bq.DatasetURI) {
+	if err := checkPrintable("bigqueryDestination.datasetUri", bq.DatasetURI); err != nil {
+		return err
+	}
+	if !validDatasetURI(bq.DatasetURI) {
 		return specErr("bigqueryDestination.datasetUri", "bq://PROJECT_ID.DATASET_ID", "%q is not a BigQuery dataset URI", bq.DatasetURI)
 	}
 	sc := bq.SchemaConfig
@@ -497,6 +793,17 @@ func (s *Spec) validateBigQuery() error {
 		}
 		if bq.Force {
 			return specErr("bigqueryDestination.force", "false (or absent) for incremental exports", "force deletes every table before writing, erasing earlier increments")
+		}
+	}
+	if s.IsFleet() {
+		// Every store of a fleet exports into the same dataset, one table per
+		// resource type.
+		if bq.WriteDisposition != "WRITE_APPEND" {
+			return specErr("bigqueryDestination.writeDisposition", "WRITE_APPEND for a fleet (fhirStores/*)",
+				"a fleet's stores all write into the same tables: WRITE_TRUNCATE would let each store erase the rows of the stores before it, and WRITE_EMPTY (the default) fails for every store after the first, whose rows are already there")
+		}
+		if bq.Force {
+			return specErr("bigqueryDestination.force", "false (or absent) for a fleet (fhirStores/*)", "force deletes every table before writing, erasing the rows of the fleet's other stores")
 		}
 	}
 	return nil
