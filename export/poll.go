@@ -236,7 +236,7 @@ func (x *Exporter) watchdog(ctx context.Context, o stateObject, opName string) {
 	if err != nil {
 		return
 	}
-	timeout := parseTimeout(o.Metadata["timeout"])
+	timeout := timeoutOf(o.Metadata["timeout"])
 	if x.now().Sub(begun) < timeout {
 		return
 	}
@@ -360,7 +360,7 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 		ev.Data.Error = &events.Error{Code: codeInternal, Message: "the export operation finished but " + problem + "; the watermark was not moved: check the operation with gcloud healthcare operations describe"}
 	case p.Cancelled == "timeout" && op.Error != nil && op.Error.Code == codeCancelled:
 		ev.Data.Error = &events.Error{Code: codeDeadlineExceeded, Message: fmt.Sprintf(
-			"cancelled by fhirexport: the export was still running past its timeout (%s)", parseTimeout(p.Timeout))}
+			"cancelled by fhirexport: the export was still running past its timeout (%s)", timeoutOf(p.Timeout))}
 	case p.Incremental && ev.Type == events.TypeSucceeded && meta.CreateTime == "":
 		ev = retype(ev, events.TypeFailed, op.Name)
 		ev.Data.Error = &events.Error{Code: codeInternal, Message: "the export succeeded but its operation has no createTime, so no watermark can be set; the next run repeats this window"}
@@ -508,4 +508,9 @@ func outcomeEvent(p pendingRecord, op *healthcare.Operation, meta *healthcare.Op
 		at = p.Started
 	}
 	return events.Event{ID: eventID(typ, op.Name), Type: typ, Source: SourceOf(p.Store), Subject: op.Name, Time: at, Data: d}
+}
+
+// timeoutOf is a run's watchdog timeout: its spec's, or DefaultTimeout.
+func timeoutOf(v string) time.Duration {
+	return (&Spec{Timeout: v}).TimeoutDuration()
 }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
-	"strings"
 	"time"
 
 	"google.golang.org/api/googleapi"
@@ -92,7 +91,7 @@ func (r *run) pending(now time.Time) pendingRecord {
 	spec, _ := json.Marshal(r.spec)
 	return pendingRecord{Run: r.key, Trigger: r.ref, Pipeline: r.pipeline, Store: r.spec.FHIRStore, Name: r.spec.Name,
 		Labels: r.spec.Labels, Destination: r.dest, Types: r.types, Incremental: r.spec.Incremental,
-		Spec: spec, Timeout: r.spec.timeoutString(), Slot: -1, Started: now}
+		Spec: spec, Timeout: r.spec.Timeout, Slot: -1, Started: now}
 }
 
 // Start turns one trigger into at most one export per store (queued when the
@@ -108,7 +107,7 @@ func (x *Exporter) Start(ctx context.Context, trig events.Trigger, decodeErr err
 	if err != nil {
 		return x.reject(ctx, log, trig, nil, "", err)
 	}
-	if !spec.isFleetSpec() {
+	if !spec.IsFleet() {
 		r, err := x.newRun(trig, spec, RunKey(trig.Source, trig.ID), log)
 		if err != nil {
 			return x.reject(ctx, log, trig, spec, "", err)
@@ -122,7 +121,10 @@ func (x *Exporter) Start(ctx context.Context, trig events.Trigger, decodeErr err
 // its own claim, so a redelivery (after a crash in the middle, too) creates
 // no run twice and finishes the ones missing.
 func (x *Exporter) startFleet(ctx context.Context, trig events.Trigger, spec *Spec, log *slog.Logger) error {
-	dataset := strings.TrimSuffix(spec.FHIRStore, "/fhirStores/*")
+	dataset := spec.Dataset()
+	if !x.policy.AllowFleet(dataset) {
+		return x.reject(ctx, log, trig, spec, "", specErr("fhirStore", "a fleet whose stores FHIREXPORT_ALLOWED_STORES may match", "no store of %s is on the allow-list%s", dataset, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES")))
+	}
 	var stores []string
 	call := x.hc.Projects.Locations.Datasets.FhirStores.List(dataset).PageSize(1000)
 	err := call.Pages(ctx, func(page *healthcare.ListFhirStoresResponse) error {
@@ -141,7 +143,7 @@ func (x *Exporter) startFleet(ctx context.Context, trig events.Trigger, spec *Sp
 	log.Info("fleet trigger", "dataset", dataset, "stores", len(stores))
 	var errs []error
 	for _, store := range stores {
-		one := spec.forStore(store)
+		one := spec.ForStore(store)
 		slog := log.With("store", store)
 		if !x.policy.AllowStore(store) {
 			errs = append(errs, x.reject(ctx, slog, trig, one, store, specErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s; the fleet's other stores are exported", store, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES"))))
