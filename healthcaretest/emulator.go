@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"cloud.google.com/go/pubsub/v2"
 	"cloud.google.com/go/storage"
 )
 
@@ -32,6 +33,11 @@ type Options struct {
 	// MaxRunningOperations limits running exports per project; 0 means
 	// unlimited. An export beyond the limit answers 429 RESOURCE_EXHAUSTED.
 	MaxRunningOperations int
+	// PubSub publishes FHIR store change notifications. When nil, a client is
+	// built at the first notification from PUBSUB_EMULATOR_HOST; if that is
+	// unset or fails, notifications are logged and dropped (the FHIR write
+	// still succeeds, as on the service).
+	PubSub *pubsub.Client
 	// Logf, when set, receives one line per request and per operation event.
 	Logf func(format string, args ...any)
 }
@@ -60,6 +66,14 @@ type Emulator struct {
 	storageOnce sync.Once
 	storageErr  error
 
+	// publishMu serializes Flush, so notifications leave in commit order,
+	// and guards the Pub/Sub client and publishers.
+	publishMu  sync.Mutex
+	pubsub     *pubsub.Client
+	ownPubsub  bool
+	pubsubErr  error
+	publishers map[string]*pubsub.Publisher
+
 	mu             sync.Mutex
 	lastStamp      time.Time
 	exportDuration time.Duration
@@ -71,10 +85,13 @@ type Emulator struct {
 	ops            map[string]*operation
 	opSeq          uint64
 	idSeq          uint64
+	idSalt         uint64                                  // mixed into server-assigned ids; 0 with DeterministicIDs
 	bq             map[string]map[string][]json.RawMessage // dataset URI → table → rows
 	requests       []Request
 	faults         map[string][]*fault
 	forced         []Outcome
+	outbox         []Notification // committed, not yet published
+	published      []Notification
 }
 
 type dataset struct {
@@ -105,6 +122,8 @@ func New(opts Options) *Emulator {
 		ops:            map[string]*operation{},
 		bq:             map[string]map[string][]json.RawMessage{},
 		faults:         map[string][]*fault{},
+		pubsub:         opts.PubSub,
+		publishers:     map[string]*pubsub.Publisher{},
 	}
 	if e.clock == nil {
 		e.clock = realClock{}
@@ -122,8 +141,10 @@ func New(opts Options) *Emulator {
 // Close stops running export writes and waits for them. The emulator still
 // answers afterwards, but unfinished exports fail.
 func (e *Emulator) Close() {
+	e.Flush()
 	e.bgCancel()
 	e.wg.Wait()
+	e.closePubSub()
 }
 
 // SetExportTiming sets the duration and number of progress steps of exports
@@ -261,10 +282,22 @@ func (e *Emulator) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if rt.handler == nil {
+		if knownShape(r.URL.Path) {
+			// The service answers every method it has; the emulator has
+			// fewer. UNIMPLEMENTED tells a client it hit a gap of the
+			// emulator, not a missing resource.
+			writeAPIError(w, errorf(codeUnimplemented, "the emulator does not implement %s %s", r.Method, r.URL.Path))
+			return
+		}
 		writeAPIError(w, notFound("the requested URL %s %s was not found on this server", r.Method, r.URL.Path))
 		return
 	}
-	rt.handler(e, w, r, &call{body: body, query: query, names: rt.names})
+	// The answer waits until the notifications of the request's writes are
+	// published, so a client that saw it can pull them.
+	bw := &bufferedResponse{ResponseWriter: w}
+	rt.handler(e, bw, r, &call{body: body, query: query, names: rt.names})
+	e.Flush()
+	bw.send()
 }
 
 // dropConnection closes the connection without an HTTP answer.
@@ -335,6 +368,8 @@ func route(method, path string) routed {
 		switch method {
 		case http.MethodGet:
 			return routed{"datasets.get", handleDatasetsGet, n}
+		case http.MethodPatch:
+			return routed{"datasets.patch", handleDatasetsPatch, n}
 		case http.MethodDelete:
 			return routed{"datasets.delete", handleDatasetsDelete, n}
 		}
@@ -380,6 +415,8 @@ func route(method, path string) routed {
 		case hasVerb:
 		case method == http.MethodGet:
 			return routed{"fhirStores.get", handleStoresGet, n}
+		case method == http.MethodPatch:
+			return routed{"fhirStores.patch", handleStoresPatch, n}
 		case method == http.MethodDelete:
 			return routed{"fhirStores.delete", handleStoresDelete, n}
 		}
@@ -405,11 +442,63 @@ func route(method, path string) routed {
 			return routed{"fhir.read", handleFHIRRead, n}
 		case http.MethodPut:
 			return routed{"fhir.update", handleFHIRUpdate, n}
+		case http.MethodPatch:
+			return routed{"fhir.patch", handleFHIRPatch, n}
 		case http.MethodDelete:
 			return routed{"fhir.delete", handleFHIRDelete, n}
 		}
 	}
 	return routed{}
+}
+
+// apiCollections are the collection names of the Healthcare API v1 resource
+// paths (discovery document).
+var apiCollections = map[string]bool{
+	"locations": true, "datasets": true, "fhirStores": true, "dicomStores": true, "hl7V2Stores": true,
+	"consentStores": true, "operations": true, "messages": true, "attributeDefinitions": true,
+	"consentArtifacts": true, "consents": true, "userDataMappings": true, "services": true, "dicomWeb": true,
+	"studies": true, "series": true, "instances": true,
+}
+
+// apiVerbs are the custom methods (":verb") of the v1 discovery document.
+var apiVerbs = map[string]bool{}
+
+func init() {
+	for _, v := range strings.Fields(`activate analyzeEntities applyAdminConsents applyConsents archive bulkDelete cancel
+checkDataAccess deidentify deleteRevision evaluateUserConsents explainDataAccess export getDICOMStoreMetrics
+getFHIRStoreMetrics getIamPolicy getSeriesMetrics getStorageInfo getStudyMetrics import ingest listRevisions
+queryAccessibleData reject revoke rollback setBlobStorageSettings setIamPolicy testIamPermissions`) {
+		apiVerbs[v] = true
+	}
+}
+
+// knownShape reports whether path looks like a Healthcare API v1 method:
+// /v1/projects/{p}/locations..., alternating known collections and ids, or
+// anything under a FHIR store's /fhir (search, history, operations).
+func knownShape(path string) bool {
+	p, ok := strings.CutPrefix(path, "/v1/")
+	if !ok {
+		return false
+	}
+	segs := strings.Split(p, "/")
+	if len(segs) < 3 || segs[0] != "projects" || segs[1] == "" {
+		return false
+	}
+	for i, s := range segs {
+		name, verb, hasVerb := strings.Cut(s, ":")
+		if hasVerb && !apiVerbs[verb] {
+			return false
+		}
+		if i%2 == 0 && i >= 2 {
+			if name == "fhir" && i == 8 {
+				return true
+			}
+			if !apiCollections[name] {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // decodeJSONObject decodes a JSON object body, numbers kept as json.Number.
