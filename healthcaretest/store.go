@@ -168,7 +168,10 @@ func (e *Emulator) SetNotificationConfigs(store string, configs ...NotificationC
 	} else {
 		st.config["notificationConfigs"] = list
 	}
-	return st.applyConfig()
+	if aerr := st.applyConfig(); aerr != nil {
+		return aerr
+	}
+	return nil
 }
 
 func newStore(name, version string, config map[string]any) (*fhirStore, *apiError) {
