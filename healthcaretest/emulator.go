@@ -90,6 +90,9 @@ type Emulator struct {
 	requests       []Request
 	faults         map[string][]*fault
 	forced         []Outcome
+	exports        []Export
+	peakRunning    int
+	peakByProject  map[string]int
 	outbox         []Notification // committed, not yet published
 	published      []Notification
 }
@@ -123,6 +126,7 @@ func New(opts Options) *Emulator {
 		bq:             map[string]map[string][]json.RawMessage{},
 		faults:         map[string][]*fault{},
 		pubsub:         opts.PubSub,
+		peakByProject:  map[string]int{},
 		publishers:     map[string]*pubsub.Publisher{},
 	}
 	if e.clock == nil {
@@ -166,9 +170,25 @@ func (e *Emulator) SetMaxRunningOperations(n int) {
 	e.maxRunning = n
 }
 
-// FailNext makes the next n calls of method fail before they have any effect:
-// code is an HTTP status (429, 500, 503, ...) answered in the Google error
-// model, or 0 to drop the connection without answering. method is a short
+// Fault codes beyond HTTP statuses, for FailNext, FailRate and the admin
+// faults endpoint.
+const (
+	// DropBeforeActing drops the connection before the call has any effect.
+	DropBeforeActing = 0
+	// AcceptedAnswerLost lets the call take full effect (an export is
+	// accepted: its operation exists and runs) and then drops the
+	// connection without answering, as when a response is lost in transit.
+	AcceptedAnswerLost = -1
+	// AcceptedAnswerTooLate lets the call take full effect and holds the
+	// answer until the client gives up (its deadline passes or it
+	// disconnects), then drops the connection.
+	AcceptedAnswerTooLate = -2
+)
+
+// FailNext makes the next n calls of method fail: code is an HTTP status
+// (429, 500, 503, ...) answered in the Google error model before the call has
+// any effect, DropBeforeActing (0) to drop the connection without answering,
+// or AcceptedAnswerLost / AcceptedAnswerTooLate to act and lose the answer. method is a short
 // discovery id such as "fhirStores.export" or "operations.get"; "*" matches
 // any method. Faults of a method are consumed before those of "*".
 func (e *Emulator) FailNext(method string, n int, code int) {
@@ -272,9 +292,22 @@ func (e *Emulator) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	code, fail := e.injected(rt.method)
 	e.mu.Unlock()
 	e.logf("healthcaretest: %s %s (%s)", r.Method, r.URL.Path, rt.method)
+	if fail && code < 0 && rt.handler != nil {
+		e.logf("healthcaretest: injected failure %d for %s: acting, then losing the answer", code, rt.method)
+		rt.handler(e, &bufferedResponse{ResponseWriter: w}, r, &call{body: body, query: query, names: rt.names})
+		e.Flush()
+		if code == AcceptedAnswerTooLate {
+			select {
+			case <-r.Context().Done():
+			case <-e.bg.Done():
+			}
+		}
+		dropConnection(w)
+		return
+	}
 	if fail {
 		e.logf("healthcaretest: injected failure %d for %s", code, rt.method)
-		if code == 0 {
+		if code <= 0 {
 			dropConnection(w)
 			return
 		}
