@@ -3,6 +3,8 @@ package healthcaretest
 import (
 	"bytes"
 	"context"
+	crand "crypto/rand"
+	"encoding/binary"
 	"encoding/json"
 	"io"
 	"math/rand"
@@ -38,6 +40,11 @@ type Options struct {
 	// unset or fails, notifications are logged and dropped (the FHIR write
 	// still succeeds, as on the service).
 	PubSub *pubsub.Client
+	// DeterministicIDs makes operation ids and server-assigned resource ids
+	// the same in every run (for golden files). By default they start from a
+	// random base per emulator, so ids from a restarted emulator never collide
+	// with ones a client recorded before, as on the real service.
+	DeterministicIDs bool
 	// Logf, when set, receives one line per request and per operation event.
 	Logf func(format string, args ...any)
 }
@@ -86,6 +93,7 @@ type Emulator struct {
 	opSeq          uint64
 	idSeq          uint64
 	idSalt         uint64                                  // mixed into server-assigned ids; 0 with DeterministicIDs
+	opBase         uint64                                  // first operation id, less one step
 	bq             map[string]map[string][]json.RawMessage // dataset URI → table → rows
 	requests       []Request
 	faults         map[string][]*fault
@@ -131,6 +139,14 @@ func New(opts Options) *Emulator {
 	}
 	if e.clock == nil {
 		e.clock = realClock{}
+	}
+	e.opBase = 1 << 62
+	if !opts.DeterministicIDs {
+		var b [16]byte
+		crand.Read(b[:]) // never fails (crypto/rand documents it)
+		e.idSalt = binary.BigEndian.Uint64(b[:8])
+		// Operation ids stay positive int64 decimals, like the service's.
+		e.opBase = 1<<62 + binary.BigEndian.Uint64(b[8:])%(1<<61)
 	}
 	if e.logf == nil {
 		e.logf = func(string, ...any) {}

@@ -140,3 +140,42 @@ func TestAdminIndexAndSettings(t *testing.T) {
 		t.Errorf("timing: %d %s", status, b)
 	}
 }
+
+func TestIDsUniqueAcrossInstances(t *testing.T) {
+	t.Parallel()
+	ids := func(deterministic bool) (op, res string) {
+		e := New(Options{DeterministicIDs: deterministic})
+		defer e.Close()
+		if err := e.CreateDataset(testDataset); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.CreateFHIRStore(testStore, "R4"); err != nil {
+			t.Fatal(err)
+		}
+		b, err := e.PutResource(testStore, []byte(`{"resourceType":"Patient"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m struct{ ID string }
+		json.Unmarshal(b, &m)
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.newOperation(e.datasets[testDataset], exportMethod).id, m.ID
+	}
+	tests := []struct {
+		name          string
+		deterministic bool
+	}{{"random per instance", false}, {"deterministic", true}}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			op1, res1 := ids(tc.deterministic)
+			op2, res2 := ids(tc.deterministic)
+			if same := op1 == op2 && res1 == res2; same != tc.deterministic {
+				t.Errorf("ids %s %s and %s %s: same=%v, want %v", op1, res1, op2, res2, same, tc.deterministic)
+			}
+			if !fhirIDRE.MatchString(res1) || strings.HasPrefix(op1, "-") {
+				t.Errorf("malformed ids %s %s", op1, res1)
+			}
+		})
+	}
+}

@@ -34,7 +34,7 @@ type operation struct {
 // holds e.mu.
 func (e *Emulator) newOperation(d *dataset, apiMethod string) *operation {
 	e.opSeq++
-	id := strconv.FormatUint(1<<62+e.opSeq*1_000_003, 10)
+	id := strconv.FormatUint(e.opBase+e.opSeq*1_000_003, 10)
 	op := &operation{
 		name:       d.name + "/operations/" + id,
 		id:         id,

@@ -261,7 +261,7 @@ func (e *Emulator) Resources(store string) []json.RawMessage {
 func (e *Emulator) newID() string {
 	e.idSeq++
 	x := e.idSeq*0x9E3779B97F4A7C15 ^ e.idSalt
-	return fmt.Sprintf("%08x-%04x-4%03x-8%03x-%012x", uint32(x>>32), uint16(x>>16), (e.idSeq>>48^e.idSalt>>20)&0xfff, (e.idSeq>>36^e.idSalt>>8)&0xfff, e.idSeq&0xffffffffffff)
+	return fmt.Sprintf("%08x-%04x-4%03x-8%03x-%012x", uint32(x>>32), uint16(x>>16), (e.idSeq>>48^e.idSalt>>20)&0xfff, (e.idSeq>>36^e.idSalt>>8)&0xfff, (e.idSeq^e.idSalt>>16)&0xffffffffffff)
 }
 
 // write says how a resource is written: the notification action, whether
