@@ -481,6 +481,9 @@ func route(method, path string) routed {
 		}
 	case 10:
 		n.resType = segs[9]
+		if segs[9] == "metadata" && method == http.MethodGet {
+			return routed{"fhir.capabilities", handleCapabilities, n}
+		}
 		if method == http.MethodPost {
 			return routed{"fhir.create", handleFHIRCreate, n}
 		}

@@ -446,3 +446,63 @@ func handleBundle(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 	}
 	writeFHIR(w, 200, out)
 }
+
+var fhirVersions = map[string]string{"DSTU2": "1.0.2", "STU3": "3.0.1", "R4": "4.0.1", "R5": "5.0.0"}
+
+// handleCapabilities answers fhir.capabilities with what the emulator
+// supports for the store: the interactions it implements on every resource
+// type of the store's FHIR version, and the store's own rules.
+func handleCapabilities(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := e.fhirStoreFor(w, c)
+	if st == nil {
+		return
+	}
+	interactions := []any{}
+	for _, i := range []string{"read", "update", "patch", "delete", "create"} {
+		interactions = append(interactions, map[string]any{"code": i})
+	}
+	versioning := "versioned-update"
+	if st.noVersioning {
+		versioning = "no-version"
+	}
+	var resources []any
+	for _, t := range ResourceTypes(st.version) {
+		resources = append(resources, map[string]any{
+			"type":              t,
+			"interaction":       interactions,
+			"versioning":        versioning,
+			"updateCreate":      st.updateCreate,
+			"conditionalCreate": false,
+			"conditionalUpdate": false,
+			"conditionalDelete": "not-supported",
+			"referencePolicy":   []any{"literal", "local", "enforced"},
+		})
+	}
+	rt := "CapabilityStatement"
+	if st.version == "DSTU2" {
+		rt = "Conformance"
+	}
+	cs := map[string]any{
+		"resourceType": rt,
+		"status":       "active",
+		"date":         fhirInstant(e.now()),
+		"kind":         "instance",
+		"publisher":    "healthcaretest",
+		"software":     map[string]any{"name": "healthcaretest, an emulator of the Cloud Healthcare API v1"},
+		"implementation": map[string]any{
+			"description": "FHIR store " + st.name + " (emulated: no search, history or $operations)",
+			"url":         baseURL(r) + "/v1/" + st.name + "/fhir",
+		},
+		"fhirVersion": fhirVersions[st.version],
+		"format":      []any{"json"},
+		"rest": []any{map[string]any{
+			"mode":        "server",
+			"resource":    resources,
+			"interaction": []any{map[string]any{"code": "transaction"}, map[string]any{"code": "batch"}},
+		}},
+	}
+	b, _ := json.Marshal(cs)
+	writeFHIR(w, 200, b)
+}

@@ -152,3 +152,54 @@ func TestTransactionRules(t *testing.T) {
 		})
 	}
 }
+
+func TestCapabilityStatement(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	tests := []struct {
+		name, store, version string
+		config               *healthcare.FhirStore
+		wantType, wantFHIR   string
+		wantUpdateCreate     bool
+	}{
+		{"R4 via CreateFHIRStore", testStore, "", nil, "CapabilityStatement", "4.0.1", true},
+		{"DSTU2 as configured", testDataset + "/fhirStores/old", "DSTU2", &healthcare.FhirStore{Version: "DSTU2"}, "Conformance", "1.0.2", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.config != nil {
+				if err := e.srv.CreateFHIRStoreWithConfig(tc.store, tc.config); err != nil {
+					t.Fatal(err)
+				}
+			}
+			call := e.svc.Projects.Locations.Datasets.FhirStores.Fhir.Capabilities(tc.store)
+			resp, err := call.Do()
+			status, b := fhirDo(t, resp, err)
+			var cs struct {
+				ResourceType, FhirVersion string
+				Rest                      []struct {
+					Resource []struct {
+						Type         string
+						UpdateCreate bool
+						Interaction  []struct{ Code string }
+					}
+				}
+			}
+			if err := json.Unmarshal(b, &cs); err != nil || status != 200 {
+				t.Fatalf("%d %s", status, b)
+			}
+			if cs.ResourceType != tc.wantType || cs.FhirVersion != tc.wantFHIR || len(cs.Rest) != 1 {
+				t.Fatalf("capabilities %s", b)
+			}
+			found := false
+			for _, r := range cs.Rest[0].Resource {
+				if r.Type == "Patient" {
+					found = r.UpdateCreate == tc.wantUpdateCreate && len(r.Interaction) == 5
+				}
+			}
+			if !found {
+				t.Errorf("Patient not listed with updateCreate=%v and 5 interactions: %s", tc.wantUpdateCreate, b)
+			}
+		})
+	}
+}
