@@ -24,8 +24,8 @@ type Options struct {
 	Clock Clock
 	// Storage writes Cloud Storage exports. When nil, a client is built at the
 	// first Cloud Storage export from STORAGE_EMULATOR_HOST (with
-	// storage.WithJSONReads); if that is unset or fails, the export operation
-	// fails with code 13 INTERNAL.
+	// storage.WithJSONReads); if that is unset or fails, Cloud Storage
+	// exports are rejected with 400 FAILED_PRECONDITION.
 	Storage *storage.Client
 	// ExportDuration is how long an export runs, measured on Clock from the
 	// operation's createTime. Zero: done at the first observation.

@@ -544,6 +544,14 @@ func handleExport(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 		writeAPIError(w, aerr)
 		return
 	}
+	if j.bucket != "" {
+		// Fail now, with a cause, rather than in the operation with a Go
+		// error the client cannot act on.
+		if _, err := e.storageClient(); err != nil {
+			writeAPIError(w, errorf(codeFailedPrecondition, "gcsDestination: the emulator has no Cloud Storage to write to (%v); start healthcare-emulator with --gcs-dir, or set STORAGE_EMULATOR_HOST or Options.Storage", err))
+			return
+		}
+	}
 	e.settle(runningOps) // exports whose time is up no longer count as running
 
 	e.mu.Lock()
