@@ -231,7 +231,7 @@ func (e *Emulator) applyEntry(st *fhirStore, be *bundleEntry, checked bool) map[
 	case http.MethodDelete:
 		if checked {
 			e.commitDelete(st, be.typ, be.id)
-		} else if fe := e.deleteResource(st, be.typ, be.id, be.ifMatch); fe != nil {
+		} else if fe := e.deleteResource(st, be.typ, be.id, be.ifMatch, true); fe != nil {
 			return fail(fe)
 		}
 		return map[string]any{"response": map[string]any{"status": statusLine(200)}}

@@ -405,7 +405,7 @@ func handleFHIRDelete(e *Emulator, w http.ResponseWriter, r *http.Request, c *ca
 		writeOutcome(w, 404, "not-found", "unknown resource type "+strconv.Quote(c.names.resType))
 		return
 	}
-	if ferr := e.deleteResource(st, c.names.resType, c.names.resID, r.Header.Get("If-Match")); ferr != nil {
+	if ferr := e.deleteResource(st, c.names.resType, c.names.resID, r.Header.Get("If-Match"), true); ferr != nil {
 		writeOutcome(w, ferr.status, ferr.code, ferr.msg)
 		return
 	}

@@ -189,8 +189,10 @@ func newStore(name, version string, config map[string]any) (*fhirStore, *apiErro
 
 // PutResource creates or updates a resource by its resourceType and id (an id
 // is assigned when absent), as the FHIR update interaction would (create when
-// the id is absent), and returns the stored JSON with id and meta. The store's
-// rules apply except enableUpdateCreate, so tests can seed their own ids.
+// the id is absent), and returns the stored JSON with id and meta. It is the
+// back door for test data: the resource is validated, but enableUpdateCreate
+// and referential integrity do not apply (the REST surface keeps them).
+// Change notifications are published as for fhir.update.
 func (e *Emulator) PutResource(store string, res []byte) (json.RawMessage, error) {
 	m, err := decodeJSONObject(res)
 	if err != nil {
@@ -205,7 +207,7 @@ func (e *Emulator) PutResource(store string, res []byte) (json.RawMessage, error
 	}
 	typ, _ := m["resourceType"].(string)
 	id, _ := m["id"].(string)
-	w := write{action: ActionUpdate, allowCreate: true}
+	w := write{action: ActionUpdate, allowCreate: true, skipRefs: true}
 	if id == "" {
 		id = e.newID()
 		m["id"] = id
@@ -219,7 +221,7 @@ func (e *Emulator) PutResource(store string, res []byte) (json.RawMessage, error
 }
 
 // DeleteResource deletes a resource; deleting an absent one is not an error,
-// as in FHIR. Referential integrity applies.
+// as in FHIR. Like PutResource it skips referential integrity.
 func (e *Emulator) DeleteResource(store, resourceType, id string) error {
 	defer e.Flush()
 	e.mu.Lock()
@@ -231,7 +233,7 @@ func (e *Emulator) DeleteResource(store, resourceType, id string) error {
 	if !resourceTypes[st.version][resourceType] {
 		return fmt.Errorf("invalid resource type %q for FHIR version %s", resourceType, st.version)
 	}
-	if ferr := e.deleteResource(st, resourceType, id, ""); ferr != nil {
+	if ferr := e.deleteResource(st, resourceType, id, "", false); ferr != nil {
 		return ferr
 	}
 	return nil
@@ -272,6 +274,7 @@ type write struct {
 	allowCreate bool
 	ifMatch     string
 	ifNoneMatch string
+	skipRefs    bool // the Go API's back door
 }
 
 // writeResource validates m as a resource of typ/id, checks the store's
@@ -290,7 +293,7 @@ func (e *Emulator) writeResource(st *fhirStore, typ, id string, m map[string]any
 	if !live && !w.allowCreate {
 		return nil, false, fhirErr(404, "not-found", "resource %s not found, and the FHIR store does not have enableUpdateCreate set", key)
 	}
-	if !st.noRefIntegrity {
+	if !st.noRefIntegrity && !w.skipRefs {
 		if ferr := checkReferences(st, m, nil); ferr != nil {
 			return nil, false, ferr
 		}
@@ -326,7 +329,7 @@ func (e *Emulator) commitResource(st *fhirStore, typ, id string, m map[string]an
 
 // deleteResource deletes typ/id if it exists, unless a precondition or
 // referential integrity forbids it. The caller holds e.mu.
-func (e *Emulator) deleteResource(st *fhirStore, typ, id, ifMatch string) *fhirError {
+func (e *Emulator) deleteResource(st *fhirStore, typ, id, ifMatch string, checkRefs bool) *fhirError {
 	r := st.res[typ+"/"+id]
 	live := r != nil && !r.deleted
 	if ferr := checkPreconditions(r, live, ifMatch, ""); ferr != nil {
@@ -335,7 +338,7 @@ func (e *Emulator) deleteResource(st *fhirStore, typ, id, ifMatch string) *fhirE
 	if !live {
 		return nil
 	}
-	if !st.noRefIntegrity {
+	if checkRefs && !st.noRefIntegrity {
 		if by := referrer(st, typ+"/"+id, nil); by != "" {
 			return fhirErr(409, "conflict", "cannot delete %s/%s: it is referenced by %s (the FHIR store enforces referential integrity)", typ, id, by)
 		}
