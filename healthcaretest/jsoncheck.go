@@ -222,7 +222,7 @@ var fhirStoreFields = []field{
 	// Nested configurations the emulator accepts without interpreting them.
 	{json: "bulkExportGcsDestination", kind: kAny},
 	{json: "consentConfig", kind: kAny},
-	{json: "notificationConfig", kind: kAny},
+	{json: "notificationConfig", kind: kObject, sub: []field{{json: "pubsubTopic", kind: kString}, {json: "sendForBulkImport", kind: kBool}}},
 	{json: "notificationConfigs", kind: kObjectList, enumType: "google.cloud.healthcare.v1.fhir.FhirNotificationConfig", sub: []field{
 		{json: "pubsubTopic", kind: kString},
 		{json: "sendFullResource", kind: kBool},

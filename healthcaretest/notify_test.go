@@ -273,6 +273,7 @@ func TestStorePatchAndDatasetPatch(t *testing.T) {
 	}{
 		{"labels", &healthcare.FhirStore{Labels: map[string]string{"team": "data"}}, "labels", 200, ""},
 		{"update create off", &healthcare.FhirStore{}, "enableUpdateCreate", 200, ""},
+		{"nested mask as gcloud sends it", &healthcare.FhirStore{NotificationConfig: &healthcare.NotificationConfig{PubsubTopic: "projects/test-project/topics/old"}}, "notificationConfig.pubsubTopic", 200, ""},
 		{"no mask", &healthcare.FhirStore{}, "", 400, "updateMask is required"},
 		{"immutable", &healthcare.FhirStore{DisableReferentialIntegrity: true}, "disableReferentialIntegrity", 400, "cannot be updated"},
 		{"immutable version", &healthcare.FhirStore{Version: "R5"}, "version", 400, "cannot be updated"},
@@ -295,6 +296,9 @@ func TestStorePatchAndDatasetPatch(t *testing.T) {
 			}
 			if tc.mask == "labels" && got.Labels["team"] != "data" {
 				t.Errorf("labels %v", got.Labels)
+			}
+			if strings.HasPrefix(tc.mask, "notificationConfig.") && (got.NotificationConfig == nil || got.NotificationConfig.PubsubTopic != "projects/test-project/topics/old") {
+				t.Errorf("notificationConfig %+v", got.NotificationConfig)
 			}
 		})
 	}

@@ -31,17 +31,21 @@ func updateMask(w http.ResponseWriter, c *call, fields []field, mutable map[stri
 	var out []string
 	for _, p := range strings.Split(raw, ",") {
 		p = strings.TrimSpace(p)
+		top, sub, nested := strings.Cut(p, ".")
 		var name string
 		for _, f := range fields {
-			if f.json == p || snake(f.json) == p {
+			if f.json == top || snake(f.json) == top {
 				name = f.json
+				if nested {
+					name += "." + sub
+				}
 			}
 		}
 		switch {
 		case name == "":
 			writeAPIError(w, invalidArg("invalid updateMask %q: unknown field %q", raw, p))
 			return nil, false
-		case !mutable[name]:
+		case !mutable[strings.Split(name, ".")[0]]:
 			writeAPIError(w, invalidArg("invalid updateMask %q: field %q cannot be updated", raw, p))
 			return nil, false
 		}
@@ -72,12 +76,9 @@ func handleStoresPatch(e *Emulator, w http.ResponseWriter, r *http.Request, c *c
 		next[k] = v
 	}
 	// FieldMask semantics: a masked field absent from the body is cleared.
+	// gcloud masks nested fields, e.g. notificationConfig.pubsubTopic.
 	for _, f := range mask {
-		if v, ok := m[f]; ok {
-			next[f] = v
-		} else {
-			delete(next, f)
-		}
+		applyMaskPath(next, m, strings.Split(f, "."))
 	}
 	old := st.config
 	st.config = next
@@ -294,4 +295,35 @@ func escape(toks []string) []string {
 		out[i] = strings.ReplaceAll(strings.ReplaceAll(t, "~", "~0"), "/", "~1")
 	}
 	return out
+}
+
+// applyMaskPath copies the field at path from src into dst, or clears it in
+// dst when src lacks it, copying the objects on the way so dst shares nothing
+// with the stored configuration it was cloned from.
+func applyMaskPath(dst, src map[string]any, path []string) {
+	k := path[0]
+	if len(path) == 1 {
+		if v, ok := src[k]; ok {
+			dst[k] = v
+		} else {
+			delete(dst, k)
+		}
+		return
+	}
+	subSrc, _ := src[k].(map[string]any)
+	if subSrc == nil {
+		subSrc = map[string]any{}
+	}
+	subDst := map[string]any{}
+	if old, ok := dst[k].(map[string]any); ok {
+		for kk, v := range old {
+			subDst[kk] = v
+		}
+	}
+	applyMaskPath(subDst, subSrc, path[1:])
+	if len(subDst) == 0 {
+		delete(dst, k)
+	} else {
+		dst[k] = subDst
+	}
 }

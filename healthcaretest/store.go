@@ -34,6 +34,17 @@ func (st *fhirStore) applyConfig() *apiError {
 	if aerr != nil {
 		return aerr
 	}
+	// The deprecated single notificationConfig (gcloud's --pubsub-topic)
+	// still publishes, names only.
+	if old, ok := st.config["notificationConfig"].(map[string]any); ok {
+		if topic, _ := old["pubsubTopic"].(string); topic != "" {
+			more, aerr := parseNotificationConfigs([]any{map[string]any{"pubsubTopic": topic}})
+			if aerr != nil {
+				return aerr
+			}
+			n = append(more, n...)
+		}
+	}
 	st.notify = n
 	st.updateCreate, _ = st.config["enableUpdateCreate"].(bool)
 	st.noRefIntegrity, _ = st.config["disableReferentialIntegrity"].(bool)
