@@ -352,8 +352,19 @@ func TestExportErrors(t *testing.T) {
 		wantErr string
 	}{
 		{"missing bucket", "gs://no-such-bucket/x", nil, `5 Cloud Storage bucket "no-such-bucket"`},
-		{"no storage client", "gs://bucket/x", func(o *Options) { o.Storage = nil }, "13 no Cloud Storage client"},
 	}
+	t.Run("no storage client", func(t *testing.T) {
+		t.Parallel()
+		if os.Getenv("STORAGE_EMULATOR_HOST") != "" {
+			t.Skip("STORAGE_EMULATOR_HOST is set")
+		}
+		e := newEnv(t, func(o *Options) { o.Storage = nil })
+		_, err := e.export(t, testStore, gcsExport("gs://bucket/x"))
+		gerr := apiErr(t, err, 400, "no Cloud Storage")
+		if !strings.Contains(string(gerr.Body), `"FAILED_PRECONDITION"`) || len(e.srv.Exports()) != 0 {
+			t.Errorf("%s; %d exports accepted", gerr.Body, len(e.srv.Exports()))
+		}
+	})
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

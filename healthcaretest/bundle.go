@@ -12,6 +12,8 @@ type bundleEntry struct {
 	fullURL         string
 	res             map[string]any
 	err             *fhirError
+	ifMatch         string // request.ifMatch
+	ifNoneMatch     string // request.ifNoneMatch
 }
 
 // executeBundle runs a batch or transaction bundle. A transaction is
@@ -61,10 +63,13 @@ func (e *Emulator) executeBundle(st *fhirStore, body []byte) (json.RawMessage, *
 				return nil, fhirErr(be.err.status, be.err.code, "transaction failed at entry %d: %s", i, be.err.msg)
 			}
 		}
+		if i, ferr := checkTransaction(st, entries); ferr != nil {
+			return nil, fhirErr(ferr.status, ferr.code, "transaction failed at entry %d: %s", i, ferr.msg)
+		}
 	}
 	out := make([]any, len(entries))
 	for i, be := range entries {
-		out[i] = e.applyEntry(st, be)
+		out[i] = e.applyEntry(st, be, btype == "transaction")
 	}
 	resp := map[string]any{"resourceType": "Bundle", "type": btype + "-response", "entry": out}
 	b, _ := json.Marshal(resp)
@@ -82,6 +87,8 @@ func parseEntry(st *fhirStore, raw any, be *bundleEntry, i int) *fhirError {
 		return fhirErr(400, "required", "Bundle.entry[%d].request: required", i)
 	}
 	be.method, _ = req["method"].(string)
+	be.ifMatch, _ = req["ifMatch"].(string)
+	be.ifNoneMatch, _ = req["ifNoneMatch"].(string)
 	u, _ := req["url"].(string)
 	if strings.ContainsAny(u, "?") {
 		return fhirErr(400, "not-supported", "Bundle.entry[%d].request.url: conditional interactions are not supported by the emulator", i)
@@ -142,7 +149,58 @@ func rewriteRefs(v any, refs map[string]string) {
 
 func statusLine(code int) string { return fmt.Sprintf("%d %s", code, http.StatusText(code)) }
 
-func (e *Emulator) applyEntry(st *fhirStore, be *bundleEntry) map[string]any {
+// checkTransaction checks the store's rules for a whole transaction before
+// any entry takes effect: preconditions and enableUpdateCreate against the
+// store, references against the store as the transaction leaves it. It
+// returns the index of the first failing entry.
+func checkTransaction(st *fhirStore, entries []*bundleEntry) (int, *fhirError) {
+	pending := map[string]bool{} // Type/id → exists after the transaction
+	deleted := map[string]bool{}
+	for _, be := range entries {
+		switch be.method {
+		case http.MethodPost, http.MethodPut:
+			pending[be.typ+"/"+be.id] = true
+		case http.MethodDelete:
+			pending[be.typ+"/"+be.id] = false
+			deleted[be.typ+"/"+be.id] = true
+		}
+	}
+	for i, be := range entries {
+		key := be.typ + "/" + be.id
+		r := st.res[key]
+		live := r != nil && !r.deleted
+		switch be.method {
+		case http.MethodPut:
+			if ferr := checkPreconditions(r, live, be.ifMatch, be.ifNoneMatch); ferr != nil {
+				return i, ferr
+			}
+			if !live && !st.updateCreate {
+				return i, fhirErr(404, "not-found", "resource %s not found, and the FHIR store does not have enableUpdateCreate set", key)
+			}
+			fallthrough
+		case http.MethodPost:
+			if !st.noRefIntegrity {
+				if ferr := checkReferences(st, be.res, pending); ferr != nil {
+					return i, ferr
+				}
+			}
+		case http.MethodDelete:
+			if ferr := checkPreconditions(r, live, be.ifMatch, ""); ferr != nil {
+				return i, ferr
+			}
+			if live && !st.noRefIntegrity {
+				if by := referrer(st, key, deleted); by != "" {
+					return i, fhirErr(409, "conflict", "cannot delete %s: it is referenced by %s (the FHIR store enforces referential integrity)", key, by)
+				}
+			}
+		}
+	}
+	return 0, nil
+}
+
+// applyEntry runs one entry; checked says checkTransaction already applied
+// the store's rules to it.
+func (e *Emulator) applyEntry(st *fhirStore, be *bundleEntry, checked bool) map[string]any {
 	fail := func(fe *fhirError) map[string]any {
 		return map[string]any{"response": map[string]any{
 			"status":  statusLine(fe.status),
@@ -171,12 +229,31 @@ func (e *Emulator) applyEntry(st *fhirStore, be *bundleEntry) map[string]any {
 		}
 		return resEntry(r, 200)
 	case http.MethodDelete:
-		e.deleteResource(st, be.typ, be.id)
+		if checked {
+			e.commitDelete(st, be.typ, be.id)
+		} else if fe := e.deleteResource(st, be.typ, be.id, be.ifMatch, true); fe != nil {
+			return fail(fe)
+		}
 		return map[string]any{"response": map[string]any{"status": statusLine(200)}}
 	}
-	r, created, fe := e.writeResource(st, be.typ, be.id, be.res)
-	if fe != nil {
-		return fail(fe)
+	action := ActionCreate
+	if be.method == http.MethodPut {
+		action = ActionUpdate
+	}
+	var r *resource
+	var created bool
+	if checked {
+		old := st.res[be.typ+"/"+be.id]
+		created = old == nil || old.deleted
+		e.commitResource(st, be.typ, be.id, be.res, action)
+		r = st.res[be.typ+"/"+be.id]
+	} else {
+		var fe *fhirError
+		r, created, fe = e.writeResource(st, be.typ, be.id, be.res, write{action: action,
+			allowCreate: be.method == http.MethodPost || st.updateCreate, ifMatch: be.ifMatch, ifNoneMatch: be.ifNoneMatch})
+		if fe != nil {
+			return fail(fe)
+		}
 	}
 	status := 200
 	if created {

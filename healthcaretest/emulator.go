@@ -3,6 +3,8 @@ package healthcaretest
 import (
 	"bytes"
 	"context"
+	crand "crypto/rand"
+	"encoding/binary"
 	"encoding/json"
 	"io"
 	"math/rand"
@@ -12,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"cloud.google.com/go/pubsub/v2"
 	"cloud.google.com/go/storage"
 )
 
@@ -21,8 +24,8 @@ type Options struct {
 	Clock Clock
 	// Storage writes Cloud Storage exports. When nil, a client is built at the
 	// first Cloud Storage export from STORAGE_EMULATOR_HOST (with
-	// storage.WithJSONReads); if that is unset or fails, the export operation
-	// fails with code 13 INTERNAL.
+	// storage.WithJSONReads); if that is unset or fails, Cloud Storage
+	// exports are rejected with 400 FAILED_PRECONDITION.
 	Storage *storage.Client
 	// ExportDuration is how long an export runs, measured on Clock from the
 	// operation's createTime. Zero: done at the first observation.
@@ -32,6 +35,16 @@ type Options struct {
 	// MaxRunningOperations limits running exports per project; 0 means
 	// unlimited. An export beyond the limit answers 429 RESOURCE_EXHAUSTED.
 	MaxRunningOperations int
+	// PubSub publishes FHIR store change notifications. When nil, a client is
+	// built at the first notification from PUBSUB_EMULATOR_HOST; if that is
+	// unset or fails, notifications are logged and dropped (the FHIR write
+	// still succeeds, as on the service).
+	PubSub *pubsub.Client
+	// DeterministicIDs makes operation ids and server-assigned resource ids
+	// the same in every run (for golden files). By default they start from a
+	// random base per emulator, so ids from a restarted emulator never collide
+	// with ones a client recorded before, as on the real service.
+	DeterministicIDs bool
 	// Logf, when set, receives one line per request and per operation event.
 	Logf func(format string, args ...any)
 }
@@ -60,6 +73,14 @@ type Emulator struct {
 	storageOnce sync.Once
 	storageErr  error
 
+	// publishMu serializes Flush, so notifications leave in commit order,
+	// and guards the Pub/Sub client and publishers.
+	publishMu  sync.Mutex
+	pubsub     *pubsub.Client
+	ownPubsub  bool
+	pubsubErr  error
+	publishers map[string]*pubsub.Publisher
+
 	mu             sync.Mutex
 	lastStamp      time.Time
 	exportDuration time.Duration
@@ -71,10 +92,17 @@ type Emulator struct {
 	ops            map[string]*operation
 	opSeq          uint64
 	idSeq          uint64
+	idSalt         uint64                                  // mixed into server-assigned ids; 0 with DeterministicIDs
+	opBase         uint64                                  // first operation id, less one step
 	bq             map[string]map[string][]json.RawMessage // dataset URI → table → rows
 	requests       []Request
 	faults         map[string][]*fault
 	forced         []Outcome
+	exports        []Export
+	peakRunning    int
+	peakByProject  map[string]int
+	outbox         []Notification // committed, not yet published
+	published      []Notification
 }
 
 type dataset struct {
@@ -105,9 +133,20 @@ func New(opts Options) *Emulator {
 		ops:            map[string]*operation{},
 		bq:             map[string]map[string][]json.RawMessage{},
 		faults:         map[string][]*fault{},
+		pubsub:         opts.PubSub,
+		peakByProject:  map[string]int{},
+		publishers:     map[string]*pubsub.Publisher{},
 	}
 	if e.clock == nil {
 		e.clock = realClock{}
+	}
+	e.opBase = 1 << 62
+	if !opts.DeterministicIDs {
+		var b [16]byte
+		crand.Read(b[:]) // never fails (crypto/rand documents it)
+		e.idSalt = binary.BigEndian.Uint64(b[:8])
+		// Operation ids stay positive int64 decimals, like the service's.
+		e.opBase = 1<<62 + binary.BigEndian.Uint64(b[8:])%(1<<61)
 	}
 	if e.logf == nil {
 		e.logf = func(string, ...any) {}
@@ -122,8 +161,10 @@ func New(opts Options) *Emulator {
 // Close stops running export writes and waits for them. The emulator still
 // answers afterwards, but unfinished exports fail.
 func (e *Emulator) Close() {
+	e.Flush()
 	e.bgCancel()
 	e.wg.Wait()
+	e.closePubSub()
 }
 
 // SetExportTiming sets the duration and number of progress steps of exports
@@ -145,9 +186,25 @@ func (e *Emulator) SetMaxRunningOperations(n int) {
 	e.maxRunning = n
 }
 
-// FailNext makes the next n calls of method fail before they have any effect:
-// code is an HTTP status (429, 500, 503, ...) answered in the Google error
-// model, or 0 to drop the connection without answering. method is a short
+// Fault codes beyond HTTP statuses, for FailNext, FailRate and the admin
+// faults endpoint.
+const (
+	// DropBeforeActing drops the connection before the call has any effect.
+	DropBeforeActing = 0
+	// AcceptedAnswerLost lets the call take full effect (an export is
+	// accepted: its operation exists and runs) and then drops the
+	// connection without answering, as when a response is lost in transit.
+	AcceptedAnswerLost = -1
+	// AcceptedAnswerTooLate lets the call take full effect and holds the
+	// answer until the client gives up (its deadline passes or it
+	// disconnects), then drops the connection.
+	AcceptedAnswerTooLate = -2
+)
+
+// FailNext makes the next n calls of method fail: code is an HTTP status
+// (429, 500, 503, ...) answered in the Google error model before the call has
+// any effect, DropBeforeActing (0) to drop the connection without answering,
+// or AcceptedAnswerLost / AcceptedAnswerTooLate to act and lose the answer. method is a short
 // discovery id such as "fhirStores.export" or "operations.get"; "*" matches
 // any method. Faults of a method are consumed before those of "*".
 func (e *Emulator) FailNext(method string, n int, code int) {
@@ -251,9 +308,22 @@ func (e *Emulator) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	code, fail := e.injected(rt.method)
 	e.mu.Unlock()
 	e.logf("healthcaretest: %s %s (%s)", r.Method, r.URL.Path, rt.method)
+	if fail && code < 0 && rt.handler != nil {
+		e.logf("healthcaretest: injected failure %d for %s: acting, then losing the answer", code, rt.method)
+		rt.handler(e, &bufferedResponse{ResponseWriter: w}, r, &call{body: body, query: query, names: rt.names})
+		e.Flush()
+		if code == AcceptedAnswerTooLate {
+			select {
+			case <-r.Context().Done():
+			case <-e.bg.Done():
+			}
+		}
+		dropConnection(w)
+		return
+	}
 	if fail {
 		e.logf("healthcaretest: injected failure %d for %s", code, rt.method)
-		if code == 0 {
+		if code <= 0 {
 			dropConnection(w)
 			return
 		}
@@ -261,10 +331,22 @@ func (e *Emulator) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if rt.handler == nil {
+		if knownShape(r.URL.Path) {
+			// The service answers every method it has; the emulator has
+			// fewer. UNIMPLEMENTED tells a client it hit a gap of the
+			// emulator, not a missing resource.
+			writeAPIError(w, errorf(codeUnimplemented, "the emulator does not implement %s %s", r.Method, r.URL.Path))
+			return
+		}
 		writeAPIError(w, notFound("the requested URL %s %s was not found on this server", r.Method, r.URL.Path))
 		return
 	}
-	rt.handler(e, w, r, &call{body: body, query: query, names: rt.names})
+	// The answer waits until the notifications of the request's writes are
+	// published, so a client that saw it can pull them.
+	bw := &bufferedResponse{ResponseWriter: w}
+	rt.handler(e, bw, r, &call{body: body, query: query, names: rt.names})
+	e.Flush()
+	bw.send()
 }
 
 // dropConnection closes the connection without an HTTP answer.
@@ -335,6 +417,8 @@ func route(method, path string) routed {
 		switch method {
 		case http.MethodGet:
 			return routed{"datasets.get", handleDatasetsGet, n}
+		case http.MethodPatch:
+			return routed{"datasets.patch", handleDatasetsPatch, n}
 		case http.MethodDelete:
 			return routed{"datasets.delete", handleDatasetsDelete, n}
 		}
@@ -380,6 +464,8 @@ func route(method, path string) routed {
 		case hasVerb:
 		case method == http.MethodGet:
 			return routed{"fhirStores.get", handleStoresGet, n}
+		case method == http.MethodPatch:
+			return routed{"fhirStores.patch", handleStoresPatch, n}
 		case method == http.MethodDelete:
 			return routed{"fhirStores.delete", handleStoresDelete, n}
 		}
@@ -395,6 +481,9 @@ func route(method, path string) routed {
 		}
 	case 10:
 		n.resType = segs[9]
+		if segs[9] == "metadata" && method == http.MethodGet {
+			return routed{"fhir.capabilities", handleCapabilities, n}
+		}
 		if method == http.MethodPost {
 			return routed{"fhir.create", handleFHIRCreate, n}
 		}
@@ -405,11 +494,63 @@ func route(method, path string) routed {
 			return routed{"fhir.read", handleFHIRRead, n}
 		case http.MethodPut:
 			return routed{"fhir.update", handleFHIRUpdate, n}
+		case http.MethodPatch:
+			return routed{"fhir.patch", handleFHIRPatch, n}
 		case http.MethodDelete:
 			return routed{"fhir.delete", handleFHIRDelete, n}
 		}
 	}
 	return routed{}
+}
+
+// apiCollections are the collection names of the Healthcare API v1 resource
+// paths (discovery document).
+var apiCollections = map[string]bool{
+	"locations": true, "datasets": true, "fhirStores": true, "dicomStores": true, "hl7V2Stores": true,
+	"consentStores": true, "operations": true, "messages": true, "attributeDefinitions": true,
+	"consentArtifacts": true, "consents": true, "userDataMappings": true, "services": true, "dicomWeb": true,
+	"studies": true, "series": true, "instances": true,
+}
+
+// apiVerbs are the custom methods (":verb") of the v1 discovery document.
+var apiVerbs = map[string]bool{}
+
+func init() {
+	for _, v := range strings.Fields(`activate analyzeEntities applyAdminConsents applyConsents archive bulkDelete cancel
+checkDataAccess deidentify deleteRevision evaluateUserConsents explainDataAccess export getDICOMStoreMetrics
+getFHIRStoreMetrics getIamPolicy getSeriesMetrics getStorageInfo getStudyMetrics import ingest listRevisions
+queryAccessibleData reject revoke rollback setBlobStorageSettings setIamPolicy testIamPermissions`) {
+		apiVerbs[v] = true
+	}
+}
+
+// knownShape reports whether path looks like a Healthcare API v1 method:
+// /v1/projects/{p}/locations..., alternating known collections and ids, or
+// anything under a FHIR store's /fhir (search, history, operations).
+func knownShape(path string) bool {
+	p, ok := strings.CutPrefix(path, "/v1/")
+	if !ok {
+		return false
+	}
+	segs := strings.Split(p, "/")
+	if len(segs) < 3 || segs[0] != "projects" || segs[1] == "" {
+		return false
+	}
+	for i, s := range segs {
+		name, verb, hasVerb := strings.Cut(s, ":")
+		if hasVerb && !apiVerbs[verb] {
+			return false
+		}
+		if i%2 == 0 && i >= 2 {
+			if name == "fhir" && i == 8 {
+				return true
+			}
+			if !apiCollections[name] {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // decodeJSONObject decodes a JSON object body, numbers kept as json.Number.

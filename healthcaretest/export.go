@@ -317,6 +317,68 @@ func (e *Emulator) PutBigQueryRows(datasetURI, table string, rows ...json.RawMes
 	e.bq[datasetURI][table] = append(e.bq[datasetURI][table], rows...)
 }
 
+// Export is one export the emulator accepted (it has an operation).
+type Export struct {
+	Operation   string    // projects/P/locations/L/datasets/D/operations/ID
+	Store       string    // the FHIR store exported
+	CreateTime  time.Time // the operation's createTime
+	Destination string    // gcsDestination.uriPrefix or bigqueryDestination.datasetUri
+	Since       string    // _since as requested, "" for none
+	Types       string    // _type as requested, "" for all
+}
+
+// Exports returns the accepted exports, in acceptance order, including those
+// whose answer a fault dropped (AcceptedAnswerLost).
+func (e *Emulator) Exports() []Export {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]Export(nil), e.exports...)
+}
+
+// countRunning records the running exports after an export was accepted in
+// project. The caller holds e.mu and has settled the operations whose time
+// is up.
+func (e *Emulator) countRunning(project string) {
+	all, inProject := 0, 0
+	for _, op := range e.ops {
+		if op.export != nil && !op.done {
+			all++
+			if op.project == project {
+				inProject++
+			}
+		}
+	}
+	e.peakRunning = max(e.peakRunning, all)
+	e.peakByProject[project] = max(e.peakByProject[project], inProject)
+}
+
+// PeakRunningOperations returns the highest number of export operations
+// running at once, over all projects, since New or the last
+// ResetPeakRunningOperations. An export counts as running from its
+// acceptance until its time is up (or it is cancelled), on the emulator's
+// clock; the count is taken whenever an export is accepted.
+func (e *Emulator) PeakRunningOperations() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.peakRunning
+}
+
+// PeakRunningOperationsIn is PeakRunningOperations for one project
+// ("projects/P"), the scope of MaxRunningOperations.
+func (e *Emulator) PeakRunningOperationsIn(project string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.peakByProject[project]
+}
+
+// ResetPeakRunningOperations forgets the peaks.
+func (e *Emulator) ResetPeakRunningOperations() {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.peakRunning = 0
+	clear(e.peakByProject)
+}
+
 // ForceOutcome sets how a running export operation ends.
 func (e *Emulator) ForceOutcome(operation string, o Outcome) error {
 	e.mu.Lock()
@@ -465,10 +527,10 @@ func handleExport(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 	e.mu.Lock()
 	st := e.stores[c.names.store]
 	d := e.datasets[c.names.dataset]
-	var projectOps []*operation
+	var runningOps []*operation // all projects: the peak is counted overall
 	for _, op := range e.ops {
-		if op.project == c.names.project && !op.done {
-			projectOps = append(projectOps, op)
+		if op.export != nil && !op.done {
+			runningOps = append(runningOps, op)
 		}
 	}
 	e.mu.Unlock()
@@ -482,7 +544,15 @@ func handleExport(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 		writeAPIError(w, aerr)
 		return
 	}
-	e.settle(projectOps) // exports whose time is up no longer count as running
+	if j.bucket != "" {
+		// Fail now, with a cause, rather than in the operation with a Go
+		// error the client cannot act on.
+		if _, err := e.storageClient(); err != nil {
+			writeAPIError(w, errorf(codeFailedPrecondition, "gcsDestination: the emulator has no Cloud Storage to write to (%v); start healthcare-emulator with --gcs-dir, or set STORAGE_EMULATOR_HOST or Options.Storage", err))
+			return
+		}
+	}
+	e.settle(runningOps) // exports whose time is up no longer count as running
 
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -517,6 +587,15 @@ func handleExport(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 	}
 	j.total = int64(len(j.snapshot))
 	op.export = j
+	var dest string
+	if req.GcsDestination != nil {
+		dest = req.GcsDestination.URIPrefix
+	} else {
+		dest = req.BigqueryDestination.DatasetURI
+	}
+	e.exports = append(e.exports, Export{Operation: op.name, Store: st.name, CreateTime: op.createTime,
+		Destination: dest, Since: req.Since, Types: req.Type})
+	e.countRunning(c.names.project)
 	e.logf("healthcaretest: export %s of %s accepted: %d resources", op.name, st.name, j.total)
 	writeJSON(w, 200, map[string]any{"name": op.name})
 }

@@ -65,7 +65,9 @@ func TestOperationGoldens(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			e := newEnv(t, func(o *Options) { o.ExportDuration, o.ExportSteps = 10*time.Second, 5 })
+			e := newEnv(t, func(o *Options) {
+				o.ExportDuration, o.ExportSteps, o.DeterministicIDs = 10*time.Second, 5, true
+			})
 			if _, err := e.srv.Seed(testStore, 7, 2); err != nil {
 				t.Fatal(err)
 			}
@@ -77,7 +79,7 @@ func TestOperationGoldens(t *testing.T) {
 
 func TestSynchronousErrorGoldens(t *testing.T) {
 	t.Parallel()
-	e := newEnv(t, nil)
+	e := newEnv(t, func(o *Options) { o.DeterministicIDs = true })
 	tests := []struct {
 		name, method, path, body, golden string
 		status                           int

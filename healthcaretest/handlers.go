@@ -183,7 +183,11 @@ func handleStoresCreate(e *Emulator, w http.ResponseWriter, r *http.Request, c *
 		writeAPIError(w, errorf(codeAlreadyExists, "FHIR store %q already exists", name))
 		return
 	}
-	st := newStore(name, version, m)
+	st, aerr := newStore(name, version, m)
+	if aerr != nil {
+		writeAPIError(w, aerr)
+		return
+	}
 	e.stores[name] = st
 	writeJSON(w, 200, st.config)
 }
@@ -284,7 +288,7 @@ func handleFHIRCreate(e *Emulator, w http.ResponseWriter, r *http.Request, c *ca
 	}
 	id := e.newID()
 	m["id"] = id // the server assigns the id of a created resource
-	res, _, ferr := e.writeResource(st, c.names.resType, id, m)
+	res, _, ferr := e.writeResource(st, c.names.resType, id, m, write{action: ActionCreate, allowCreate: true})
 	if ferr != nil {
 		writeOutcome(w, ferr.status, ferr.code, ferr.msg)
 		return
@@ -311,7 +315,12 @@ func handleFHIRUpdate(e *Emulator, w http.ResponseWriter, r *http.Request, c *ca
 	if st == nil {
 		return
 	}
-	res, created, ferr := e.writeResource(st, c.names.resType, c.names.resID, m)
+	res, created, ferr := e.writeResource(st, c.names.resType, c.names.resID, m, write{
+		action:      ActionUpdate,
+		allowCreate: st.updateCreate,
+		ifMatch:     r.Header.Get("If-Match"),
+		ifNoneMatch: r.Header.Get("If-None-Match"),
+	})
 	if ferr != nil {
 		writeOutcome(w, ferr.status, ferr.code, ferr.msg)
 		return
@@ -321,6 +330,42 @@ func handleFHIRUpdate(e *Emulator, w http.ResponseWriter, r *http.Request, c *ca
 		status = http.StatusCreated
 	}
 	writeResourceResponse(w, r, st.name, res, status)
+}
+
+// handleFHIRPatch applies a JSON Patch (RFC 6902), the only patch format
+// fhir.patch takes ("Content-Type: application/json-patch+json").
+func handleFHIRPatch(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json-patch+json" {
+		writeOutcome(w, http.StatusUnsupportedMediaType, "not-supported",
+			"Content-Type: want application/json-patch+json, got "+strconv.Quote(r.Header.Get("Content-Type")))
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := e.fhirStoreFor(w, c)
+	if st == nil {
+		return
+	}
+	if !resourceTypes[st.version][c.names.resType] {
+		writeOutcome(w, 404, "not-found", "unknown resource type "+strconv.Quote(c.names.resType))
+		return
+	}
+	cur := st.res[c.names.resType+"/"+c.names.resID]
+	if cur == nil || cur.deleted {
+		writeOutcome(w, 404, "not-found", "resource not found: "+c.names.resType+"/"+c.names.resID)
+		return
+	}
+	m, ferr := applyJSONPatch(cur.data, c.body)
+	if ferr != nil {
+		writeOutcome(w, ferr.status, ferr.code, ferr.msg)
+		return
+	}
+	res, _, ferr := e.writeResource(st, c.names.resType, c.names.resID, m, write{action: ActionPatch, ifMatch: r.Header.Get("If-Match")})
+	if ferr != nil {
+		writeOutcome(w, ferr.status, ferr.code, ferr.msg)
+		return
+	}
+	writeResourceResponse(w, r, st.name, res, http.StatusOK)
 }
 
 func handleFHIRRead(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
@@ -340,6 +385,10 @@ func handleFHIRRead(e *Emulator, w http.ResponseWriter, r *http.Request, c *call
 		writeOutcome(w, 404, "not-found", "resource not found: "+c.names.resType+"/"+c.names.resID)
 	case res.deleted:
 		writeOutcome(w, 410, "deleted", "resource deleted: "+c.names.resType+"/"+c.names.resID)
+	case r.Header.Get("If-None-Match") != "" && etagVersion(r.Header.Get("If-None-Match")) == res.versionID:
+		// fhir.read: "If-None-Match ... 304 Not Modified" when unchanged.
+		w.Header().Set("ETag", `W/"`+res.versionID+`"`)
+		w.WriteHeader(http.StatusNotModified)
 	default:
 		writeResourceResponse(w, r, st.name, res, 200)
 	}
@@ -356,13 +405,17 @@ func handleFHIRDelete(e *Emulator, w http.ResponseWriter, r *http.Request, c *ca
 		writeOutcome(w, 404, "not-found", "unknown resource type "+strconv.Quote(c.names.resType))
 		return
 	}
-	e.deleteResource(st, c.names.resType, c.names.resID)
+	if ferr := e.deleteResource(st, c.names.resType, c.names.resID, r.Header.Get("If-Match"), true); ferr != nil {
+		writeOutcome(w, ferr.status, ferr.code, ferr.msg)
+		return
+	}
 	writeFHIR(w, 200, []byte("{}"))
 }
 
 // Bundle executes a FHIR batch or transaction bundle on a store through the
 // Go API, as executeBundle does, and returns the response bundle.
 func (e *Emulator) Bundle(store string, bundle []byte) (json.RawMessage, error) {
+	defer e.Flush()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	st := e.stores[store]
@@ -392,4 +445,64 @@ func handleBundle(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 		return
 	}
 	writeFHIR(w, 200, out)
+}
+
+var fhirVersions = map[string]string{"DSTU2": "1.0.2", "STU3": "3.0.1", "R4": "4.0.1", "R5": "5.0.0"}
+
+// handleCapabilities answers fhir.capabilities with what the emulator
+// supports for the store: the interactions it implements on every resource
+// type of the store's FHIR version, and the store's own rules.
+func handleCapabilities(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := e.fhirStoreFor(w, c)
+	if st == nil {
+		return
+	}
+	interactions := []any{}
+	for _, i := range []string{"read", "update", "patch", "delete", "create"} {
+		interactions = append(interactions, map[string]any{"code": i})
+	}
+	versioning := "versioned-update"
+	if st.noVersioning {
+		versioning = "no-version"
+	}
+	var resources []any
+	for _, t := range ResourceTypes(st.version) {
+		resources = append(resources, map[string]any{
+			"type":              t,
+			"interaction":       interactions,
+			"versioning":        versioning,
+			"updateCreate":      st.updateCreate,
+			"conditionalCreate": false,
+			"conditionalUpdate": false,
+			"conditionalDelete": "not-supported",
+			"referencePolicy":   []any{"literal", "local", "enforced"},
+		})
+	}
+	rt := "CapabilityStatement"
+	if st.version == "DSTU2" {
+		rt = "Conformance"
+	}
+	cs := map[string]any{
+		"resourceType": rt,
+		"status":       "active",
+		"date":         fhirInstant(e.now()),
+		"kind":         "instance",
+		"publisher":    "healthcaretest",
+		"software":     map[string]any{"name": "healthcaretest, an emulator of the Cloud Healthcare API v1"},
+		"implementation": map[string]any{
+			"description": "FHIR store " + st.name + " (emulated: no search, history or $operations)",
+			"url":         baseURL(r) + "/v1/" + st.name + "/fhir",
+		},
+		"fhirVersion": fhirVersions[st.version],
+		"format":      []any{"json"},
+		"rest": []any{map[string]any{
+			"mode":        "server",
+			"resource":    resources,
+			"interaction": []any{map[string]any{"code": "transaction"}, map[string]any{"code": "batch"}},
+		}},
+	}
+	b, _ := json.Marshal(cs)
+	writeFHIR(w, 200, b)
 }

@@ -22,6 +22,7 @@ const (
 	kObject
 	kStringMap
 	kAny
+	kObjectList // a repeated message
 )
 
 type field struct {
@@ -145,6 +146,22 @@ func checkFields(m map[string]any, fields []field, at string) *apiError {
 			if aerr := checkFields(sub, f.sub, path); aerr != nil {
 				return aerr
 			}
+		case kObjectList:
+			list, ok := v.([]any)
+			if !ok {
+				b, _ := json.Marshal(v)
+				return invalidArg("Invalid value at '%s' (type.googleapis.com/%s), %s", path, f.enumType, b)
+			}
+			for i, x := range list {
+				sub, ok := x.(map[string]any)
+				if !ok {
+					b, _ := json.Marshal(x)
+					return invalidArg("Invalid value at '%s[%d]' (type.googleapis.com/%s), %s", path, i, f.enumType, b)
+				}
+				if aerr := checkFields(sub, f.sub, fmt.Sprintf("%s[%d]", path, i)); aerr != nil {
+					return aerr
+				}
+			}
 		case kStringMap:
 			sub, ok := v.(map[string]any)
 			if !ok {
@@ -205,8 +222,12 @@ var fhirStoreFields = []field{
 	// Nested configurations the emulator accepts without interpreting them.
 	{json: "bulkExportGcsDestination", kind: kAny},
 	{json: "consentConfig", kind: kAny},
-	{json: "notificationConfig", kind: kAny},
-	{json: "notificationConfigs", kind: kAny},
+	{json: "notificationConfig", kind: kObject, sub: []field{{json: "pubsubTopic", kind: kString}, {json: "sendForBulkImport", kind: kBool}}},
+	{json: "notificationConfigs", kind: kObjectList, enumType: "google.cloud.healthcare.v1.fhir.FhirNotificationConfig", sub: []field{
+		{json: "pubsubTopic", kind: kString},
+		{json: "sendFullResource", kind: kBool},
+		{json: "sendPreviousResourceOnDelete", kind: kBool},
+	}},
 	{json: "streamConfigs", kind: kAny},
 	{json: "validationConfig", kind: kAny},
 }

@@ -34,7 +34,7 @@ type operation struct {
 // holds e.mu.
 func (e *Emulator) newOperation(d *dataset, apiMethod string) *operation {
 	e.opSeq++
-	id := strconv.FormatUint(1<<62+e.opSeq*1_000_003, 10)
+	id := strconv.FormatUint(e.opBase+e.opSeq*1_000_003, 10)
 	op := &operation{
 		name:       d.name + "/operations/" + id,
 		id:         id,
@@ -136,6 +136,13 @@ func handleOperationsGet(e *Emulator, w http.ResponseWriter, r *http.Request, c 
 	writeJSON(w, 200, e.operationJSON(op))
 }
 
+// handleOperationsList lists a dataset's operations in creation order, in
+// pages. The service documents no filter fields: the v1 REST reference of
+// projects.locations.datasets.operations.list shows only pageSize and
+// pageToken, and the discovery document calls filter "The standard list
+// filter". The emulator accepts done=true and done=false (the AIP-160 form
+// other Google LRO services document) and rejects any other filter with 400
+// rather than ignoring it. The service documents no order either.
 func handleOperationsList(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
 	var want *bool
 	switch f := strings.Join(strings.Fields(c.query.Get("filter")), ""); f {

@@ -9,14 +9,52 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	healthcare "google.golang.org/api/healthcare/v1"
 )
 
 type fhirStore struct {
 	name    string
 	version string
-	config  map[string]any // the FhirStore as created, with name and version
+	config  map[string]any // the FhirStore as created or patched, with name and version
 	res     map[string]*resource
 	order   []*resource // creation order
+
+	// Rules read from config by applyConfig.
+	notify         []NotificationConfig
+	updateCreate   bool // enableUpdateCreate
+	noRefIntegrity bool // disableReferentialIntegrity
+	noVersioning   bool // disableResourceVersioning
+	extensionRefs  bool // complexDataTypeReferenceParsing is not DISABLED
+}
+
+// applyConfig reads the store's rules from its configuration.
+func (st *fhirStore) applyConfig() *apiError {
+	n, aerr := parseNotificationConfigs(st.config["notificationConfigs"])
+	if aerr != nil {
+		return aerr
+	}
+	// The deprecated single notificationConfig (gcloud's --pubsub-topic)
+	// still publishes, names only.
+	if old, ok := st.config["notificationConfig"].(map[string]any); ok {
+		if topic, _ := old["pubsubTopic"].(string); topic != "" {
+			more, aerr := parseNotificationConfigs([]any{map[string]any{"pubsubTopic": topic}})
+			if aerr != nil {
+				return aerr
+			}
+			n = append(more, n...)
+		}
+	}
+	st.notify = n
+	st.updateCreate, _ = st.config["enableUpdateCreate"].(bool)
+	st.noRefIntegrity, _ = st.config["disableReferentialIntegrity"].(bool)
+	st.noVersioning, _ = st.config["disableResourceVersioning"].(bool)
+	// "References inside FHIR extensions are only subject to referential
+	// integrity if complexDataTypeReferenceParsing is set to ENABLED. This is
+	// the default value for new FHIR stores."
+	// https://cloud.google.com/healthcare-api/docs/concepts/fhir-referential-integrity
+	st.extensionRefs = st.config["complexDataTypeReferenceParsing"] != "DISABLED"
+	return nil
 }
 
 type resource struct {
@@ -25,6 +63,9 @@ type resource struct {
 	updated   time.Time
 	data      []byte // stored JSON with id and meta
 	deleted   bool
+
+	refList []string // references of version refsOf (see refs)
+	refsOf  string
 }
 
 var (
@@ -71,14 +112,38 @@ func (e *Emulator) CreateDataset(name string) error {
 }
 
 // CreateFHIRStore creates the FHIR store ".../datasets/D/fhirStores/S" of a
-// FHIR version ("DSTU2", "STU3", "R4", "R5") in an existing dataset.
+// FHIR version ("DSTU2", "STU3", "R4", "R5") in an existing dataset, with
+// enableUpdateCreate set so tests can write resources with their own ids.
+// Other settings keep the service's defaults (referential integrity on, no
+// notifications). Use CreateFHIRStoreWithConfig, or fhirStores.create over
+// REST, for a store exactly as configured.
 func (e *Emulator) CreateFHIRStore(name, version string) error {
+	return e.CreateFHIRStoreWithConfig(name, &healthcare.FhirStore{Version: version, EnableUpdateCreate: true})
+}
+
+// CreateFHIRStoreWithConfig creates a FHIR store from the real client's
+// FhirStore (version, enableUpdateCreate, disableReferentialIntegrity,
+// notificationConfigs, labels, ...), validated as fhirStores.create does.
+func (e *Emulator) CreateFHIRStoreWithConfig(name string, config *healthcare.FhirStore) error {
 	ds, err := parseStoreName(name)
 	if err != nil {
 		return err
 	}
+	b, err := json.Marshal(config)
+	if err != nil {
+		return fmt.Errorf("encoding the FHIR store config: %w", err)
+	}
+	m, aerr := parseBody(b, fhirStoreFields)
+	if aerr != nil {
+		return aerr
+	}
+	version, _ := m["version"].(string)
 	if resourceTypes[version] == nil {
 		return fmt.Errorf("invalid FHIR version %q: want DSTU2, STU3, R4 or R5", version)
+	}
+	st, aerr := newStore(name, version, m)
+	if aerr != nil {
+		return aerr
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -88,27 +153,63 @@ func (e *Emulator) CreateFHIRStore(name, version string) error {
 	if e.stores[name] != nil {
 		return fmt.Errorf("FHIR store %q already exists", name)
 	}
-	e.stores[name] = newStore(name, version, nil)
+	e.stores[name] = st
 	return nil
 }
 
-func newStore(name, version string, config map[string]any) *fhirStore {
+// SetNotificationConfigs replaces the notificationConfigs of a store, as
+// fhirStores.patch with updateMask=notificationConfigs does.
+func (e *Emulator) SetNotificationConfigs(store string, configs ...NotificationConfig) error {
+	list := []any{}
+	for _, c := range configs {
+		list = append(list, map[string]any{"pubsubTopic": c.PubsubTopic, "sendFullResource": c.SendFullResource,
+			"sendPreviousResourceOnDelete": c.SendPreviousResourceOnDelete})
+	}
+	if _, aerr := parseNotificationConfigs(list); aerr != nil {
+		return aerr
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	st := e.stores[store]
+	if st == nil {
+		return fmt.Errorf("FHIR store %q not found", store)
+	}
+	if len(configs) == 0 {
+		delete(st.config, "notificationConfigs")
+	} else {
+		st.config["notificationConfigs"] = list
+	}
+	if aerr := st.applyConfig(); aerr != nil {
+		return aerr
+	}
+	return nil
+}
+
+func newStore(name, version string, config map[string]any) (*fhirStore, *apiError) {
 	if config == nil {
 		config = map[string]any{}
 	}
 	config["name"] = name
 	config["version"] = version
-	return &fhirStore{name: name, version: version, config: config, res: map[string]*resource{}}
+	st := &fhirStore{name: name, version: version, config: config, res: map[string]*resource{}}
+	if aerr := st.applyConfig(); aerr != nil {
+		return nil, aerr
+	}
+	return st, nil
 }
 
 // PutResource creates or updates a resource by its resourceType and id (an id
-// is assigned when absent), as the FHIR update interaction would, and returns
-// the stored JSON with id and meta.
+// is assigned when absent), as the FHIR update interaction would (create when
+// the id is absent), and returns the stored JSON with id and meta. It is the
+// back door for test data: the resource is validated, but enableUpdateCreate
+// and referential integrity do not apply (the REST surface keeps them).
+// Change notifications are published as for fhir.update.
 func (e *Emulator) PutResource(store string, res []byte) (json.RawMessage, error) {
 	m, err := decodeJSONObject(res)
 	if err != nil {
 		return nil, fmt.Errorf("invalid resource JSON: %v", err)
 	}
+	defer e.Flush()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	st := e.stores[store]
@@ -117,11 +218,13 @@ func (e *Emulator) PutResource(store string, res []byte) (json.RawMessage, error
 	}
 	typ, _ := m["resourceType"].(string)
 	id, _ := m["id"].(string)
+	w := write{action: ActionUpdate, allowCreate: true, skipRefs: true}
 	if id == "" {
 		id = e.newID()
 		m["id"] = id
+		w.action = ActionCreate
 	}
-	r, _, ferr := e.writeResource(st, typ, id, m)
+	r, _, ferr := e.writeResource(st, typ, id, m, w)
 	if ferr != nil {
 		return nil, ferr
 	}
@@ -129,18 +232,21 @@ func (e *Emulator) PutResource(store string, res []byte) (json.RawMessage, error
 }
 
 // DeleteResource deletes a resource; deleting an absent one is not an error,
-// as in FHIR.
+// as in FHIR. Like PutResource it skips referential integrity.
 func (e *Emulator) DeleteResource(store, resourceType, id string) error {
+	defer e.Flush()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	st := e.stores[store]
 	if st == nil {
 		return fmt.Errorf("FHIR store %q not found", store)
 	}
-	if resourceTypes[st.version][resourceType] == false {
+	if !resourceTypes[st.version][resourceType] {
 		return fmt.Errorf("invalid resource type %q for FHIR version %s", resourceType, st.version)
 	}
-	e.deleteResource(st, resourceType, id)
+	if ferr := e.deleteResource(st, resourceType, id, "", false); ferr != nil {
+		return ferr
+	}
 	return nil
 }
 
@@ -162,21 +268,55 @@ func (e *Emulator) Resources(store string) []json.RawMessage {
 	return out
 }
 
-// newID returns a server-assigned resource id shaped like a UUID. The caller
-// holds e.mu.
+// newID returns a server-assigned resource id shaped like a UUID: the
+// instance's prefix (random unless Options.DeterministicIDs) mixed with a
+// counter. The caller holds e.mu.
 func (e *Emulator) newID() string {
 	e.idSeq++
-	x := e.idSeq * 0x9E3779B97F4A7C15
-	return fmt.Sprintf("%08x-%04x-4%03x-8%03x-%012x", uint32(x>>32), uint16(x>>16), e.idSeq>>48&0xfff, e.idSeq>>36&0xfff, e.idSeq&0xffffffffffff)
+	x := e.idSeq*0x9E3779B97F4A7C15 ^ e.idSalt
+	return fmt.Sprintf("%08x-%04x-4%03x-8%03x-%012x", uint32(x>>32), uint16(x>>16), (e.idSeq>>48^e.idSalt>>20)&0xfff, (e.idSeq>>36^e.idSalt>>8)&0xfff, (e.idSeq^e.idSalt>>16)&0xffffffffffff)
 }
 
-// writeResource validates m as a resource of typ/id and stores it as the new
-// current version. created reports whether it did not exist (or was deleted).
-// The caller holds e.mu.
-func (e *Emulator) writeResource(st *fhirStore, typ, id string, m map[string]any) (r *resource, created bool, ferr *fhirError) {
+// write says how a resource is written: the notification action, whether
+// an absent resource may be created, and the If-Match / If-None-Match
+// preconditions (ETag values, W/"v" or "v"; "*" for If-None-Match).
+type write struct {
+	action      string
+	allowCreate bool
+	ifMatch     string
+	ifNoneMatch string
+	skipRefs    bool // the Go API's back door
+}
+
+// writeResource validates m as a resource of typ/id, checks the store's
+// rules and stores it as the new current version. created reports whether it
+// did not exist (or was deleted). The caller holds e.mu.
+func (e *Emulator) writeResource(st *fhirStore, typ, id string, m map[string]any, w write) (r *resource, created bool, ferr *fhirError) {
 	if ferr := validateResource(st, typ, id, m); ferr != nil {
 		return nil, false, ferr
 	}
+	key := typ + "/" + id
+	old := st.res[key]
+	live := old != nil && !old.deleted
+	if ferr := checkPreconditions(old, live, w.ifMatch, w.ifNoneMatch); ferr != nil {
+		return nil, false, ferr
+	}
+	if !live && !w.allowCreate {
+		return nil, false, fhirErr(404, "not-found", "resource %s not found, and the FHIR store does not have enableUpdateCreate set", key)
+	}
+	if !st.noRefIntegrity && !w.skipRefs {
+		if ferr := checkReferences(st, m, nil); ferr != nil {
+			return nil, false, ferr
+		}
+	}
+	e.commitResource(st, typ, id, m, w.action)
+	r = st.res[key]
+	return r, !live, nil
+}
+
+// commitResource stores m (already checked) as the current version of
+// typ/id and queues its notifications. The caller holds e.mu.
+func (e *Emulator) commitResource(st *fhirStore, typ, id string, m map[string]any, action string) {
 	t := e.stamp()
 	vid := base64.RawStdEncoding.EncodeToString([]byte(strconv.FormatInt(t.UnixNano(), 10)))
 	meta, _ := m["meta"].(map[string]any)
@@ -186,57 +326,50 @@ func (e *Emulator) writeResource(st *fhirStore, typ, id string, m map[string]any
 	meta["versionId"] = vid
 	meta["lastUpdated"] = fhirInstant(t)
 	m["meta"] = meta
-	data, err := json.Marshal(m)
-	if err != nil {
-		return nil, false, fhirErr(400, "invalid", "cannot encode resource: %v", err)
-	}
+	data, _ := json.Marshal(m) // cannot fail: decoded JSON values only
 	key := typ + "/" + id
-	r = st.res[key]
+	r := st.res[key]
 	if r == nil {
 		r = &resource{typ: typ, id: id}
 		st.res[key] = r
 		st.order = append(st.order, r)
-		created = true
-	} else if r.deleted {
-		created = true
 	}
 	r.versionID, r.updated, r.data, r.deleted = vid, t, data, false
-	return r, created, nil
+	e.notifyChange(st, action, r, nil)
 }
 
-func (e *Emulator) deleteResource(st *fhirStore, typ, id string) {
+// deleteResource deletes typ/id if it exists, unless a precondition or
+// referential integrity forbids it. The caller holds e.mu.
+func (e *Emulator) deleteResource(st *fhirStore, typ, id, ifMatch string, checkRefs bool) *fhirError {
+	r := st.res[typ+"/"+id]
+	live := r != nil && !r.deleted
+	if ferr := checkPreconditions(r, live, ifMatch, ""); ferr != nil {
+		return ferr
+	}
+	if !live {
+		return nil
+	}
+	if checkRefs && !st.noRefIntegrity {
+		if by := referrer(st, typ+"/"+id, nil); by != "" {
+			return fhirErr(409, "conflict", "cannot delete %s/%s: it is referenced by %s (the FHIR store enforces referential integrity)", typ, id, by)
+		}
+	}
+	e.commitDelete(st, typ, id)
+	return nil
+}
+
+// commitDelete deletes typ/id (already checked) if it exists and queues
+// its notifications. The caller holds e.mu.
+func (e *Emulator) commitDelete(st *fhirStore, typ, id string) {
 	r := st.res[typ+"/"+id]
 	if r == nil || r.deleted {
 		return
 	}
+	prev := r.data
 	t := e.stamp()
 	r.deleted, r.updated = true, t
 	r.versionID = base64.RawStdEncoding.EncodeToString([]byte(strconv.FormatInt(t.UnixNano(), 10)))
-}
-
-func validateResource(st *fhirStore, typ, id string, m map[string]any) *fhirError {
-	got, ok := m["resourceType"].(string)
-	if !ok || got == "" {
-		return fhirErr(400, "required", "resourceType: required field missing")
-	}
-	if !resourceTypes[st.version][got] {
-		return fhirErr(400, "value", "resourceType: unknown resource type %q for FHIR version %s", got, st.version)
-	}
-	if typ != got {
-		return fhirErr(400, "value", "resourceType: %q does not match the resource type %q of the request", got, typ)
-	}
-	if !fhirIDRE.MatchString(id) {
-		return fhirErr(400, "value", "id: invalid resource id %q", id)
-	}
-	if rid, ok := m["id"].(string); ok && rid != id {
-		return fhirErr(400, "value", "id: resource id %q does not match the id %q of the request", rid, id)
-	}
-	if meta, ok := m["meta"]; ok {
-		if _, isObj := meta.(map[string]any); !isObj {
-			return fhirErr(400, "structure", "meta: must be an object")
-		}
-	}
-	return nil
+	e.notifyChange(st, ActionDelete, r, prev)
 }
 
 // fhirInstant renders a FHIR instant (meta.lastUpdated) with microseconds

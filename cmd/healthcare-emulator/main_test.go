@@ -15,22 +15,27 @@ import (
 	"google.golang.org/api/option"
 )
 
-// startRun runs run in-process on a random port and returns the base URL.
-func startRun(t *testing.T, args ...string) string {
+// startRun runs run in-process on a random port and returns the base URL
+// and the startup lines it printed.
+func startRun(t *testing.T, args ...string) (string, []string) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	pr, pw := io.Pipe()
 	errc := make(chan error, 1)
 	go func() {
-		err := run(ctx, append([]string{"--addr", "127.0.0.1:0"}, args...), pw)
+		err := run(ctx, append([]string{"--addr", "127.0.0.1:0"}, args...), pw, func(string) string { return "" })
 		pw.Close()
 		errc <- err
 	}()
 	sc := bufio.NewScanner(pr)
 	var url string
+	var lines []string
 	for sc.Scan() {
+		lines = append(lines, sc.Text())
 		if u, ok := strings.CutPrefix(sc.Text(), "healthcare emulator listening on "); ok {
 			url = u
+		}
+		if strings.HasPrefix(sc.Text(), "admin API:") {
 			break
 		}
 	}
@@ -50,12 +55,12 @@ func startRun(t *testing.T, args ...string) string {
 			t.Error("run did not stop")
 		}
 	})
-	return url
+	return url, lines
 }
 
 func TestRunServesSeededStore(t *testing.T) {
 	t.Parallel()
-	url := startRun(t, "--seed-patients", "3", "--fake-clock", "2025-01-01T00:00:00Z", "--export-duration", "10s", "--export-steps", "2", "--max-running-operations", "1")
+	url, _ := startRun(t, "--seed-patients", "3", "--fake-clock", "2025-01-01T00:00:00Z", "--export-duration", "10s", "--export-steps", "2", "--max-running-operations", "1")
 	ctx := context.Background()
 	svc, err := healthcare.NewService(ctx, option.WithEndpoint(url), option.WithoutAuthentication())
 	if err != nil {
@@ -139,10 +144,12 @@ func TestRunErrors(t *testing.T) {
 		{"bad version", []string{"--addr", "127.0.0.1:0", "--version", "R9"}, 2},
 		{"bad clock", []string{"--fake-clock", "noon"}, 2},
 		{"bad address", []string{"--addr", "256.0.0.1:99999"}, 1},
+		{"buckets without a folder", []string{"--gcs-buckets", "b"}, 2},
+		{"notify without Pub/Sub", []string{"--addr", "127.0.0.1:0", "--notify", "projects/p/topics/t"}, 2},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			err := run(context.Background(), tc.args, io.Discard)
+			err := run(context.Background(), tc.args, io.Discard, func(string) string { return "" })
 			if got := exitCode(err); got != tc.code {
 				t.Errorf("exit code %d (%v), want %d", got, err, tc.code)
 			}
