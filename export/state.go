@@ -24,6 +24,7 @@ var (
 // write carries a precondition (DoesNotExist or GenerationMatch) so concurrent
 // instances and redeliveries cannot double-start a run or lose an update.
 type State struct {
+	client *storage.Client // also writes feed files to destinations (feed.go)
 	bkt    *storage.BucketHandle
 	bucket string
 	prefix string
@@ -31,7 +32,7 @@ type State struct {
 
 // NewState returns the state store at gs://bucket/prefix.
 func NewState(client *storage.Client, bucket, prefix string) *State {
-	return &State{bkt: client.Bucket(bucket), bucket: bucket, prefix: prefix}
+	return &State{client: client, bkt: client.Bucket(bucket), bucket: bucket, prefix: prefix}
 }
 
 func (s *State) object(name string) string { return path.Join(s.prefix, name) }
