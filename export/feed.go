@@ -143,7 +143,10 @@ type tombstone struct {
 // tombstones lists store's tombstones recorded from `from` on, in recordedAt order.
 func (x *Exporter) tombstones(ctx context.Context, store string, from time.Time) ([]tombstone, error) {
 	dir := x.state.object(tombstoneDir(store)) + "/"
-	q := &storage.Query{Prefix: dir, StartOffset: dir + from.UTC().Format(recordedLayout)}
+	q := &storage.Query{Prefix: dir}
+	if !from.IsZero() {
+		q.StartOffset = dir + from.UTC().Format(recordedLayout)
+	}
 	if err := q.SetAttrSelection([]string{"Name", "Metadata"}); err != nil {
 		return nil, err
 	}
@@ -251,7 +254,8 @@ type bundleRequest struct {
 // events.TypePartial), {destination}/{operationId}.manifest.json listing the
 // {operationId}_{Type} objects, and for a succeeded incremental run
 // {operationId}.deleted.ndjson with the pipeline's undelivered tombstones
-// (cursor is the stored one, nil for the pipeline's first run). A partial run
+// (cursor is the stored one; nil, for a pipeline's first run, delivers every
+// tombstone kept). A partial run
 // also gets {operationId}.error.ndjson. Failed runs and BigQuery runs get
 // nothing and keep their cursor (BigQuery users get no deletions yet).
 //
@@ -310,30 +314,28 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 	}
 
 	if delivering {
-		if cursor == nil {
-			// The pipeline's first run is a full export: it holds no deleted
-			// resource. Deletions from its snapshot on are the next run's.
-			ct, err := time.Parse(time.RFC3339Nano, meta.CreateTime)
-			if err != nil {
-				return feedResult{}, fmt.Errorf("operation %s has createTime %q: %w", op.Name, meta.CreateTime, err)
-			}
-			m.Extension.Deletions = &deletionCursor{Through: ct.UTC()}
-		} else {
-			lines, next, err := x.collectDeletions(ctx, p, cursor)
-			if err != nil {
+		// A pipeline's first success (no cursor) is a full export, but
+		// manifests of its earlier partial runs may hold resources deleted
+		// since: it gets every tombstone still kept. Extra tombstones are
+		// harmless under newest-wins: an upsert after a deletion beats it.
+		from := cursor
+		if from == nil {
+			from = &deletionCursor{}
+		}
+		lines, next, err := x.collectDeletions(ctx, p, from)
+		if err != nil {
+			return feedResult{}, err
+		}
+		if len(lines) > 0 {
+			name := base + ".deleted.ndjson"
+			// Overwritten by a retry: without a manifest nobody has read it.
+			if err := writeObject(ctx, bkt, name, lines.ndjson(), "application/fhir+ndjson", storage.Conditions{}); err != nil {
 				return feedResult{}, err
 			}
-			if len(lines) > 0 {
-				name := base + ".deleted.ndjson"
-				// Overwritten by a retry: without a manifest nobody has read it.
-				if err := writeObject(ctx, bkt, name, lines.ndjson(), "application/fhir+ndjson", storage.Conditions{}); err != nil {
-					return feedResult{}, err
-				}
-				n := int64(len(lines))
-				m.Deleted = []events.Output{{Type: "Bundle", URL: gsURL(name), Count: &n}}
-			}
-			m.Extension.Deletions = next
+			n := int64(len(lines))
+			m.Deleted = []events.Output{{Type: "Bundle", URL: gsURL(name), Count: &n}}
 		}
+		m.Extension.Deletions = next
 	}
 
 	if outcome == events.TypePartial {
@@ -400,7 +402,11 @@ func (l deletedLines) ndjson() []byte {
 // given to the pipeline, one line per key, and the cursor once they are.
 func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor *deletionCursor) (deletedLines, *deletionCursor, error) {
 	now := x.now().UTC() // before listing: everything recorded before now−margin is visible to it
-	ts, err := x.tombstones(ctx, p.Store, cursor.Through.Add(-tombstoneMargin))
+	var from time.Time   // zero: every tombstone kept
+	if !cursor.Through.IsZero() {
+		from = cursor.Through.Add(-tombstoneMargin)
+	}
+	ts, err := x.tombstones(ctx, p.Store, from)
 	if err != nil {
 		return nil, nil, err
 	}
