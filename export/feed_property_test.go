@@ -114,7 +114,7 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 		queue = rest
 	}
 	write := func() {
-		typ, id := allTypes[rng.IntN(len(allTypes))], fmt.Sprint(rng.IntN(3))
+		typ, id := allTypes[rng.IntN(len(allTypes))], fmt.Sprint(rng.IntN(2))
 		key := typ + "/" + id
 		now := w.clock.Now()
 		v := model[key]
@@ -218,7 +218,9 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 		}
 		deliver(false)
 		// Writes are at least 10 ms apart: more than the publish latency.
-		steps := []time.Duration{10 * time.Millisecond, 250 * time.Millisecond, time.Second, 20 * time.Second, 3 * time.Minute, 11 * time.Minute}
+		// Short steps often, so that writes and runs share a second.
+		steps := []time.Duration{10 * time.Millisecond, 10 * time.Millisecond, 40 * time.Millisecond, 250 * time.Millisecond,
+			time.Second, 20 * time.Second, 3 * time.Minute, 11 * time.Minute}
 		w.clock.Advance(steps[rng.IntN(len(steps))])
 	}
 

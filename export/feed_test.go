@@ -475,3 +475,38 @@ func (w *feedWorld) bundles(t *testing.T, gsURL string) []deletedBundle {
 	}
 	return out
 }
+
+// TestDeletionTime: lastUpdatedTime has whole seconds; the publish time
+// orders a deletion against writes earlier and later in the same second.
+func TestDeletionTime(t *testing.T) {
+	t.Parallel()
+	s := time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)
+	ms := time.Millisecond
+	tests := []struct {
+		name          string
+		deleted       time.Time
+		latency       time.Duration
+		after, before time.Time // the deletion time must be strictly between
+		want          time.Time // when not zero, exactly
+	}{
+		{name: "written earlier in the second", deleted: s.Add(700 * ms), latency: 5 * ms, after: s.Add(300 * ms), before: s.Add(time.Second)},
+		{name: "re-created later in the second", deleted: s.Add(200 * ms), latency: 5 * ms, after: s.Add(-time.Second), before: s.Add(600 * ms)},
+		{name: "published next second", deleted: s.Add(999 * ms), latency: 30 * ms, want: s.Add(time.Second - time.Microsecond)},
+		{name: "publish time before the second (skew)", deleted: s, latency: -2 * time.Second, want: s},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			n := deletion("Patient", "p", tc.deleted, tc.latency, "m")
+			got := deletionTime(n)
+			if !tc.want.IsZero() {
+				if !got.Equal(tc.want) {
+					t.Errorf("deletionTime = %s, want %s", got.Format(time.RFC3339Nano), tc.want.Format(time.RFC3339Nano))
+				}
+				return
+			}
+			if !got.After(tc.after) || !got.Before(tc.before) {
+				t.Errorf("deletionTime = %s, want between %s and %s", got.Format(time.RFC3339Nano), tc.after.Format(time.RFC3339Nano), tc.before.Format(time.RFC3339Nano))
+			}
+		})
+	}
+}
