@@ -255,9 +255,9 @@ type bundleRequest struct {
 // {operationId}_{Type} objects, and for a succeeded incremental run
 // {operationId}.deleted.ndjson with the pipeline's undelivered tombstones
 // (cursor is the stored one; nil, for a pipeline's first run, delivers every
-// tombstone kept). A partial run
-// also gets {operationId}.error.ndjson. Failed runs and BigQuery runs get
-// nothing and keep their cursor (BigQuery users get no deletions yet).
+// tombstone kept). A partial run also gets {operationId}.error.ndjson. Failed
+// runs and BigQuery runs get nothing and keep their cursor (BigQuery users get
+// no deletions yet).
 //
 // It is idempotent: the manifest is written last and only once, and a retry
 // finding it returns what it says. Call it before saving the watermark and
@@ -288,10 +288,9 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 		return m.result(res.Manifest, delivering), nil
 	}
 
-	var from time.Time
 	if delivering && cursor != nil {
-		from = cursor.Through.Add(-tombstoneMargin)
-		if age := x.now().Sub(from); age >= TombstoneRetention {
+		oldest := cursor.Through.Add(-tombstoneMargin)
+		if age := x.now().Sub(oldest); age >= TombstoneRetention {
 			return feedResult{}, fmt.Errorf("pipeline %s: its deletions were last delivered through %s, %s ago; tombstones are kept %s: %w; reset its watermark so the next run is a full export",
 				p.Pipeline, cursor.Through.UTC().Format(time.RFC3339), age.Truncate(time.Hour), TombstoneRetention, ErrDeletionsExpired)
 		}
@@ -318,11 +317,11 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 		// manifests of its earlier partial runs may hold resources deleted
 		// since: it gets every tombstone still kept. Extra tombstones are
 		// harmless under newest-wins: an upsert after a deletion beats it.
-		from := cursor
-		if from == nil {
-			from = &deletionCursor{}
+		given := cursor
+		if given == nil {
+			given = &deletionCursor{}
 		}
-		lines, next, err := x.collectDeletions(ctx, p, from)
+		lines, next, err := x.collectDeletions(ctx, p, given)
 		if err != nil {
 			return feedResult{}, err
 		}
