@@ -369,6 +369,16 @@ func TestWriteFeedDeletions(t *testing.T) {
 	if res.Deleted == nil || *res.Deleted != 2 {
 		t.Errorf("deleted count %v, want 2", res.Deleted)
 	}
+	m := w.manifest(t, res.Manifest)
+	if len(m.Deleted) != 1 || m.Deleted[0].Type != "Bundle" || m.Deleted[0].URL != dest+"/op-2.deleted.ndjson" {
+		t.Fatalf("manifest deleted = %+v", m.Deleted)
+	}
+	firstLine, _, _ := strings.Cut(string(w.read(t, m.Deleted[0].URL)), "\n")
+	wantLine := `{"resourceType":"Bundle","id":"` + tombstoneKey(d1) + `","meta":{"lastUpdated":"` + deletionTime(d1).Format(time.RFC3339Nano) +
+		`"},"type":"transaction","entry":[{"request":{"method":"DELETE","url":"Patient/a"}}]}`
+	if firstLine != wantLine {
+		t.Errorf("deleted file line\n got %s\nwant %s", firstLine, wantLine)
+	}
 	if res.Cursor == nil || !res.Cursor.Through.Equal(ct2) || len(res.Cursor.Recent) != 2 {
 		t.Fatalf("cursor after run 2: %+v; want through %s with both keys recent", res.Cursor, ct2)
 	}
