@@ -5,8 +5,10 @@
 // StartExport is triggered by Pub/Sub (or any CloudEvent carrying an export
 // spec) and starts at most one fhirStores.export per trigger. PollExport is
 // triggered every minute by Cloud Scheduler through Pub/Sub and follows every
-// pending export with operations.get. Configuration comes from the
-// FHIREXPORT_* environment variables; see the README.
+// pending export with operations.get. RecordChange, triggered by a FHIR
+// store's change notifications, keeps deletions for the incremental feed.
+// Configuration comes from the FHIREXPORT_* environment variables; see the
+// README.
 package fhirexport
 
 import (
@@ -33,6 +35,7 @@ import (
 func init() {
 	functions.CloudEvent("StartExport", instance.StartExport)
 	functions.CloudEvent("PollExport", instance.PollExport)
+	functions.CloudEvent("RecordChange", instance.RecordChange)
 }
 
 // instance is this process's function instance: configuration and clients
@@ -80,6 +83,23 @@ func (a *app) PollExport(ctx context.Context, e cloudevents.Event) error {
 		a.log.Error("poll sweep incomplete; the next tick retries", "error", err.Error(), "trigger", e.ID())
 	}
 	return nil
+}
+
+// RecordChange handles one FHIR store change notification: deletions become
+// tombstones for the feed. A malformed notification is logged and
+// acknowledged (redelivery cannot mend it); only a failed write is retried.
+func (a *app) RecordChange(ctx context.Context, e cloudevents.Event) error {
+	n, err := events.DecodeNotification(e)
+	if err != nil {
+		a.log.Error("malformed change notification; acknowledged", "error", err.Error(), "trigger", e.ID(), "source", e.Source())
+		return nil
+	}
+	x, err := a.exporter(ctx)
+	if err != nil {
+		a.log.Error("fhirexport is misconfigured; the notification will be redelivered", "error", err.Error(), "trigger", e.ID())
+		return err
+	}
+	return x.RecordChange(export.WithLogger(ctx, a.log), n)
 }
 
 func (a *app) exporter(ctx context.Context) (*export.Exporter, error) {

@@ -62,7 +62,17 @@ type Data struct {
 	Reason    string `json:"reason,omitempty"`
 	NotBefore string `json:"notBefore,omitempty"`
 	// QueuedRun names the queued run a coalesced trigger was merged into.
-	QueuedRun string `json:"queuedRun,omitempty"`
+	QueuedRun string   `json:"queuedRun,omitempty"`
+	Manifest  string   `json:"manifest,omitempty"` // gs:// URL of the run's Bulk Data manifest
+	Outputs   []Output `json:"outputs,omitempty"`
+	Deleted   *int64   `json:"deleted,omitempty"` // resources in the run's deleted file (incremental runs)
+}
+
+// Output is one file a run wrote, as listed in its manifest.
+type Output struct {
+	Type  string `json:"type"`
+	URL   string `json:"url"`
+	Count *int64 `json:"count,omitempty"`
 }
 
 // Counters are the operation's resource counters.

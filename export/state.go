@@ -29,7 +29,7 @@ var (
 // write carries a precondition (DoesNotExist or GenerationMatch) so concurrent
 // instances and redeliveries cannot double-start a run or lose an update.
 type State struct {
-	client *storage.Client
+	client *storage.Client // also writes feed files to destinations (feed.go)
 	bkt    *storage.BucketHandle
 	bucket string
 	prefix string

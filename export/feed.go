@@ -1,0 +1,555 @@
+package export
+
+// The feed: deletions recorded from the store's change notifications
+// (RecordChange), and, when a Cloud Storage run ends, its HL7 Bulk Data
+// manifest and deleted file (writeFeed). Replaying every manifest of a
+// pipeline, newest time winning per Type/id, reproduces the store.
+//
+// Tombstones live in the state bucket:
+//
+//	tombstones/{digest(store)[:24]}/{recordedAt}-{key}.json
+//
+// recordedAt is our clock when RecordChange began, fixed width and sortable;
+// key is a digest of the resource name, its lastUpdatedTime and versionId, the
+// same on every redelivery. A redelivery may record a second object with
+// another recordedAt: writeFeed delivers each key once.
+//
+// A pipeline's deletionCursor says what it has been given: every tombstone
+// recorded up to Through minus tombstoneMargin, plus the keys in Recent. A
+// RecordChange takes recordedAt before it writes and runs at most 540 s, so a
+// listing at time T sees every tombstone recorded before T−margin; the newer
+// ones it sees are named in Recent so the next run, listing from T−margin,
+// skips them.
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/url"
+	"slices"
+	"strings"
+	"time"
+
+	"cloud.google.com/go/storage"
+	"google.golang.org/api/googleapi"
+	healthcare "google.golang.org/api/healthcare/v1"
+	"google.golang.org/api/iterator"
+
+	"github.com/fhirexport/fhirexport/events"
+)
+
+const (
+	// TombstoneRetention is how long tombstones are kept. deploy.sh sets a
+	// lifecycle rule on the state bucket deleting tombstones/ objects older
+	// than this; a pipeline that has not delivered its deletions within it
+	// gets ErrDeletionsExpired instead of silently missing some.
+	TombstoneRetention = 35 * 24 * time.Hour
+	// tombstoneMargin covers RecordChange writers still in flight (at most
+	// 540 s) and small clock differences between instances.
+	tombstoneMargin = 10 * time.Minute
+	// recordedLayout names tombstones so that names sort by recordedAt.
+	recordedLayout = "20060102T150405.000000000Z"
+)
+
+// ErrDeletionsExpired means a pipeline's deletion cursor is older than
+// TombstoneRetention: deletions it was not given may have been pruned. The run
+// must not be reported as a complete increment; the operator resets the
+// pipeline's watermark, and the next run is a full export.
+var ErrDeletionsExpired = errors.New("deletions older than the tombstone retention may have been pruned")
+
+// tombstoneRecord is one deletion seen in a store's change notifications.
+type tombstoneRecord struct {
+	Store       string    `json:"store"`
+	Type        string    `json:"type"`
+	ID          string    `json:"id"`
+	Deleted     time.Time `json:"deleted"`     // deletionTime: what the deleted file carries
+	LastUpdated time.Time `json:"lastUpdated"` // the notification's lastUpdatedTime (whole seconds)
+	VersionID   string    `json:"versionId,omitempty"`
+	Recorded    time.Time `json:"recorded"`
+	MessageID   string    `json:"messageId,omitempty"`
+}
+
+func tombstoneDir(store string) string { return "tombstones/" + digest("store", store)[:24] }
+
+func tombstoneKey(n events.Notification) string {
+	return digest("tombstone", n.Resource, n.LastUpdated.UTC().Format(time.RFC3339Nano), n.VersionID)[:16]
+}
+
+// deletionTime orders a deletion against upserts of the same resource under
+// newest-wins. lastUpdatedTime has whole seconds (RFC 1123) while an upsert's
+// meta.lastUpdated has microseconds, so the deletion happened somewhere in
+// [s, s+1s). Pub/Sub's publishTime (milliseconds) follows the commit by the
+// publish latency; clamped into that second it is the best estimate we have.
+// The start of the second would resurrect a resource written earlier in the
+// same second; its end would delete one re-created later in it. With the
+// estimate, both are ordered right unless the two writes were closer together
+// than the publish latency.
+func deletionTime(n events.Notification) time.Time {
+	start := n.LastUpdated.UTC().Truncate(time.Second)
+	end := start.Add(time.Second - time.Microsecond)
+	t := n.PublishTime.UTC().Truncate(time.Microsecond)
+	switch {
+	case t.Before(start):
+		return start
+	case t.After(end):
+		return end
+	}
+	return t
+}
+
+// RecordChange handles one FHIR store change notification. A DeleteResource
+// of an allowed store becomes a durable tombstone; every other action returns
+// at once without any state I/O (a busy store sends one notification per
+// write). A store not on the allow-list is logged and ignored. It returns an
+// error only when Pub/Sub should redeliver (the state bucket failed).
+func (x *Exporter) RecordChange(ctx context.Context, n events.Notification) error {
+	if n.Action != events.ActionDelete {
+		return nil
+	}
+	log := Logger(ctx).With("store", n.Store, "fhirType", n.ResourceType, "message", n.MessageID)
+	if !x.policy.AllowStore(n.Store) {
+		log.Warn("deletion notification from a store not on FHIREXPORT_ALLOWED_STORES; ignored")
+		return nil
+	}
+	now := x.now().UTC()
+	key := tombstoneKey(n)
+	rec := tombstoneRecord{Store: n.Store, Type: n.ResourceType, ID: n.ID, Deleted: deletionTime(n), LastUpdated: n.LastUpdated.UTC(),
+		VersionID: n.VersionID, Recorded: now, MessageID: n.MessageID}
+	name := tombstoneDir(n.Store) + "/" + now.Format(recordedLayout) + "-" + key + ".json"
+	// The metadata lets writeFeed deliver tombstones from a listing alone.
+	meta := map[string]string{"type": rec.Type, "id": rec.ID, "deleted": rec.Deleted.Format(time.RFC3339Nano)}
+	_, err := x.state.create(ctx, name, rec, meta)
+	if errors.Is(err, ErrExists) {
+		return nil // this very attempt was recorded already
+	}
+	if err != nil {
+		return fmt.Errorf("record deletion in %s: %w", n.Store, err)
+	}
+	log.Info("deletion recorded", "tombstone", key)
+	return nil
+}
+
+// tombstone is a listed tombstone.
+type tombstone struct {
+	key      string
+	typ, id  string
+	deleted  time.Time
+	recorded time.Time
+}
+
+// tombstones lists store's tombstones recorded from `from` on, in recordedAt order.
+func (x *Exporter) tombstones(ctx context.Context, store string, from time.Time) ([]tombstone, error) {
+	dir := x.state.object(tombstoneDir(store)) + "/"
+	q := &storage.Query{Prefix: dir}
+	if !from.IsZero() {
+		q.StartOffset = dir + from.UTC().Format(recordedLayout)
+	}
+	if err := q.SetAttrSelection([]string{"Name", "Metadata"}); err != nil {
+		return nil, err
+	}
+	var out []tombstone
+	it := x.state.bkt.Objects(ctx, q)
+	for {
+		a, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			return out, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list tombstones gs://%s/%s: %w", x.state.bucket, dir, err)
+		}
+		rel := strings.TrimSuffix(strings.TrimPrefix(a.Name, dir), ".json")
+		at, key, ok := strings.Cut(rel, "-")
+		recorded, err := time.Parse(recordedLayout, at)
+		if !ok || err != nil || key == "" {
+			Logger(ctx).Warn("ignoring a misnamed tombstone", "object", a.Name)
+			continue
+		}
+		t := tombstone{key: key, typ: a.Metadata["type"], id: a.Metadata["id"], recorded: recorded}
+		t.deleted, err = time.Parse(time.RFC3339Nano, a.Metadata["deleted"])
+		if err != nil || t.typ == "" || t.id == "" {
+			// Metadata lost (a copy, a manual edit): read the record itself.
+			var rec tombstoneRecord
+			if _, err := x.state.read(ctx, tombstoneDir(store)+"/"+rel+".json", &rec); err != nil {
+				if errors.Is(err, ErrNotFound) {
+					continue // pruned meanwhile
+				}
+				return nil, err
+			}
+			t.typ, t.id, t.deleted = rec.Type, rec.ID, rec.Deleted
+		}
+		out = append(out, t)
+	}
+}
+
+// feedResult is what writeFeed wrote, for the outcome event and the
+// pipeline's watermark record.
+type feedResult struct {
+	Manifest string          // gs:// URL of the manifest; "" when none was written
+	Outputs  []events.Output // the export's files, sorted by type
+	Deleted  *int64          // resources in the deleted file; nil unless an incremental run succeeded
+	// Cursor is the pipeline's deletion cursor after this run, to be saved
+	// with its watermark; nil: leave the stored cursor as it is.
+	Cursor *deletionCursor
+}
+
+// bulkManifest is an HL7 FHIR Bulk Data manifest
+// (https://hl7.org/fhir/uv/bulkdata/export.html#response---complete-status).
+// Everything of ours is under extension.
+type bulkManifest struct {
+	TransactionTime     string            `json:"transactionTime"`
+	Request             string            `json:"request"`
+	RequiresAccessToken bool              `json:"requiresAccessToken"`
+	Output              []events.Output   `json:"output"`
+	Deleted             []events.Output   `json:"deleted"`
+	Error               []events.Output   `json:"error"`
+	Extension           manifestExtension `json:"extension"`
+}
+
+type manifestExtension struct {
+	Operation   string            `json:"operation"`
+	Pipeline    string            `json:"pipeline"`
+	Name        string            `json:"name,omitempty"`
+	Store       string            `json:"store"`
+	Types       []string          `json:"types,omitempty"`
+	Since       string            `json:"since,omitempty"`
+	Incremental bool              `json:"incremental,omitempty"`
+	Outcome     string            `json:"outcome"` // succeeded or partial
+	Counters    events.Counters   `json:"counters"`
+	LogsURL     string            `json:"logsUrl,omitempty"`
+	Trigger     events.TriggerRef `json:"trigger"`
+	// Deletions is the pipeline's deletion cursor once this manifest is
+	// delivered: a retry after a crash returns it instead of listing again.
+	Deletions *deletionCursor `json:"deletions,omitempty"`
+}
+
+// deletedBundle is one line of a deleted file: a FHIR transaction Bundle with
+// one DELETE entry, shaped as the Bulk Data IG's example; the deletion time is
+// in meta.lastUpdated, where the IG puts it.
+type deletedBundle struct {
+	ResourceType string        `json:"resourceType"`
+	ID           string        `json:"id"`
+	Meta         bundleMeta    `json:"meta"`
+	Type         string        `json:"type"`
+	Entry        []bundleEntry `json:"entry"`
+}
+
+type bundleMeta struct {
+	LastUpdated string `json:"lastUpdated"`
+}
+
+type bundleEntry struct {
+	Request bundleRequest `json:"request"`
+}
+
+type bundleRequest struct {
+	Method string `json:"method"`
+	URL    string `json:"url"`
+}
+
+// writeFeed writes the feed files of a finished run: for a Cloud Storage run
+// that ended succeeded or partial (outcome is events.TypeSucceeded or
+// events.TypePartial), {destination}/{operationId}.manifest.json listing the
+// {operationId}_{Type} objects, and for a succeeded incremental run
+// {operationId}.deleted.ndjson with the pipeline's undelivered tombstones
+// (cursor is the stored one; nil, for a pipeline's first run, delivers every
+// tombstone kept). A partial run also gets {operationId}.error.ndjson. Failed
+// runs and BigQuery runs get nothing and keep their cursor (BigQuery users get
+// no deletions yet).
+//
+// It is idempotent: the manifest is written last and only once, and a retry
+// finding it returns what it says. Call it before saving the watermark and
+// the returned Cursor together. ErrDeletionsExpired: report the run as not a
+// complete increment and do not move the watermark.
+func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcare.Operation, meta *healthcare.OperationMetadata, outcome string, cursor *deletionCursor) (feedResult, error) {
+	if outcome != events.TypeSucceeded && outcome != events.TypePartial {
+		return feedResult{}, nil
+	}
+	rest, ok := strings.CutPrefix(p.Destination, "gs://")
+	if !ok {
+		return feedResult{}, nil
+	}
+	bucket, dir, _ := strings.Cut(rest, "/")
+	if dir = strings.Trim(dir, "/"); dir != "" {
+		dir += "/"
+	}
+	opID := op.Name[strings.LastIndex(op.Name, "/")+1:]
+	base := dir + opID
+	gsURL := func(name string) string { return "gs://" + bucket + "/" + name }
+	bkt := x.state.client.Bucket(bucket)
+	delivering := p.Incremental && outcome == events.TypeSucceeded
+	res := feedResult{Manifest: gsURL(base + ".manifest.json")}
+
+	if m, err := readManifest(ctx, bkt, base+".manifest.json"); err != nil {
+		return feedResult{}, err
+	} else if m != nil {
+		return m.result(res.Manifest, delivering), nil
+	}
+
+	if delivering && cursor != nil {
+		oldest := cursor.Through.Add(-tombstoneMargin)
+		if age := x.now().Sub(oldest); age >= TombstoneRetention {
+			return feedResult{}, fmt.Errorf("pipeline %s: its deletions were last delivered through %s, %s ago; tombstones are kept %s: %w; reset its watermark so the next run is a full export",
+				p.Pipeline, cursor.Through.UTC().Format(time.RFC3339), age.Truncate(time.Hour), TombstoneRetention, ErrDeletionsExpired)
+		}
+	}
+
+	outputs, err := listOutputs(ctx, bkt, base+"_", gsURL)
+	if err != nil {
+		return feedResult{}, err
+	}
+	c := meta.Counter
+	if c == nil {
+		c = &healthcare.ProgressCounter{}
+	}
+	m := bulkManifest{
+		TransactionTime: normalizeTime(meta.CreateTime), Request: exportRequestURL(p), RequiresAccessToken: true,
+		Output: outputs, Deleted: []events.Output{}, Error: []events.Output{},
+		Extension: manifestExtension{Operation: op.Name, Pipeline: p.Pipeline, Name: p.Name, Store: p.Store, Types: p.Types,
+			Since: p.Since, Incremental: p.Incremental, Outcome: strings.TrimPrefix(outcome, events.TypePrefix),
+			Counters: events.Counters{Success: c.Success, Failure: c.Failure, Pending: c.Pending}, LogsURL: meta.LogsUrl, Trigger: p.Trigger},
+	}
+
+	if delivering {
+		// A pipeline's first success (no cursor) is a full export, but
+		// manifests of its earlier partial runs may hold resources deleted
+		// since: it gets every tombstone still kept. Extra tombstones are
+		// harmless under newest-wins: an upsert after a deletion beats it.
+		given := cursor
+		if given == nil {
+			given = &deletionCursor{}
+		}
+		lines, next, err := x.collectDeletions(ctx, p, given)
+		if err != nil {
+			return feedResult{}, err
+		}
+		if len(lines) > 0 {
+			name := base + ".deleted.ndjson"
+			// Overwritten by a retry: without a manifest nobody has read it.
+			if err := writeObject(ctx, bkt, name, lines.ndjson(), "application/fhir+ndjson", storage.Conditions{}); err != nil {
+				return feedResult{}, err
+			}
+			n := int64(len(lines))
+			m.Deleted = []events.Output{{Type: "Bundle", URL: gsURL(name), Count: &n}}
+		}
+		m.Extension.Deletions = next
+	}
+
+	if outcome == events.TypePartial {
+		name := base + ".error.ndjson"
+		if err := writeObject(ctx, bkt, name, errorOutcome(op.Name, c.Failure, meta.LogsUrl), "application/fhir+ndjson", storage.Conditions{}); err != nil {
+			return feedResult{}, err
+		}
+		m.Error = []events.Output{{Type: "OperationOutcome", URL: gsURL(name)}}
+	}
+
+	data, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return feedResult{}, fmt.Errorf("encode manifest of %s: %w", op.Name, err)
+	}
+	switch err := writeObject(ctx, bkt, base+".manifest.json", data, "application/json", storage.Conditions{DoesNotExist: true}); {
+	case errors.Is(err, ErrExists):
+		// A concurrent finalizer wrote it first: what it says is what was delivered.
+		prev, err := readManifest(ctx, bkt, base+".manifest.json")
+		if err != nil || prev == nil {
+			return feedResult{}, fmt.Errorf("manifest of %s written concurrently but unreadable: %v: %w", op.Name, err, errTransient)
+		}
+		return prev.result(res.Manifest, delivering), nil
+	case err != nil:
+		return feedResult{}, err
+	}
+	Logger(ctx).Info("feed written", "operation", op.Name, "manifest", res.Manifest, "outputs", len(outputs), "deleted", m.deletedCount())
+	return m.result(res.Manifest, delivering), nil
+}
+
+// result is the feedResult a manifest describes.
+func (m *bulkManifest) result(manifestURL string, delivering bool) feedResult {
+	r := feedResult{Manifest: manifestURL, Outputs: m.Output}
+	if delivering {
+		n := m.deletedCount()
+		r.Deleted, r.Cursor = &n, m.Extension.Deletions
+	}
+	return r
+}
+
+func (m *bulkManifest) deletedCount() int64 {
+	var n int64
+	for _, d := range m.Deleted {
+		if d.Count != nil {
+			n += *d.Count
+		}
+	}
+	return n
+}
+
+// deletedLines are the lines of a deleted file.
+type deletedLines []deletedBundle
+
+func (l deletedLines) ndjson() []byte {
+	var buf bytes.Buffer
+	for _, b := range l {
+		data, _ := json.Marshal(b) // plain strings: cannot fail
+		buf.Write(data)
+		buf.WriteByte('\n')
+	}
+	return buf.Bytes()
+}
+
+// collectDeletions returns the tombstones of p's store and types not yet
+// given to the pipeline, one line per key, and the cursor once they are.
+func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor *deletionCursor) (deletedLines, *deletionCursor, error) {
+	now := x.now().UTC() // before listing: everything recorded before now−margin is visible to it
+	var from time.Time   // zero: every tombstone kept
+	if !cursor.Through.IsZero() {
+		from = cursor.Through.Add(-tombstoneMargin)
+	}
+	ts, err := x.tombstones(ctx, p.Store, from)
+	if err != nil {
+		return nil, nil, err
+	}
+	next := &deletionCursor{Through: now}
+	if cursor.Through.After(now) {
+		next.Through = cursor.Through // never move back (a clock step)
+	}
+	given := map[string]bool{}
+	for _, k := range cursor.Recent {
+		given[k] = true
+	}
+	recent := map[string]bool{}
+	var lines deletedLines
+	for _, t := range ts {
+		if len(p.Types) > 0 && !slices.Contains(p.Types, t.typ) {
+			continue
+		}
+		if !given[t.key] {
+			given[t.key] = true
+			lines = append(lines, deletedBundle{ResourceType: "Bundle", ID: t.key, Type: "transaction",
+				Meta:  bundleMeta{LastUpdated: t.deleted.UTC().Format(time.RFC3339Nano)},
+				Entry: []bundleEntry{{Request: bundleRequest{Method: "DELETE", URL: t.typ + "/" + t.id}}}})
+		}
+		if t.recorded.After(next.Through.Add(-tombstoneMargin)) {
+			recent[t.key] = true
+		}
+	}
+	for k := range recent {
+		next.Recent = append(next.Recent, k)
+	}
+	slices.Sort(next.Recent)
+	slices.SortFunc(lines, func(a, b deletedBundle) int {
+		if c := strings.Compare(a.Meta.LastUpdated, b.Meta.LastUpdated); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Entry[0].Request.URL, b.Entry[0].Request.URL)
+	})
+	return lines, next, nil
+}
+
+// listOutputs lists the objects the export wrote, {prefix}{Type}, sorted by type.
+func listOutputs(ctx context.Context, bkt *storage.BucketHandle, prefix string, gsURL func(string) string) ([]events.Output, error) {
+	q := &storage.Query{Prefix: prefix}
+	if err := q.SetAttrSelection([]string{"Name"}); err != nil {
+		return nil, err
+	}
+	out := []events.Output{}
+	it := bkt.Objects(ctx, q)
+	for {
+		a, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("list export output %s: %w", gsURL(prefix), err)
+		}
+		typ := strings.TrimPrefix(a.Name, prefix)
+		if typ == "" || strings.Contains(typ, "/") {
+			continue
+		}
+		out = append(out, events.Output{Type: typ, URL: gsURL(a.Name)})
+	}
+	slices.SortFunc(out, func(a, b events.Output) int {
+		if c := strings.Compare(a.Type, b.Type); c != 0 {
+			return c
+		}
+		return strings.Compare(a.URL, b.URL)
+	})
+	return out, nil
+}
+
+// exportRequestURL is the manifest's request: the IG wants the kick-off URL;
+// ours is the fhirStores.export call, with the Bulk Data parameters it used.
+func exportRequestURL(p pendingRecord) string {
+	q := url.Values{}
+	if len(p.Types) > 0 {
+		q.Set("_type", strings.Join(p.Types, ","))
+	}
+	if p.Since != "" {
+		q.Set("_since", p.Since)
+	}
+	u := "https://healthcare.googleapis.com/v1/" + p.Store + ":export"
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	return u
+}
+
+// errorOutcome is the error file of a partial run: one OperationOutcome. The
+// export's per-resource errors are in Cloud Logging, not in Cloud Storage.
+func errorOutcome(op string, failures int64, logsURL string) []byte {
+	diag := fmt.Sprintf("%d resources failed to export in operation %s", failures, op)
+	if logsURL != "" {
+		diag += "; their errors are in Cloud Logging: " + logsURL
+	}
+	oo := map[string]any{"resourceType": "OperationOutcome", "issue": []map[string]any{{
+		"severity": "error", "code": "incomplete", "diagnostics": diag,
+	}}}
+	data, _ := json.Marshal(oo)
+	return append(data, '\n')
+}
+
+// readManifest returns the manifest at name, or nil when there is none.
+func readManifest(ctx context.Context, bkt *storage.BucketHandle, name string) (*bulkManifest, error) {
+	r, err := bkt.Object(name).NewReader(ctx)
+	if errors.Is(err, storage.ErrObjectNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read manifest %s: %w", name, err)
+	}
+	defer r.Close()
+	data, err := io.ReadAll(r)
+	if err != nil {
+		return nil, fmt.Errorf("read manifest %s: %w", name, err)
+	}
+	var m bulkManifest
+	if err := json.Unmarshal(data, &m); err != nil {
+		return nil, fmt.Errorf("decode manifest %s: %w", name, err)
+	}
+	return &m, nil
+}
+
+// writeObject writes one feed file to a destination bucket. Like State.write
+// it buffers the data so the client can retry, and uses the library's general
+// retry test.
+func writeObject(ctx context.Context, bkt *storage.BucketHandle, name string, data []byte, contentType string, cond storage.Conditions) error {
+	o := bkt.Object(name)
+	if cond != (storage.Conditions{}) {
+		o = o.If(cond)
+	}
+	w := o.Retryer(storage.WithErrorFunc(storage.ShouldRetry)).NewWriter(ctx)
+	w.ChunkSize = len(data) + 1
+	w.ContentType = contentType
+	_, err := w.Write(data)
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	var ge *googleapi.Error
+	if errors.As(err, &ge) && ge.Code == 412 && cond.DoesNotExist {
+		return fmt.Errorf("write %s: %w", name, ErrExists)
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", name, err)
+	}
+	return nil
+}

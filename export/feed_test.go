@@ -1,0 +1,522 @@
+package export
+
+// Tests of the feed (feed.go): tombstones from change notifications, Bulk
+// Data manifests and deleted files, against fake-gcs-server through the real
+// Cloud Storage client.
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/storage"
+	"github.com/fsouza/fake-gcs-server/fakestorage"
+	"github.com/google/go-cmp/cmp"
+	healthcare "google.golang.org/api/healthcare/v1"
+	"google.golang.org/api/iterator"
+	"google.golang.org/api/option"
+
+	"github.com/fhirexport/fhirexport/events"
+)
+
+const feedStore = testLocation + "/datasets/d/fhirStores/s"
+
+// testClock is a settable clock for the Exporter.
+type testClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *testClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *testClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// feedWorld is fake-gcs-server, a storage client and an Exporter that needs
+// neither the Healthcare API nor Pub/Sub.
+type feedWorld struct {
+	x     *Exporter
+	st    *storage.Client
+	clock *testClock
+}
+
+func newFeedWorld(t *testing.T) *feedWorld {
+	t.Helper()
+	gcs, err := fakestorage.NewServerWithOptions(fakestorage.Options{Scheme: "http", Host: "127.0.0.1", Writer: io.Discard})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(gcs.Stop)
+	for _, b := range []string{"state", exportsBkt} {
+		gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
+	}
+	st, err := storage.NewClient(context.Background(), option.WithEndpoint(gcs.URL()+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	clock := &testClock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)}
+	return &feedWorld{x: newFeedExporter(t, st, clock), st: st, clock: clock}
+}
+
+func newFeedExporter(t *testing.T, st *storage.Client, clock *testClock) *Exporter {
+	t.Helper()
+	policy, err := ParsePolicy(testLocation+"/datasets/*/fhirStores/*", "gs://"+exportsBkt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return New(nil, NewState(st, "state", "fx"), nil, policy, clock.Now)
+}
+
+// deletion is a DeleteResource notification of store/fhir/typ/id at `at`,
+// published `latency` later.
+func deletion(typ, id string, at time.Time, latency time.Duration, msg string) events.Notification {
+	return events.Notification{Resource: feedStore + "/fhir/" + typ + "/" + id, ResourceType: typ, ID: id, Action: events.ActionDelete,
+		Store: feedStore, PayloadType: events.PayloadNameOnly, VersionID: "v" + msg, LastUpdated: at.Truncate(time.Second),
+		MessageID: msg, PublishTime: at.Add(latency).Truncate(time.Millisecond)}
+}
+
+func (w *feedWorld) objects(t *testing.T, bucket, prefix string) []string {
+	t.Helper()
+	var out []string
+	it := w.st.Bucket(bucket).Objects(context.Background(), &storage.Query{Prefix: prefix})
+	for {
+		a, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			return out
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, a.Name)
+	}
+}
+
+func (w *feedWorld) read(t *testing.T, gsURL string) []byte {
+	t.Helper()
+	bucket, name, _ := strings.Cut(strings.TrimPrefix(gsURL, "gs://"), "/")
+	r, err := w.st.Bucket(bucket).Object(name).NewReader(context.Background())
+	if err != nil {
+		t.Fatalf("read %s: %v", gsURL, err)
+	}
+	defer r.Close()
+	data, err := io.ReadAll(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+func (w *feedWorld) put(t *testing.T, bucket, name, data string) {
+	t.Helper()
+	wr := w.st.Bucket(bucket).Object(name).NewWriter(context.Background())
+	if _, err := io.WriteString(wr, data); err != nil {
+		t.Fatal(err)
+	}
+	if err := wr.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRecordChange(t *testing.T) {
+	t.Parallel()
+	w := newFeedWorld(t)
+	ctx := context.Background()
+	at := w.clock.Now().Add(-time.Minute)
+	n := deletion("Patient", "p-1", at.Add(300*time.Millisecond), 20*time.Millisecond, "m-1")
+	if err := w.x.RecordChange(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	dir := "fx/" + tombstoneDir(feedStore) + "/"
+	objs := w.objects(t, "state", dir)
+	if len(objs) != 1 {
+		t.Fatalf("tombstones after one deletion: %q", objs)
+	}
+	wantName := dir + "20261126T100000.000000000Z-" + tombstoneKey(n) + ".json"
+	if objs[0] != wantName {
+		t.Errorf("tombstone %s, want %s", objs[0], wantName)
+	}
+	var rec tombstoneRecord
+	if err := json.Unmarshal(w.read(t, "gs://state/"+objs[0]), &rec); err != nil {
+		t.Fatal(err)
+	}
+	want := tombstoneRecord{Store: feedStore, Type: "Patient", ID: "p-1", Deleted: at.Add(320 * time.Millisecond),
+		LastUpdated: at, VersionID: "vm-1", Recorded: w.clock.Now(), MessageID: "m-1"}
+	if diff := cmp.Diff(want, rec); diff != "" {
+		t.Errorf("tombstone (-want +got):\n%s", diff)
+	}
+
+	// A redelivery at the same instant writes nothing new; a later one writes
+	// a second object with the same key (writeFeed delivers the key once).
+	if err := w.x.RecordChange(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	if objs := w.objects(t, "state", dir); len(objs) != 1 {
+		t.Errorf("tombstones after an immediate redelivery: %q", objs)
+	}
+	w.clock.Advance(time.Second)
+	if err := w.x.RecordChange(ctx, n); err != nil {
+		t.Fatal(err)
+	}
+	objs = w.objects(t, "state", dir)
+	if len(objs) != 2 || !strings.HasSuffix(objs[1], "-"+tombstoneKey(n)+".json") {
+		t.Errorf("tombstones after a later redelivery: %q", objs)
+	}
+}
+
+// TestRecordChangeCheapPaths: every action but a deletion, and a deletion of
+// a store off the allow-list, are answered without a single request to the
+// state bucket; a deletion whose write fails returns an error (redelivery).
+func TestRecordChangeCheapPaths(t *testing.T) {
+	t.Parallel()
+	var requests atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		http.Error(w, `{"error":{"code":503,"message":"unavailable"}}`, http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(srv.Close)
+	st, err := storage.NewClient(context.Background(), option.WithEndpoint(srv.URL+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := newFeedExporter(t, st, &testClock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)})
+	at := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
+	for _, action := range []string{events.ActionCreate, events.ActionUpdate, events.ActionPatch} {
+		n := deletion("Patient", "p-1", at, 0, "m")
+		n.Action = action
+		if err := x.RecordChange(context.Background(), n); err != nil {
+			t.Errorf("%s: %v", action, err)
+		}
+	}
+	foreign := deletion("Patient", "p-1", at, 0, "m")
+	foreign.Store = "projects/other/locations/us/datasets/d/fhirStores/s"
+	if err := x.RecordChange(context.Background(), foreign); err != nil {
+		t.Errorf("foreign store: %v", err)
+	}
+	if n := requests.Load(); n != 0 {
+		t.Fatalf("%d requests to the state bucket for notifications that must write nothing", n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := x.RecordChange(ctx, deletion("Patient", "p-1", at, 0, "m")); err == nil {
+		t.Error("a deletion whose tombstone could not be written was acknowledged")
+	}
+	if requests.Load() == 0 {
+		t.Error("a deletion wrote nothing")
+	}
+}
+
+// feedRun is a finished run to pass to writeFeed.
+func feedRun(dest, op string, createTime time.Time, types []string, incremental bool, failures int64) (pendingRecord, *healthcare.Operation, *healthcare.OperationMetadata) {
+	p := pendingRecord{Run: "r-" + op, Trigger: events.TriggerRef{Source: "//test", ID: "t-" + op}, Pipeline: "n-pipe", Store: feedStore,
+		Name: "pipe", Destination: dest, Types: types, Incremental: incremental, Operation: testLocation + "/datasets/d/operations/" + op}
+	meta := &healthcare.OperationMetadata{CreateTime: createTime.Format(time.RFC3339Nano), EndTime: createTime.Add(time.Minute).Format(time.RFC3339Nano),
+		LogsUrl: "https://console.cloud.google.com/logs/query/x", Counter: &healthcare.ProgressCounter{Success: 10, Failure: failures}}
+	return p, &healthcare.Operation{Name: p.Operation, Done: true}, meta
+}
+
+func TestWriteFeedManifest(t *testing.T) {
+	t.Parallel()
+	w := newFeedWorld(t)
+	ctx := context.Background()
+	for _, name := range []string{"m/op-1_Patient", "m/op-1_Observation", "m/op-10_Patient", "m/op-1.other", "m/sub/op-1_Patient"} {
+		w.put(t, exportsBkt, name, `{"resourceType":"X","id":"1"}`+"\n")
+	}
+	ct := time.Date(2026, 11, 26, 9, 0, 0, 123456000, time.UTC)
+	p, op, meta := feedRun("gs://"+exportsBkt+"/m/", "op-1", ct, []string{"Patient", "Observation"}, false, 2)
+	p.Since = "2026-11-25T00:00:00Z"
+	res, err := w.x.writeFeed(ctx, p, op, meta, events.TypePartial, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := "gs://" + exportsBkt + "/m/op-1"
+	wantRes := feedResult{Manifest: base + ".manifest.json", Outputs: []events.Output{
+		{Type: "Observation", URL: base + "_Observation"}, {Type: "Patient", URL: base + "_Patient"}}}
+	if diff := cmp.Diff(wantRes, res, cmp.AllowUnexported(deletionCursor{})); diff != "" {
+		t.Errorf("result (-want +got):\n%s", diff)
+	}
+	var got map[string]any
+	if err := json.Unmarshal(w.read(t, res.Manifest), &got); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]any{
+		"transactionTime":     "2026-11-26T09:00:00.123456Z",
+		"request":             "https://healthcare.googleapis.com/v1/" + feedStore + ":export?_since=2026-11-25T00%3A00%3A00Z&_type=Patient%2CObservation",
+		"requiresAccessToken": true,
+		"output": []any{
+			map[string]any{"type": "Observation", "url": base + "_Observation"},
+			map[string]any{"type": "Patient", "url": base + "_Patient"},
+		},
+		"deleted": []any{},
+		"error":   []any{map[string]any{"type": "OperationOutcome", "url": base + ".error.ndjson"}},
+		"extension": map[string]any{
+			"operation": op.Name, "pipeline": "n-pipe", "name": "pipe", "store": feedStore,
+			"types": []any{"Patient", "Observation"}, "since": "2026-11-25T00:00:00Z", "outcome": "partial",
+			"counters": map[string]any{"success": 10.0, "failure": 2.0, "pending": 0.0},
+			"logsUrl":  meta.LogsUrl, "trigger": map[string]any{"source": "//test", "id": "t-op-1"},
+		},
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("manifest (-want +got):\n%s", diff)
+	}
+	var oo struct {
+		ResourceType string `json:"resourceType"`
+		Issue        []struct{ Severity, Code, Diagnostics string }
+	}
+	if err := json.Unmarshal(w.read(t, base+".error.ndjson"), &oo); err != nil {
+		t.Fatal(err)
+	}
+	if oo.ResourceType != "OperationOutcome" || len(oo.Issue) != 1 || !strings.Contains(oo.Issue[0].Diagnostics, "2 resources failed") ||
+		!strings.Contains(oo.Issue[0].Diagnostics, meta.LogsUrl) {
+		t.Errorf("error file: %+v", oo)
+	}
+
+	// A retry (after a crash) finds the manifest and answers the same,
+	// even when more output appeared meanwhile.
+	w.put(t, exportsBkt, "m/op-1_Encounter", "{}\n")
+	again, err := w.x.writeFeed(ctx, p, op, meta, events.TypePartial, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(res, again, cmp.AllowUnexported(deletionCursor{})); diff != "" {
+		t.Errorf("retry (-first +retry):\n%s", diff)
+	}
+
+	// Failed runs and BigQuery runs get no feed files.
+	for _, tc := range []struct{ dest, outcome string }{{"gs://" + exportsBkt + "/f", events.TypeFailed}, {"bq://p.ds", events.TypeSucceeded}} {
+		p, op, meta := feedRun(tc.dest, "op-2", ct, nil, true, 0)
+		res, err := w.x.writeFeed(ctx, p, op, meta, tc.outcome, &deletionCursor{Through: ct})
+		if err != nil || res.Manifest != "" || res.Cursor != nil {
+			t.Errorf("%s %s: %+v, %v; want no feed", tc.dest, tc.outcome, res, err)
+		}
+	}
+	if objs := w.objects(t, exportsBkt, "f"); len(objs) != 0 {
+		t.Errorf("a failed run wrote %q", objs)
+	}
+}
+
+func TestWriteFeedDeletions(t *testing.T) {
+	t.Parallel()
+	w := newFeedWorld(t)
+	ctx := context.Background()
+	dest := "gs://" + exportsBkt + "/d"
+	types := []string{"Patient", "Observation"}
+	record := func(n events.Notification) {
+		t.Helper()
+		if err := w.x.RecordChange(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deletedIn := func(res feedResult) []string {
+		t.Helper()
+		var out []string
+		m := w.manifest(t, res.Manifest)
+		for _, d := range m.Deleted {
+			for _, b := range w.bundles(t, d.URL) {
+				out = append(out, b.Entry[0].Request.URL+"@"+b.Meta.LastUpdated)
+			}
+		}
+		return out
+	}
+
+	// First run: a full export, no deleted file; the cursor starts at its createTime.
+	ct1 := w.clock.Now()
+	p, op, meta := feedRun(dest, "op-1", ct1, types, true, 0)
+	res, err := w.x.writeFeed(ctx, p, op, meta, events.TypeSucceeded, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Deleted == nil || *res.Deleted != 0 || res.Cursor == nil || !res.Cursor.Through.Equal(ct1) || len(res.Cursor.Recent) != 0 {
+		t.Fatalf("first run: deleted %v, cursor %+v; want 0 and a cursor at %s", res.Deleted, res.Cursor, ct1)
+	}
+	cursor := res.Cursor
+
+	// Deletions: two of the pipeline's types (one delivered twice), one not.
+	w.clock.Advance(time.Minute)
+	d1 := deletion("Patient", "a", w.clock.Now().Add(-30*time.Second), 5*time.Millisecond, "1")
+	record(d1)
+	record(deletion("Encounter", "e", w.clock.Now().Add(-20*time.Second), 5*time.Millisecond, "2"))
+	w.clock.Advance(time.Second)
+	record(d1) // redelivered: a second object, the same key
+	record(deletion("Observation", "o", w.clock.Now().Add(-10*time.Second), 5*time.Millisecond, "3"))
+	w.clock.Advance(time.Minute)
+
+	ct2 := w.clock.Now()
+	p, op, meta = feedRun(dest, "op-2", ct2, types, true, 0)
+	res, err = w.x.writeFeed(ctx, p, op, meta, events.TypeSucceeded, cursor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		"Patient/a@" + deletionTime(d1).Format(time.RFC3339Nano),
+		"Observation/o@" + ct2.Add(-time.Minute-10*time.Second+5*time.Millisecond).Format(time.RFC3339Nano),
+	}
+	if diff := cmp.Diff(want, deletedIn(res)); diff != "" {
+		t.Errorf("deleted file (-want +got):\n%s", diff)
+	}
+	if res.Deleted == nil || *res.Deleted != 2 {
+		t.Errorf("deleted count %v, want 2", res.Deleted)
+	}
+	m := w.manifest(t, res.Manifest)
+	if len(m.Deleted) != 1 || m.Deleted[0].Type != "Bundle" || m.Deleted[0].URL != dest+"/op-2.deleted.ndjson" {
+		t.Fatalf("manifest deleted = %+v", m.Deleted)
+	}
+	firstLine, _, _ := strings.Cut(string(w.read(t, m.Deleted[0].URL)), "\n")
+	wantLine := `{"resourceType":"Bundle","id":"` + tombstoneKey(d1) + `","meta":{"lastUpdated":"` + deletionTime(d1).Format(time.RFC3339Nano) +
+		`"},"type":"transaction","entry":[{"request":{"method":"DELETE","url":"Patient/a"}}]}`
+	if firstLine != wantLine {
+		t.Errorf("deleted file line\n got %s\nwant %s", firstLine, wantLine)
+	}
+	if res.Cursor == nil || !res.Cursor.Through.Equal(ct2) || len(res.Cursor.Recent) != 2 {
+		t.Fatalf("cursor after run 2: %+v; want through %s with both keys recent", res.Cursor, ct2)
+	}
+	cursor = res.Cursor
+
+	// A late notification for a deletion before run 2's snapshot reaches run 3,
+	// and nothing run 2 delivered is delivered again, though run 3 lists
+	// from inside the margin.
+	w.clock.Advance(time.Minute)
+	late := deletion("Patient", "b", ct2.Add(-5*time.Minute), 5*time.Millisecond, "4")
+	record(late)
+	// A writer that began before run 2 listed, and finished after: its
+	// recordedAt is before run 2's cursor.
+	slow := newFeedExporter(t, w.st, &testClock{t: ct2.Add(-3 * time.Minute)})
+	inFlight := deletion("Observation", "slow", ct2.Add(-4*time.Minute), 5*time.Millisecond, "7")
+	if err := slow.RecordChange(ctx, inFlight); err != nil {
+		t.Fatal(err)
+	}
+	w.clock.Advance(time.Minute)
+	p, op, meta = feedRun(dest, "op-3", w.clock.Now(), types, true, 0)
+	res3, err := w.x.writeFeed(ctx, p, op, meta, events.TypeSucceeded, cursor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{"Patient/b@" + deletionTime(late).Format(time.RFC3339Nano),
+		"Observation/slow@" + deletionTime(inFlight).Format(time.RFC3339Nano)}, deletedIn(res3)); diff != "" {
+		t.Errorf("run 3 deleted file (-want +got):\n%s", diff)
+	}
+
+	// A crash after the deleted file but before the manifest: the retry
+	// rewrites the file with what has arrived since, and the cursor says so.
+	if err := w.st.Bucket(exportsBkt).Object("d/op-3.manifest.json").Delete(ctx); err != nil {
+		t.Fatal(err)
+	}
+	more := deletion("Observation", "o2", w.clock.Now(), 5*time.Millisecond, "5")
+	record(more)
+	retry, err := w.x.writeFeed(ctx, p, op, meta, events.TypeSucceeded, cursor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := deletedIn(retry); len(got) != 3 || *retry.Deleted != 3 || !strings.HasPrefix(got[2], "Observation/o2@") {
+		t.Errorf("retry after a crash delivered %q (count %v), want slow, b and o2", got, *retry.Deleted)
+	}
+	if !strings.Contains(strings.Join(retry.Cursor.Recent, ","), tombstoneKey(more)) {
+		t.Errorf("cursor %+v does not name the tombstone its file holds", retry.Cursor)
+	}
+	// With the manifest in place, a further retry answers exactly the same.
+	record(deletion("Patient", "c", w.clock.Now(), 5*time.Millisecond, "6"))
+	again, err := w.x.writeFeed(ctx, p, op, meta, events.TypeSucceeded, cursor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(retry, again, cmp.AllowUnexported(deletionCursor{})); diff != "" {
+		t.Errorf("retry with the manifest in place (-before +after):\n%s", diff)
+	}
+}
+
+func TestWriteFeedDeletionsExpired(t *testing.T) {
+	t.Parallel()
+	w := newFeedWorld(t)
+	now := w.clock.Now()
+	for _, tc := range []struct {
+		age     time.Duration
+		expired bool
+	}{
+		{TombstoneRetention - tombstoneMargin - time.Hour, false},
+		{TombstoneRetention - tombstoneMargin, true},
+		{TombstoneRetention + 24*time.Hour, true},
+	} {
+		op := fmt.Sprintf("op-%d", tc.age/time.Hour)
+		p, o, meta := feedRun("gs://"+exportsBkt+"/x", op, now, nil, true, 0)
+		_, err := w.x.writeFeed(context.Background(), p, o, meta, events.TypeSucceeded, &deletionCursor{Through: now.Add(-tc.age)})
+		if got := errors.Is(err, ErrDeletionsExpired); got != tc.expired {
+			t.Errorf("cursor %s old: error %v, want expired=%v", tc.age, err, tc.expired)
+		}
+		if tc.expired && !strings.Contains(fmt.Sprint(err), "reset its watermark") {
+			t.Errorf("the error does not tell the operator what to do: %v", err)
+		}
+	}
+}
+
+func (w *feedWorld) manifest(t *testing.T, gsURL string) bulkManifest {
+	t.Helper()
+	var m bulkManifest
+	if err := json.Unmarshal(w.read(t, gsURL), &m); err != nil {
+		t.Fatalf("manifest %s: %v", gsURL, err)
+	}
+	return m
+}
+
+func (w *feedWorld) bundles(t *testing.T, gsURL string) []deletedBundle {
+	t.Helper()
+	var out []deletedBundle
+	sc := bufio.NewScanner(strings.NewReader(string(w.read(t, gsURL))))
+	for sc.Scan() {
+		var b deletedBundle
+		if err := json.Unmarshal(sc.Bytes(), &b); err != nil {
+			t.Fatalf("%s: %v", gsURL, err)
+		}
+		if b.ResourceType != "Bundle" || b.Type != "transaction" || len(b.Entry) != 1 || b.Entry[0].Request.Method != "DELETE" {
+			t.Fatalf("%s: line %s is not a transaction Bundle with one DELETE", gsURL, sc.Bytes())
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+// TestDeletionTime: lastUpdatedTime has whole seconds; the publish time
+// orders a deletion against writes earlier and later in the same second.
+func TestDeletionTime(t *testing.T) {
+	t.Parallel()
+	s := time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)
+	ms := time.Millisecond
+	tests := []struct {
+		name          string
+		deleted       time.Time
+		latency       time.Duration
+		after, before time.Time // the deletion time must be strictly between
+		want          time.Time // when not zero, exactly
+	}{
+		{name: "written earlier in the second", deleted: s.Add(700 * ms), latency: 5 * ms, after: s.Add(300 * ms), before: s.Add(time.Second)},
+		{name: "re-created later in the second", deleted: s.Add(200 * ms), latency: 5 * ms, after: s.Add(-time.Second), before: s.Add(600 * ms)},
+		{name: "published next second", deleted: s.Add(999 * ms), latency: 30 * ms, want: s.Add(time.Second - time.Microsecond)},
+		{name: "publish time before the second (skew)", deleted: s, latency: -2 * time.Second, want: s},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			n := deletion("Patient", "p", tc.deleted, tc.latency, "m")
+			got := deletionTime(n)
+			if !tc.want.IsZero() {
+				if !got.Equal(tc.want) {
+					t.Errorf("deletionTime = %s, want %s", got.Format(time.RFC3339Nano), tc.want.Format(time.RFC3339Nano))
+				}
+				return
+			}
+			if !got.After(tc.after) || !got.Before(tc.before) {
+				t.Errorf("deletionTime = %s, want between %s and %s", got.Format(time.RFC3339Nano), tc.after.Format(time.RFC3339Nano), tc.before.Format(time.RFC3339Nano))
+			}
+		})
+	}
+}
