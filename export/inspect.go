@@ -40,8 +40,8 @@ var RunStatuses = []string{RunClaimed, RunQueued, RunDone, RunFailed, RunSkipped
 var (
 	ErrUnknownRun      = errors.New("no such run")
 	ErrUnknownPipeline = errors.New("unknown pipeline")
-	ErrNotRunning      = errors.New("run is not running")
-	ErrNoSpec          = errors.New("run has no stored spec")
+	ErrNotRunning      = errors.New("not running")
+	ErrNoSpec          = errors.New("no stored spec")
 	ErrAmbiguous       = errors.New("more than one run matches")
 )
 

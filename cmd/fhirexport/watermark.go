@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/fhirexport/fhirexport/export"
@@ -105,7 +106,11 @@ func (inv *invocation) watermark(ctx context.Context, args []string) error {
 			fmt.Fprintf(tw, "watermark\tnone: the next run exports everything (or from its spec's _since)\n")
 		} else {
 			fmt.Fprintf(tw, "watermark\t%s (%s ago)\n", w.Watermark, inv.since(w.Watermark))
-			fmt.Fprintf(tw, "set by\t%s at %s\n", dash(w.Operation), stamp(w.Updated))
+			by := w.Operation
+			if strings.HasPrefix(by, "projects/") {
+				by = "by operation " + by
+			}
+			fmt.Fprintf(tw, "set\t%s at %s\n", dash(by), stamp(w.Updated))
 		}
 		if w.Running != "" {
 			fmt.Fprintf(tw, "running\t%s\n", w.Running)
