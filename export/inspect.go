@@ -375,6 +375,8 @@ func (in *Inspector) Cancel(ctx context.Context, id string) (RunDetail, error) {
 		return d, fmt.Errorf("run %s: %w (%s)", d.Run.ID, ErrNotRunning, what)
 	case d.Lock.Operation == "":
 		return d, fmt.Errorf("run %s: %w: it is %s for %s and has no operation yet; try again once it has one", d.Run.ID, ErrNotRunning, d.Lock.State, d.Lock.Age)
+	case d.Lock.Progress != nil && d.Lock.Progress.Done:
+		return d, fmt.Errorf("run %s: %w: its operation %s already finished; the next poll sweep reports it", d.Run.ID, ErrNotRunning, d.Lock.Operation)
 	case in.hc == nil:
 		return d, errors.New("no Healthcare API client to cancel with")
 	}

@@ -244,6 +244,11 @@ func TestInspectorCancel(t *testing.T) {
 		t.Fatalf("pending objects = %+v, %v; want the operation kept in the metadata", objs, err)
 	}
 
+	// Cancelled (done) but not reported yet: nothing left to cancel.
+	if _, err := in.Cancel(ctx, running); !errors.Is(err, ErrNotRunning) || !strings.Contains(err.Error(), "already finished") {
+		t.Errorf("Cancel(cancelled, not yet reported) = %v; want ErrNotRunning", err)
+	}
+
 	w.poll(t)
 	d, err = in.Show(ctx, running)
 	if err != nil {

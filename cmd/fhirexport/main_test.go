@@ -387,6 +387,8 @@ func TestCancel(t *testing.T) {
 		t.Errorf("operation after cancel = %+v; want done with 1 CANCELLED", op)
 	}
 
+	s.fails(t, 1, "already finished", "cancel", running)
+
 	// The next sweep reports it failed and frees the pipeline.
 	s.poll(t)
 	var d export.RunDetail
@@ -516,6 +518,7 @@ func TestUsage(t *testing.T) {
 	s.fails(t, 2, "flag provided but not defined: -bogus", "status", "--bogus")
 	s.fails(t, 2, "Run 'fhirexport status --help'", "status", "extra")
 	s.fails(t, 2, "not a Cloud Storage location", "status", "--state", "/tmp/x")
+	s.fails(t, 2, "not a base URL", "status", "--healthcare-endpoint", "localhost:1")
 	delete(s.env, "FHIREXPORT_STATE")
 	s.fails(t, 2, "FHIREXPORT_STATE", "status")
 	// Global flags go before or after the verb.
