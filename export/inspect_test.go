@@ -291,3 +291,28 @@ func TestInspectorSpec(t *testing.T) {
 		t.Errorf("Cancel(ended) = %v; want ErrNotRunning", err)
 	}
 }
+
+// TestLockStates names what a lock says about its run.
+func TestLockStates(t *testing.T) {
+	t.Parallel()
+	now := time.Date(2026, 11, 30, 12, 0, 0, 0, time.UTC)
+	in := NewInspector(nil, nil, func() time.Time { return now })
+	op := "projects/p/locations/l/datasets/d/operations/1"
+	for name, tc := range map[string]struct {
+		p        pendingRecord
+		state    string
+		orphaned bool
+	}{
+		"starting":        {pendingRecord{Started: now.Add(-time.Minute)}, "starting", false},
+		"orphaned":        {pendingRecord{Started: now.Add(-2 * time.Minute)}, "starting", true},
+		"in doubt":        {pendingRecord{Started: now.Add(-time.Hour), Called: now.Add(-time.Hour)}, "in doubt", true},
+		"running":         {pendingRecord{Started: now.Add(-time.Hour), Operation: op}, "running", false},
+		"finalizing":      {pendingRecord{Started: now.Add(-time.Hour), Operation: op, Finalizing: now}, "finalizing", false},
+		"clock behind it": {pendingRecord{Started: now.Add(time.Minute)}, "starting", false},
+	} {
+		l := in.lockOf(tc.p)
+		if l.State != tc.state || l.Orphaned != tc.orphaned {
+			t.Errorf("%s: state %q orphaned %v; want %q %v", name, l.State, l.Orphaned, tc.state, tc.orphaned)
+		}
+	}
+}
