@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"time"
 )
@@ -33,10 +34,13 @@ func (st *stack) serve(ctx context.Context) error {
 		"allowed only into FHIREXPORT_ALLOWED_DESTINATIONS):\n\n"+
 		"  gcloud pubsub topics publish projects/YOUR_PROJECT/topics/%s \\\n"+
 		"    --message='%s'\n\n", short(requestsTopic), real)
+	env := fmt.Sprintf("PUBSUB_EMULATOR_HOST=%s STORAGE_EMULATOR_HOST=%s FHIREXPORT_HEALTHCARE_ENDPOINT=%s",
+		st.ps.Addr, st.gcs.URL(), st.emu.URL)
+	c.Printf("Operate it (status, runs, show, cancel, rerun, watermark) from another terminal:\n\n"+
+		"  %s \\\n    FHIREXPORT_STATE=gs://%s/state FHIREXPORT_REQUESTS_TOPIC=%s \\\n    go run ./cmd/fhirexport status\n\n",
+		env, stateBucket, requestsTopic)
 	c.Printf("Outcome events appear below; PollExport runs every %s. Files land in %s/.\n"+
-		"Environment for other local clients:\n"+
-		"  PUBSUB_EMULATOR_HOST=%s STORAGE_EMULATOR_HOST=%s FHIREXPORT_HEALTHCARE_ENDPOINT=%s\n\n",
-		st.o.tick, st.gcsRoot, st.ps.Addr, st.gcs.URL(), st.emu.URL)
+		"Environment for other local clients:\n  %s\n\n", st.o.tick, st.gcsRoot, env)
 
 	followed := map[string]bool{}
 	for {

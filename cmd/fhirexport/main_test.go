@@ -1,0 +1,527 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/pubsub/v2"
+	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
+	"cloud.google.com/go/pubsub/v2/pstest"
+	"cloud.google.com/go/storage"
+	"github.com/fsouza/fake-gcs-server/fakestorage"
+	"github.com/google/go-cmp/cmp"
+	healthcare "google.golang.org/api/healthcare/v1"
+	"google.golang.org/api/option"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/fhirexport/fhirexport/events"
+	"github.com/fhirexport/fhirexport/export"
+	"github.com/fhirexport/fhirexport/healthcaretest"
+)
+
+const (
+	location      = "projects/test-project/locations/us-central1"
+	store         = location + "/datasets/d/fhirStores/s"
+	eventsTopic   = "projects/test-project/topics/fhirexport-events"
+	requestsTopic = "projects/test-project/topics/fhirexport-requests"
+	stateLoc      = "gs://state/fx"
+)
+
+// stack is the local stack the command runs against: fake-gcs-server, the
+// Healthcare emulator and pstest, with an Exporter (the functions' core)
+// writing real state into it.
+type stack struct {
+	gcs   *fakestorage.Server
+	emu   *healthcaretest.Server
+	clock *healthcaretest.FakeClock
+	ps    *pstest.Server
+	x     *export.Exporter
+	env   map[string]string
+	now   time.Time // the command's clock
+}
+
+func newStack(t *testing.T) *stack {
+	t.Helper()
+	ctx := context.Background()
+	gcs, err := fakestorage.NewServerWithOptions(fakestorage.Options{Scheme: "http", Host: "127.0.0.1", Writer: io.Discard})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(gcs.Stop)
+	for _, b := range []string{"state", "exports"} {
+		gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
+	}
+	st, err := storage.NewClient(ctx, option.WithEndpoint(gcs.URL()+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	clock := healthcaretest.NewFakeClock(time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
+	emu := healthcaretest.NewServer(t, healthcaretest.Options{Clock: clock, Storage: st, Logf: func(string, ...any) {}})
+	if err := emu.CreateDataset(location + "/datasets/d"); err != nil {
+		t.Fatal(err)
+	}
+	if err := emu.CreateFHIRStore(store, "R4"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := emu.Seed(store, 1, 3); err != nil {
+		t.Fatal(err)
+	}
+	hc, err := emu.Service(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ps := pstest.NewServer()
+	t.Cleanup(func() { ps.Close() })
+	client, err := pubsub.NewClient(ctx, "test-project", option.WithEndpoint(ps.Addr), option.WithoutAuthentication(),
+		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+	for _, topic := range []string{eventsTopic, requestsTopic} {
+		if _, err := client.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: topic}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pub := events.NewPublisher(client, eventsTopic)
+	t.Cleanup(pub.Stop)
+	policy, err := export.ParsePolicy(location+"/datasets/*/fhirStores/*", "gs://exports")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &stack{
+		gcs: gcs, emu: emu, clock: clock, ps: ps,
+		x: export.New(hc, export.NewState(st, "state", "fx"), pub, policy, nil),
+		env: map[string]string{
+			"FHIREXPORT_STATE":               stateLoc,
+			"FHIREXPORT_HEALTHCARE_ENDPOINT": emu.URL,
+			"STORAGE_EMULATOR_HOST":          gcs.URL(),
+			"PUBSUB_EMULATOR_HOST":           ps.Addr,
+		},
+		now: time.Now().UTC().Truncate(time.Second),
+	}
+}
+
+// fhirexport runs one command line in-process.
+func (s *stack) fhirexport(args ...string) (stdout, stderr string, code int) {
+	var out, errOut bytes.Buffer
+	c := config{getenv: func(k string) string { return s.env[k] }, now: func() time.Time { return s.now }}
+	code = c.run(context.Background(), args, &out, &errOut)
+	return out.String(), errOut.String(), code
+}
+
+// ok runs a command line that must succeed.
+func (s *stack) ok(t *testing.T, args ...string) string {
+	t.Helper()
+	out, errOut, code := s.fhirexport(args...)
+	if code != 0 {
+		t.Fatalf("fhirexport %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
+	}
+	return out
+}
+
+// fails runs a command line that must exit with code and say want on stderr.
+func (s *stack) fails(t *testing.T, code int, want string, args ...string) {
+	t.Helper()
+	out, errOut, got := s.fhirexport(args...)
+	if got != code || !strings.Contains(errOut, want) {
+		t.Errorf("fhirexport %s: exit %d, stderr %q (stdout %q); want exit %d saying %q", strings.Join(args, " "), got, errOut, out, code, want)
+	}
+}
+
+// put writes a state record as records.go lays it out.
+func (s *stack) put(t *testing.T, name string, v any, meta map[string]string) {
+	t.Helper()
+	data, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.gcs.CreateObject(fakestorage.Object{ObjectAttrs: fakestorage.ObjectAttrs{BucketName: "state", Name: "fx/" + name,
+		ContentType: "application/json", Metadata: meta}, Content: data})
+}
+
+// get reads a state record.
+func (s *stack) get(t *testing.T, name string, v any) {
+	t.Helper()
+	o, err := s.gcs.GetObject("state", "fx/"+name)
+	if err != nil {
+		t.Fatalf("state %s: %v", name, err)
+	}
+	if err := json.Unmarshal(o.Content, v); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (s *stack) trigger(t *testing.T, id string, spec map[string]any) string {
+	t.Helper()
+	data, _ := json.Marshal(spec)
+	if err := s.x.Start(context.Background(), events.Trigger{Source: "//test", ID: id, Spec: data}, nil); err != nil {
+		t.Fatalf("Start %s: %v", id, err)
+	}
+	return export.RunKey("//test", id)
+}
+
+func (s *stack) poll(t *testing.T) {
+	t.Helper()
+	if _, err := s.x.Poll(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+var hourly = map[string]any{"fhirStore": store, "name": "hourly", "incremental": true,
+	"gcsDestination": map[string]any{"uriPrefix": "gs://exports/hourly"}}
+
+// twoRuns leaves the hourly pipeline with a succeeded run (and so a
+// watermark) and a second run half way through its export.
+func twoRuns(t *testing.T, s *stack) (key, done, running string) {
+	t.Helper()
+	done = s.trigger(t, "first", hourly)
+	s.poll(t)
+	s.emu.SetExportTiming(time.Hour, 4)
+	s.clock.Advance(time.Minute)
+	if _, err := s.emu.Seed(store, 2, 3); err != nil { // changes for the increment
+		t.Fatal(err)
+	}
+	running = s.trigger(t, "second", hourly)
+	s.clock.Advance(30 * time.Minute)
+	spec, _ := json.Marshal(hourly)
+	parsed, err := export.ParseSpec(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return export.PipelineKey(parsed), done, running
+}
+
+// counters returns an operation's progress as operations.get answers it.
+func counters(t *testing.T, s *stack, op string) healthcare.ProgressCounter {
+	t.Helper()
+	o, ok := s.emu.Operation(op)
+	if !ok {
+		t.Fatalf("no operation %s", op)
+	}
+	var meta healthcare.OperationMetadata
+	if err := json.Unmarshal(o.Metadata, &meta); err != nil || meta.Counter == nil {
+		t.Fatalf("operation %s metadata %s: %v", op, o.Metadata, err)
+	}
+	return *meta.Counter
+}
+
+// pending is the shape of pending/{pipeline}.json this test reads and writes.
+type pending struct {
+	Run       string            `json:"run"`
+	Trigger   events.TriggerRef `json:"trigger"`
+	Pipeline  string            `json:"pipeline"`
+	Store     string            `json:"store"`
+	Name      string            `json:"name,omitempty"`
+	Slot      int               `json:"slot"`
+	Started   time.Time         `json:"started"`
+	Operation string            `json:"operation,omitempty"`
+	Cancelled string            `json:"cancelled,omitempty"`
+	Spec      json.RawMessage   `json:"spec,omitempty"`
+}
+
+func TestStatus(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	key, _, running := twoRuns(t, s)
+	// An orphaned start lock: no operation, five minutes old.
+	s.put(t, "pending/n-orphan.json", pending{Run: "r-orphan", Trigger: events.TriggerRef{Source: "//test", ID: "lost"},
+		Pipeline: "n-orphan", Store: store, Name: "orphan", Slot: -1, Started: s.now.Add(-5 * time.Minute)}, map[string]string{"run": "r-orphan"})
+	// A follow-up queued behind the running run.
+	s.put(t, "queue/"+key+".json", map[string]any{"run": "r-next", "trigger": map[string]string{"source": "//test", "id": "third"},
+		"pipeline": key, "store": store, "destination": "gs://exports/hourly", "slot": -1, "started": time.Time{},
+		"enqueued": s.now.Add(-90 * time.Second), "coalesced": []map[string]string{{"source": "//test", "id": "fourth"}}}, nil)
+
+	out := s.ok(t, "status")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "PIPELINE") {
+		t.Fatalf("status printed:\n%s\nwant a header and two pipelines", out)
+	}
+	row := func(prefix string) string {
+		for _, l := range lines {
+			if strings.HasPrefix(l, prefix+" ") {
+				return l
+			}
+		}
+		t.Fatalf("no row for %s in:\n%s", prefix, out)
+		return ""
+	}
+	var wm struct{ Watermark string }
+	s.get(t, "watermarks/"+key+".json", &wm)
+	var lock pending
+	s.get(t, "pending/"+key+".json", &lock)
+	c := counters(t, s, lock.Operation)
+	if c.Success == 0 || c.Pending == 0 {
+		t.Fatalf("operation counters %+v; want an export half way", c)
+	}
+	progress := fmt.Sprintf(`running \d+s \(%d%% %d ok/0 failed/%d pending\)`, c.Success*100/(c.Success+c.Pending), c.Success, c.Pending)
+	for _, re := range []string{`hourly`, `d/s`, `gs://exports/hourly`, regexp.QuoteMeta(wm.Watermark), `succeeded \d+s ago`,
+		progress, `queued 1m \+1 coalesced`} {
+		if !regexp.MustCompile(re).MatchString(row(key)) {
+			t.Errorf("hourly row lacks %s:\n%s", re, row(key))
+		}
+	}
+	if r := row("n-orphan"); !strings.Contains(r, "starting 5m ORPHANED (no operation)") || !strings.Contains(r, "orphan") {
+		t.Errorf("orphaned start lock not shown with its age:\n%s", r)
+	}
+
+	var got []export.PipelineStatus
+	if err := json.Unmarshal([]byte(s.ok(t, "status", "--json")), &got); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0].Pipeline != key || got[1].Pipeline != "n-orphan" {
+		t.Fatalf("status --json = %+v", got)
+	}
+	h, o := got[0], got[1]
+	if h.Watermark != wm.Watermark || h.Lock == nil || h.Lock.Run != running || h.Lock.Operation != lock.Operation ||
+		h.Lock.Progress == nil || h.Lock.Progress.Pending != c.Pending || h.Lock.Progress.Success != c.Success || h.Queued == nil || h.Queued.Run != "r-next" || h.Last == nil || h.Last.Outcome != "succeeded" {
+		t.Errorf("hourly in JSON does not match the state: %+v (lock %+v)", h, h.Lock)
+	}
+	if o.Lock == nil || !o.Lock.Orphaned || o.Lock.State != "starting" || o.Lock.Age != "5m0s" {
+		t.Errorf("orphan in JSON = %+v; want an orphaned start lock aged 5m0s", o.Lock)
+	}
+
+	// An empty bucket: nothing, and [] for scripts.
+	s.env["FHIREXPORT_STATE"] = "gs://state/empty"
+	if out := s.ok(t, "status", "--json"); strings.TrimSpace(out) != "[]" {
+		t.Errorf("status --json on an empty bucket = %q, want []", out)
+	}
+}
+
+func TestRunsAndShow(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	key, done, running := twoRuns(t, s)
+
+	out := s.ok(t, "runs")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[1], running) || !strings.Contains(lines[1], "running") ||
+		!strings.HasPrefix(lines[2], done) || !strings.Contains(lines[2], "succeeded") {
+		t.Errorf("runs printed:\n%s\nwant the running run, then the done one", out)
+	}
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"--status", "done"}, []string{done}},
+		{[]string{"--status", "running"}, []string{running}},
+		{[]string{"--pipeline", key, "--limit", "1"}, []string{running}},
+		{[]string{"--pipeline", "n-other"}, nil},
+		{[]string{"--since", "1h"}, []string{running, done}},
+		{[]string{"--since", s.now.Add(time.Hour).Format(time.RFC3339)}, nil},
+	} {
+		var runs []export.Run
+		if err := json.Unmarshal([]byte(s.ok(t, append([]string{"runs", "--json"}, tc.args...)...)), &runs); err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, r := range runs {
+			ids = append(ids, r.ID)
+		}
+		if diff := cmp.Diff(tc.want, ids); diff != "" {
+			t.Errorf("runs %s (-want +got):\n%s", tc.args, diff)
+		}
+	}
+	s.fails(t, 2, "--status", "runs", "--status", "bogus")
+	s.fails(t, 2, "--since", "runs", "--since", "yesterday")
+
+	// show, by run id, trigger id and operation.
+	var lock pending
+	s.get(t, "pending/"+key+".json", &lock)
+	for _, id := range []string{running, "second", lock.Operation} {
+		out := s.ok(t, "show", id)
+		c := counters(t, s, lock.Operation)
+		for _, want := range []string{"run          " + running, "second", lock.Operation, "lock", "running for", fmt.Sprintf("%d ok/0 failed/%d pending", c.Success, c.Pending), "(not stored)"} {
+			if !strings.Contains(out, want) {
+				t.Errorf("show %s lacks %q:\n%s", id, want, out)
+			}
+		}
+	}
+	var d export.RunDetail
+	if err := json.Unmarshal([]byte(s.ok(t, "show", "first", "--json")), &d); err != nil {
+		t.Fatal(err)
+	}
+	if d.Run.ID != done || d.Run.Status != "done" || d.Run.Outcome != "succeeded" || d.Run.Started == nil || d.Run.Started.Type != events.TypeStarted || d.Lock != nil {
+		t.Errorf("show first --json = %+v", d)
+	}
+	s.fails(t, 1, "no such run", "show", "nope")
+	s.fails(t, 2, "one argument", "show")
+	s.fails(t, 2, "one argument", "show", "a", "b")
+}
+
+func TestCancel(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	key, done, running := twoRuns(t, s)
+	var lock pending
+	s.get(t, "pending/"+key+".json", &lock)
+
+	s.fails(t, 1, "not running", "cancel", done)
+	out := s.ok(t, "cancel", "second")
+	if !strings.Contains(out, "cancel requested for operation "+lock.Operation) {
+		t.Errorf("cancel printed %q", out)
+	}
+	var cancels []string
+	for _, r := range s.emu.Requests() {
+		if r.APIMethod == "operations.cancel" {
+			cancels = append(cancels, r.Method+" "+r.Path)
+		}
+	}
+	if diff := cmp.Diff([]string{"POST /v1/" + lock.Operation + ":cancel"}, cancels); diff != "" {
+		t.Errorf("operations.cancel requests (-want +got):\n%s", diff)
+	}
+	s.get(t, "pending/"+key+".json", &lock)
+	if lock.Cancelled != "operator" || lock.Run != running {
+		t.Errorf("lock after cancel = %+v; want Cancelled operator", lock)
+	}
+	if op, _ := s.emu.Operation(lock.Operation); op == nil || !op.Done || op.Error == nil || op.Error.Code != 1 {
+		t.Errorf("operation after cancel = %+v; want done with 1 CANCELLED", op)
+	}
+
+	s.fails(t, 1, "already finished", "cancel", running)
+
+	// The next sweep reports it failed and frees the pipeline.
+	s.poll(t)
+	var d export.RunDetail
+	if err := json.Unmarshal([]byte(s.ok(t, "show", running, "--json")), &d); err != nil {
+		t.Fatal(err)
+	}
+	if d.Run.Outcome != "failed" || d.Lock != nil {
+		t.Errorf("after the sweep: %+v; want failed, lock freed", d.Run)
+	}
+	if out := s.ok(t, "status"); !strings.Contains(out, "idle") {
+		t.Errorf("status after the cancelled run ended:\n%s\nwant the pipeline idle", out)
+	}
+	s.fails(t, 1, "not running", "cancel", running)
+
+	// A start lock without an operation has nothing to cancel yet.
+	s.put(t, "pending/"+key+".json", pending{Run: "r-start", Pipeline: key, Store: store, Slot: -1, Started: s.now.Add(-time.Minute)}, map[string]string{"run": "r-start"})
+	s.fails(t, 1, "starting for 1m0s and has no operation yet", "cancel", "r-start")
+}
+
+func TestRerun(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	spec := json.RawMessage(`{"fhirStore":"` + store + `","name":"hourly","incremental":true,"gcsDestination":{"uriPrefix":"gs://exports/hourly"}}`)
+	s.put(t, "runs/r-spec.json", map[string]any{"trigger": map[string]string{"source": "//test", "id": "t1"}, "pipeline": "n-x",
+		"status": "done", "claimed": s.now.Add(-time.Hour), "spec": spec, "operation": location + "/datasets/d/operations/5", "outcome": events.TypeSucceeded}, nil)
+	s.put(t, "runs/r-old.json", map[string]any{"trigger": map[string]string{"source": "//test", "id": "t0"}, "pipeline": "n-x",
+		"status": "done", "claimed": s.now.Add(-2 * time.Hour)}, nil)
+
+	s.fails(t, 2, "no requests topic", "rerun", "r-spec")
+	s.fails(t, 1, "no stored spec", "rerun", "r-old", "--topic", requestsTopic)
+
+	out := s.ok(t, "rerun", "t1", "--topic", requestsTopic)
+	msgs := s.ps.Messages()
+	if len(msgs) != 1 {
+		t.Fatalf("%d messages published, want 1", len(msgs))
+	}
+	m := msgs[0]
+	if string(m.Data) != string(spec) || m.Attributes["fhirexport-rerun-of"] != "r-spec" || m.ID == "" {
+		t.Errorf("published %s %v; want the run's spec", m.Data, m.Attributes)
+	}
+	if !strings.Contains(out, "as message "+m.ID) {
+		t.Errorf("rerun printed %q; want the new message id %s", out, m.ID)
+	}
+	// A short topic name takes the project.
+	s.env["FHIREXPORT_REQUESTS_TOPIC"] = "fhirexport-requests"
+	s.fails(t, 2, "short name", "rerun", "r-spec")
+	s.ok(t, "rerun", "r-spec", "--project", "test-project")
+	if n := len(s.ps.Messages()); n != 2 {
+		t.Errorf("%d messages after the second rerun, want 2", n)
+	}
+}
+
+func TestWatermark(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	done := s.trigger(t, "first", hourly)
+	s.poll(t)
+	spec, _ := json.Marshal(hourly)
+	parsed, _ := export.ParseSpec(spec)
+	key := export.PipelineKey(parsed)
+	var wm struct{ Watermark string }
+	s.get(t, "watermarks/"+key+".json", &wm)
+	if wm.Watermark == "" || done == "" {
+		t.Fatal("the first run set no watermark")
+	}
+
+	byName := []string{"--store", store, "--name", "hourly"}
+	for _, args := range [][]string{{key}, byName} {
+		out := s.ok(t, append([]string{"watermark", "show"}, args...)...)
+		if !strings.Contains(out, wm.Watermark) || !strings.Contains(out, key+" (hourly)") {
+			t.Errorf("watermark show %s:\n%s", args, out)
+		}
+	}
+	var shown export.Watermark
+	if err := json.Unmarshal([]byte(s.ok(t, "--json", "watermark", "show", key)), &shown); err != nil {
+		t.Fatal(err)
+	}
+	if shown.Watermark != wm.Watermark || shown.Store != store || shown.Name != "hourly" {
+		t.Errorf("watermark show --json = %+v", shown)
+	}
+
+	out := s.ok(t, "watermark", "set", key, "--to", "2026-01-01T02:00:00+02:00")
+	if want := fmt.Sprintf("  old: %s\n  new: 2026-01-01T00:00:00Z\n", wm.Watermark); !strings.Contains(out, want) {
+		t.Errorf("watermark set printed:\n%s\nwant:\n%s", out, want)
+	}
+	s.get(t, "watermarks/"+key+".json", &wm)
+	if wm.Watermark != "2026-01-01T00:00:00Z" {
+		t.Errorf("stored watermark %q after set", wm.Watermark)
+	}
+
+	// A run in progress blocks changes unless forced.
+	s.put(t, "pending/"+key+".json", pending{Run: "r", Pipeline: key, Store: store, Slot: -1, Started: s.now, Operation: location + "/datasets/d/operations/9"},
+		map[string]string{"run": "r", "operation": location + "/datasets/d/operations/9"})
+	s.fails(t, 1, "--force", "watermark", "reset", key)
+	out = s.ok(t, "watermark", "reset", "--force", key)
+	if !strings.Contains(out, "old: 2026-01-01T00:00:00Z") || !strings.Contains(out, "new: none") {
+		t.Errorf("watermark reset printed:\n%s", out)
+	}
+	if _, err := s.gcs.GetObject("state", "fx/watermarks/"+key+".json"); err == nil {
+		t.Error("the watermark is still stored after reset")
+	}
+
+	s.fails(t, 1, "unknown pipeline", "watermark", "show", "n-nothing")
+	s.fails(t, 1, "unknown pipeline", "watermark", "set", "--store", store, "--name", "never", "--to", "2026-01-01T00:00:00Z")
+	s.fails(t, 2, "--to", "watermark", "set", key, "--to", "yesterday")
+	s.fails(t, 2, "needs --to", "watermark", "set", key)
+	s.fails(t, 2, "name one pipeline", "watermark", "show")
+	s.fails(t, 2, "go together", "watermark", "show", "--store", store)
+	s.fails(t, 2, "show, set or reset", "watermark", "move", key)
+	s.fails(t, 2, "flag provided but not defined", "watermark", "show", key, "--to", "2026-01-01T00:00:00Z")
+}
+
+func TestUsage(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	for _, args := range [][]string{
+		{"--help"}, {"help"}, {"status", "--help"}, {"runs", "-h"}, {"show", "--help"}, {"cancel", "--help"},
+		{"rerun", "--help"}, {"watermark", "--help"}, {"watermark", "set", "--help"}, {"help", "runs"},
+	} {
+		out, errOut, code := s.fhirexport(args...)
+		if code != 0 || !strings.Contains(out, "Usage") || errOut != "" {
+			t.Errorf("fhirexport %s: exit %d, stdout %q, stderr %q; want usage on stdout, exit 0", args, code, out, errOut)
+		}
+	}
+	s.fails(t, 2, "no verb", []string{}...)
+	s.fails(t, 2, "unknown verb", "frobnicate")
+	s.fails(t, 2, "flag provided but not defined: -bogus", "status", "--bogus")
+	s.fails(t, 2, "Run 'fhirexport status --help'", "status", "extra")
+	s.fails(t, 2, "not a Cloud Storage location", "status", "--state", "/tmp/x")
+	s.fails(t, 2, "not a base URL", "status", "--healthcare-endpoint", "localhost:1")
+	delete(s.env, "FHIREXPORT_STATE")
+	s.fails(t, 2, "FHIREXPORT_STATE", "status")
+	// Global flags go before or after the verb.
+	s.ok(t, "--state", stateLoc, "status")
+	s.ok(t, "status", "--state", stateLoc, "--json")
+}

@@ -1,0 +1,191 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/fhirexport/fhirexport/export"
+)
+
+const watermarkUsage = `
+Usage:
+  fhirexport watermark show  PIPELINE | --store S --name N | --spec FILE
+  fhirexport watermark set   PIPELINE --to TIME [--force]
+  fhirexport watermark reset PIPELINE [--force]
+
+A pipeline's watermark is the server createTime of its last fully successful
+incremental export; its next run exports what changed since. 'set' moves it,
+backwards too (to re-export a period); 'reset' removes it, so the next run
+exports everything (or from its spec's _since). Both refuse while a run of the
+pipeline is in progress, which would overwrite the change, unless --force.
+
+PIPELINE is a pipeline key as 'fhirexport status' lists it; --store with
+--name derive the key of a named pipeline, --spec FILE that of any spec.
+`
+
+func (inv *invocation) watermark(ctx context.Context, args []string) error {
+	// Global flags may come before the subcommand; its own flags after it.
+	fs := inv.flagSet("watermark", watermarkUsage)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.Usage()
+			return err
+		}
+		return usageError{err.Error() + " (give the subcommand first: watermark show|set|reset)"}
+	}
+	if fs.NArg() == 0 {
+		return usagef("watermark needs show, set or reset")
+	}
+	sub, rest := fs.Arg(0), fs.Args()[1:]
+	switch sub {
+	case "show", "set", "reset":
+	default:
+		return usagef("watermark %s: want show, set or reset", sub)
+	}
+	inv.path += sub + " "
+	fs = inv.flagSet("watermark "+sub, watermarkUsage)
+	store := fs.String("store", "", "the pipeline's FHIR `STORE`, with --name")
+	name := fs.String("name", "", "the pipeline's `NAME` (the spec's name), with --store")
+	specFile := fs.String("spec", "", "derive the pipeline from the spec in `FILE`")
+	var to *string
+	var force *bool
+	if sub == "set" {
+		to = fs.String("to", "", "the new watermark, RFC 3339 `TIME` with a zone, e.g. 2026-01-01T00:00:00Z")
+	}
+	if sub != "show" {
+		force = fs.Bool("force", false, "change it even while a run is in progress (that run may overwrite it)")
+	}
+	pos, err := parse(fs, rest)
+	if err != nil {
+		return err
+	}
+	key, err := pipelineKey(pos, *store, *name, *specFile)
+	if err != nil {
+		return err
+	}
+	if sub == "set" {
+		if *to == "" {
+			return usagef("watermark set needs --to TIME")
+		}
+		if _, err := export.ParseSince(*to); err != nil {
+			return usagef("--to %q: want RFC 3339 to the second with a time zone, e.g. 2026-01-01T00:00:00Z", *to)
+		}
+	}
+
+	in, st, err := inv.inspector(ctx, sub == "show")
+	if err != nil {
+		return err
+	}
+	p, err := in.Pipeline(ctx, key)
+	if errors.Is(err, export.ErrUnknownPipeline) {
+		return fmt.Errorf("%w; check the key with 'fhirexport status' (a pipeline is known once it has run; to start a new one from a time, give its spec a _since)", err)
+	}
+	if err != nil {
+		return err
+	}
+	if sub == "show" {
+		w, err := st.GetWatermark(ctx, key)
+		if err != nil {
+			return err
+		}
+		fill(&w.Store, p.Store)
+		fill(&w.Name, p.Name)
+		if inv.json {
+			return inv.printJSON(w)
+		}
+		tw := tabwriter.NewWriter(inv.stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintf(tw, "pipeline\t%s%s\n", key, paren(w.Name))
+		fmt.Fprintf(tw, "store\t%s\n", dash(w.Store))
+		if w.Watermark == "" {
+			fmt.Fprintf(tw, "watermark\tnone: the next run exports everything (or from its spec's _since)\n")
+		} else {
+			fmt.Fprintf(tw, "watermark\t%s (%s ago)\n", w.Watermark, inv.since(w.Watermark))
+			by := w.Operation
+			if strings.HasPrefix(by, "projects/") {
+				by = "by operation " + by
+			}
+			fmt.Fprintf(tw, "set\t%s at %s\n", dash(by), stamp(w.Updated))
+		}
+		if w.Running != "" {
+			fmt.Fprintf(tw, "running\t%s\n", w.Running)
+		}
+		return tw.Flush()
+	}
+
+	old := p.Watermark
+	at := ""
+	if sub == "set" {
+		at = *to
+	}
+	if err := st.SetWatermark(ctx, key, p.Store, p.Name, at, *force, inv.now()); err != nil {
+		if errors.Is(err, export.ErrPipelineBusy) {
+			return fmt.Errorf("%w (--force overrides)", err)
+		}
+		return err
+	}
+	w, err := st.GetWatermark(ctx, key)
+	if err != nil {
+		return err
+	}
+	if inv.json {
+		return inv.printJSON(map[string]any{"pipeline": key, "old": old, "new": w.Watermark})
+	}
+	fmt.Fprintf(inv.stdout, "pipeline %s%s\n  old: %s\n  new: %s\n", key, paren(p.Name), orNone(old), orNone(w.Watermark))
+	return nil
+}
+
+func orNone(w string) string {
+	if w == "" {
+		return "none (the next run exports everything, or from its spec's _since)"
+	}
+	return w
+}
+
+// pipelineKey derives the pipeline key from exactly one of: a positional
+// key, --store with --name, or --spec.
+func pipelineKey(pos []string, store, name, file string) (string, error) {
+	given := 0
+	for _, b := range []bool{len(pos) > 0, store != "" || name != "", file != ""} {
+		if b {
+			given++
+		}
+	}
+	switch {
+	case given != 1 || len(pos) > 1:
+		return "", usagef("name one pipeline: PIPELINE, or --store with --name, or --spec FILE")
+	case len(pos) == 1:
+		return pos[0], nil
+	case file != "":
+		data, err := os.ReadFile(file)
+		if err != nil {
+			return "", err
+		}
+		spec, err := export.ParseSpec(data)
+		if err != nil {
+			return "", fmt.Errorf("%s: %w", file, err)
+		}
+		return export.PipelineKey(spec), nil
+	case store == "" || name == "":
+		return "", usagef("--store and --name go together (a pipeline without a name: --spec FILE)")
+	}
+	// A placeholder destination makes the spec valid; with a name it takes
+	// no part in the key.
+	data, _ := json.Marshal(map[string]any{"fhirStore": store, "name": name, "gcsDestination": map[string]string{"uriPrefix": "gs://placeholder"}})
+	spec, err := export.ParseSpec(data)
+	if err != nil {
+		return "", usagef("--store/--name: %v", err)
+	}
+	return export.PipelineKey(spec), nil
+}
+
+func fill(dst *string, v string) {
+	if *dst == "" {
+		*dst = v
+	}
+}
