@@ -201,8 +201,7 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 				"%v; incremental runs of this pipeline are held until an operator resets it (fhirexport watermark reset %s)", err, p.Pipeline))
 		}
 		if err != nil {
-			x.release(ctx, p, gen)
-			return err
+			return x.giveBack(ctx, p, gen, err)
 		}
 		p.Since = since
 	}
@@ -221,11 +220,7 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 		return x.endEarly(ctx, p, gen, code, msg)
 	case notSent(err):
 		log.Warn("export call not sent; released for a retry", "error", err.Error())
-		if p.FromQueue {
-			return x.requeue(ctx, p, gen, "budget")
-		}
-		x.release(ctx, p, gen)
-		return fmt.Errorf("export %s: %w", p.Store, err)
+		return x.giveBack(ctx, p, gen, fmt.Errorf("export %s: %w", p.Store, err))
 	}
 	// The request may have reached the API: never export again blindly.
 	log.Warn("export answer lost; the run is in doubt until operations.list resolves it", "error", err.Error())
@@ -234,6 +229,20 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 		log.Warn("could not mark the run in doubt; the start lease covers it", "error", uerr.Error())
 	}
 	return fmt.Errorf("export %s: answer lost, in doubt: %w", p.Store, err)
+}
+
+// giveBack undoes a start that failed before the API was called: a run from
+// the queue goes back to it (no trigger will be redelivered for it); a
+// trigger's run releases the lock and returns cause for Pub/Sub to retry.
+func (x *Exporter) giveBack(ctx context.Context, p pendingRecord, gen int64, cause error) error {
+	if p.FromQueue {
+		if err := x.requeue(ctx, p, gen, "budget"); err != nil {
+			return errors.Join(cause, err)
+		}
+		return nil
+	}
+	x.release(ctx, p, gen)
+	return cause
 }
 
 // notSent reports a call that surely never reached the API (no connection).
