@@ -365,13 +365,34 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 		ev = retype(ev, events.TypeFailed, op.Name)
 		ev.Data.Error = &events.Error{Code: codeInternal, Message: "the export succeeded but its operation has no createTime, so no watermark can be set; the next run repeats this window"}
 	}
+	// Feed files first (feed.go): manifest and, for an incremental success,
+	// the deleted file; the watermark and the deletion cursor then move
+	// together, so a crash before them repeats the files with the same names.
+	var cursor *deletionCursor
+	if p.Incremental {
+		cur, err := x.readCursor(ctx, p.Pipeline)
+		if err != nil && !errors.Is(err, ErrCorrupt) {
+			return err
+		}
+		cursor = cur
+	}
+	feed, err := x.writeFeed(ctx, p, op, meta, ev.Type, cursor)
+	if errors.Is(err, ErrDeletionsExpired) {
+		ev = retype(ev, events.TypePartial, op.Name)
+		ev.Data.Error = &events.Error{Code: codeFailedPrecondition, Message: err.Error()}
+		feed, err = x.writeFeed(ctx, p, op, meta, events.TypePartial, cursor)
+	}
+	if err != nil {
+		return err
+	}
+	ev.Data.Manifest, ev.Data.Outputs, ev.Data.Deleted = feed.Manifest, feed.Outputs, feed.Deleted
 	if p.Incremental {
 		// Only a fully successful run moves the watermark. The event carries
 		// the watermark this run established, not whatever is stored when it
 		// is published, so a repeat after later runs is identical.
 		advanced := false
 		if ev.Type == events.TypeSucceeded {
-			moved, err := x.advanceWatermark(ctx, p, meta.CreateTime)
+			moved, err := x.advanceWatermark(ctx, p, meta.CreateTime, feed.Cursor)
 			switch {
 			case errors.Is(err, ErrCorrupt):
 				log.Error("watermark is corrupt; not moved. Incremental runs of this pipeline are held until it is reset", "error", err.Error())
@@ -411,7 +432,7 @@ func normalizeTime(v string) string {
 // advanceWatermark moves the pipeline's watermark forward to createTime with
 // a compare-and-swap; it never moves it back. It reports whether the stored
 // watermark is now createTime.
-func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, createTime string) (bool, error) {
+func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, createTime string, cursor *deletionCursor) (bool, error) {
 	ct, err := time.Parse(time.RFC3339Nano, createTime)
 	if err != nil {
 		return false, fmt.Errorf("operation %s has createTime %q: %w", p.Operation, createTime, err)
@@ -434,7 +455,10 @@ func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, create
 				return ct.Equal(t) && cur.Operation == p.Operation, nil // a repeat of this run, or further on
 			}
 		}
-		rec := watermarkRecord{Pipeline: p.Pipeline, Store: p.Store, Name: p.Name, Watermark: next, Operation: p.Operation, Updated: x.now()}
+		rec := watermarkRecord{Pipeline: p.Pipeline, Store: p.Store, Name: p.Name, Watermark: next, Operation: p.Operation, Updated: x.now(), Deletions: cur.Deletions}
+		if cursor != nil {
+			rec.Deletions = cursor
+		}
 		if gen == 0 {
 			_, err = x.state.create(ctx, watermarkObject(p.Pipeline), rec, nil)
 		} else {
@@ -513,4 +537,17 @@ func outcomeEvent(p pendingRecord, op *healthcare.Operation, meta *healthcare.Op
 // timeoutOf is a run's watchdog timeout: its spec's, or DefaultTimeout.
 func timeoutOf(v string) time.Duration {
 	return (&Spec{Timeout: v}).TimeoutDuration()
+}
+
+// readCursor returns a pipeline's deletion cursor (nil when it has none).
+func (x *Exporter) readCursor(ctx context.Context, pipeline string) (*deletionCursor, error) {
+	var w watermarkRecord
+	_, err := x.state.read(ctx, watermarkObject(pipeline), &w)
+	if errors.Is(err, ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return w.Deletions, nil
 }

@@ -65,7 +65,7 @@ func (s *State) SetWatermark(ctx context.Context, pipeline, store, name, at stri
 	}
 	var cur watermarkRecord
 	gen, err := s.read(ctx, watermarkObject(pipeline), &cur)
-	if err != nil && !errors.Is(err, ErrNotFound) {
+	if err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrCorrupt) { // a corrupt one is what reset is for
 		return err
 	}
 	if at == "" {
@@ -78,7 +78,8 @@ func (s *State) SetWatermark(ctx context.Context, pipeline, store, name, at stri
 	if err != nil {
 		return err
 	}
-	rec := watermarkRecord{Pipeline: pipeline, Store: store, Name: name, Watermark: t.UTC().Format(time.RFC3339Nano), Operation: "set by operator", Updated: now}
+	rec := watermarkRecord{Pipeline: pipeline, Store: store, Name: name, Watermark: t.UTC().Format(time.RFC3339Nano), Operation: "set by operator", Updated: now,
+		Deletions: cur.Deletions} // deletions already delivered stay delivered
 	if gen == 0 {
 		_, err = s.create(ctx, watermarkObject(pipeline), rec, nil)
 	} else {
