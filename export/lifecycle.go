@@ -255,7 +255,7 @@ func notSent(err error) bool {
 // crash before the lock names it leaves the ownership to find), then the lock,
 // then the started event.
 func (x *Exporter) recordOperation(ctx context.Context, p pendingRecord, gen int64, op string, adopted bool) error {
-	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "operation", op)
+	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "operation", op, "trigger", p.Trigger.ID, "store", p.Store)
 	own := opRecord{Operation: op, Run: p.Run, Pipeline: p.Pipeline, Store: p.Store, Recorded: x.now()}
 	if _, err := x.state.create(ctx, opObject(op), own, map[string]string{"run": p.Run}); errors.Is(err, ErrExists) {
 		var cur opRecord
@@ -383,7 +383,7 @@ func (x *Exporter) endRun(ctx context.Context, run, status string, ev *events.Ev
 // lock it cannot remove is resolved by a later sweep; a slot, freed there.
 func (x *Exporter) release(ctx context.Context, p pendingRecord, gen int64) {
 	if err := x.state.remove(ctx, pendingObject(p.Pipeline), gen); err != nil {
-		Logger(ctx).Warn("could not release pipeline lock; a later sweep resolves it", "pipeline", p.Pipeline, "error", err.Error())
+		Logger(ctx).Warn("could not release pipeline lock; a later sweep resolves it", "pipeline", p.Pipeline, "run", p.Run, "trigger", p.Trigger.ID, "error", err.Error())
 		return
 	}
 	x.freeSlot(ctx, p.Slot, p.Run)
