@@ -24,7 +24,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	// Registers StartExport and PollExport with the functions framework.
+	// Registers StartExport, PollExport and RecordChange with the functions
+	// framework.
 	_ "github.com/fhirexport/fhirexport"
 	"github.com/fhirexport/fhirexport/healthcaretest"
 )
@@ -40,10 +41,14 @@ const (
 	requestsTopic = "projects/" + project + "/topics/fhirexport-requests"
 	pollTopic     = "projects/" + project + "/topics/fhirexport-poll"
 	eventsTopic   = "projects/" + project + "/topics/fhirexport-events"
+	changesTopic  = "projects/" + project + "/topics/fhir-changes" // the demo store's notificationConfigs
 	exportBucket  = "local-exports"
 	stateBucket   = "local-state"
 	exportPrefix  = "gs://" + exportBucket + "/fhir"
 	bqDataset     = "bq://" + project + ".analytics"
+	// maxRunning is the functions' FHIREXPORT_MAX_RUNNING: small, so the
+	// fleet step shows runs waiting for a slot.
+	maxRunning = 2
 )
 
 // stack is the local environment: emulators, functions, delivery and ticks.
@@ -95,26 +100,6 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 		return nil, fmt.Errorf("storage client: %w", err)
 	}
 
-	emuLogger := log.New(st.emuLog, "", log.LstdFlags|log.Lmicroseconds)
-	st.emu, err = healthcaretest.Start(hostPort(o.healthcarePort), healthcaretest.Options{
-		Storage: st.storage, ExportDuration: o.exportDuration, ExportSteps: o.exportSteps, Logf: emuLogger.Printf,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("healthcare emulator: %w", err)
-	}
-	if st.hc, err = st.emu.Service(ctx); err != nil {
-		return nil, err
-	}
-	if err := st.emu.CreateDataset(datasetName); err != nil {
-		return nil, err
-	}
-	if err := st.emu.CreateFHIRStore(storeName, "R4"); err != nil {
-		return nil, err
-	}
-	if st.seeded, err = st.emu.Seed(storeName, o.seed, o.patients); err != nil {
-		return nil, fmt.Errorf("seed the store: %w", err)
-	}
-
 	// pstest panics when it cannot listen: check the address first.
 	psAddr := hostPort(o.pubsubPort)
 	if o.pubsubPort != 0 {
@@ -134,8 +119,9 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 		subName("fhirexport-requests-eventarc"): requestsTopic,
 		subName("fhirexport-poll-eventarc"):     pollTopic,
 		subName("fhirexport-local-events"):      eventsTopic,
+		subName("fhir-changes-eventarc"):        changesTopic,
 	}
-	for _, t := range []string{requestsTopic, pollTopic, eventsTopic} {
+	for _, t := range []string{requestsTopic, pollTopic, eventsTopic, changesTopic} {
 		if _, err := st.psClient.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: t}); err != nil {
 			return nil, fmt.Errorf("create topic %s: %w", t, err)
 		}
@@ -147,6 +133,32 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 	}
 	st.requests = st.psClient.Publisher(requestsTopic)
 
+	emuLogger := log.New(st.emuLog, "", log.LstdFlags|log.Lmicroseconds)
+	st.emu, err = healthcaretest.Start(hostPort(o.healthcarePort), healthcaretest.Options{
+		Storage: st.storage, PubSub: st.psClient, ExportDuration: o.exportDuration, ExportSteps: o.exportSteps, Logf: emuLogger.Printf,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("healthcare emulator: %w", err)
+	}
+	if st.hc, err = st.emu.Service(ctx); err != nil {
+		return nil, err
+	}
+	if err := st.emu.CreateDataset(datasetName); err != nil {
+		return nil, err
+	}
+	if err := st.emu.CreateFHIRStore(storeName, "R4"); err != nil {
+		return nil, err
+	}
+	if st.seeded, err = st.emu.Seed(storeName, o.seed, o.patients); err != nil {
+		return nil, fmt.Errorf("seed the store: %w", err)
+	}
+
+	// Every write to the demo store publishes a change notification on
+	// fhir-changes, delivered to RecordChange like the other topics.
+	if err := st.emu.SetNotificationConfigs(storeName, healthcaretest.NotificationConfig{PubsubTopic: changesTopic}); err != nil {
+		return nil, fmt.Errorf("notificationConfigs of %s: %w", storeName, err)
+	}
+
 	// The functions read these at their first event, as on the platform.
 	env := map[string]string{
 		"FHIREXPORT_EVENTS_TOPIC":         eventsTopic,
@@ -154,6 +166,7 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 		"FHIREXPORT_ALLOWED_STORES":       location + "/datasets/*/fhirStores/*",
 		"FHIREXPORT_ALLOWED_DESTINATIONS": exportPrefix + "," + bqDataset,
 		"FHIREXPORT_HEALTHCARE_ENDPOINT":  st.emu.URL,
+		"FHIREXPORT_MAX_RUNNING":          strconv.Itoa(maxRunning),
 		"PUBSUB_EMULATOR_HOST":            st.ps.Addr,
 		"STORAGE_EMULATOR_HOST":           st.gcs.URL(),
 	}
@@ -174,6 +187,7 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 	for _, p := range []*pusher{
 		newPusher(st.psClient, subName("fhirexport-requests-eventarc"), requestsTopic, st.baseURL+"/StartExport", httpClient, con, st.events),
 		newPusher(st.psClient, subName("fhirexport-poll-eventarc"), pollTopic, st.baseURL+"/PollExport", httpClient, con, st.events),
+		newPusher(st.psClient, subName("fhir-changes-eventarc"), changesTopic, st.baseURL+"/RecordChange", httpClient, con, st.events),
 	} {
 		st.wg.Go(func() { st.background(bg, "push "+p.sub, p.run) })
 	}
@@ -257,14 +271,15 @@ func (st *stack) close() {
 	if st.requests != nil {
 		st.requests.Stop()
 	}
+	// The emulator publishes with psClient: stop it first.
+	if st.emu != nil {
+		st.emu.Close()
+	}
 	if st.psClient != nil {
 		st.psClient.Close()
 	}
 	if st.ps != nil {
 		st.ps.Close()
-	}
-	if st.emu != nil {
-		st.emu.Close()
 	}
 	if st.storage != nil {
 		st.storage.Close()
@@ -284,10 +299,11 @@ func (st *stack) describe() {
 		st.o.dir, st.o.logs, filepath.Join(st.o.dir, "emulators.log"))
 	c.Printf("  Healthcare API emulator  %s  store %s (%d patients, %d resources)\n", st.emu.URL, storeName, st.o.patients, st.seeded)
 	c.Printf("  Cloud Storage emulator   %s  buckets %s, %s in %s/\n", st.gcs.URL(), exportBucket, stateBucket, st.gcsRoot)
-	c.Printf("  Pub/Sub emulator         %s  %s → StartExport, %s → PollExport (every %s), %s\n",
+	c.Printf("  Pub/Sub emulator         %s  %s → StartExport, %s → PollExport (every %s), %s,\n",
 		st.ps.Addr, short(requestsTopic), short(pollTopic), st.o.tick, short(eventsTopic))
-	c.Printf("  functions                %s/StartExport  %s/PollExport\n", st.baseURL, st.baseURL)
-	c.Printf("  exports run %s in %d steps (emulated)\n", st.o.exportDuration, st.o.exportSteps)
+	c.Printf("                           %s (%s's notificationConfigs) → RecordChange\n", short(changesTopic), short(storeName))
+	c.Printf("  functions                %s/StartExport  %s/PollExport  %s/RecordChange\n", st.baseURL, st.baseURL, st.baseURL)
+	c.Printf("  exports run %s in %d steps (emulated); FHIREXPORT_MAX_RUNNING=%d\n", st.o.exportDuration, st.o.exportSteps, maxRunning)
 }
 
 // console serializes output lines from concurrent goroutines.
