@@ -45,7 +45,7 @@ type ndjsonFile struct {
 }
 
 // demoSteps is the number of steps of the demonstration.
-const demoSteps = 4
+const demoSteps = 5
 
 // demo runs the steps, stopping at the first failure, and prints a
 // summary either way.
@@ -198,6 +198,11 @@ func (st *stack) demoSteps(ctx context.Context, steps *[]*stepResult) error {
 	}
 	st.con.Printf("  ✓ rows per table equal what the store holds: %s\n", formatCounts(s.tables))
 
+	// 5. A fleet under the export budget.
+	s = step(5, "fleet export of the whole dataset within the budget")
+	if err := st.fleet(ctx, s); err != nil {
+		return fmt.Errorf("step 5 (%s): %w", s.name, err)
+	}
 	return nil
 }
 

@@ -120,9 +120,34 @@ func TestDemo(t *testing.T) {
 		t.Errorf("the incremental export's deleted file deletes %s, want the erased resources %s", got, want)
 	}
 
+	// The fleet: one run per store of the dataset, each in its own folder
+	// with a manifest; the added stores hold their synthetic patients.
+	fleetRoot := filepath.Join(dir, "gcs", exportBucket, "fhir", "fleet")
+	for i, store := range append([]string{"ehr"}, fleetStores...) {
+		runs := exportedFiles(t, filepath.Join(fleetRoot, store))
+		if len(runs) != 1 {
+			t.Errorf("fleet runs of %s on disk = %d, want 1", store, len(runs))
+			continue
+		}
+		if len(feedsOnDisk(t, filepath.Join(dir, "gcs"), filepath.Join(fleetRoot, store))) != 1 {
+			t.Errorf("fleet run of %s has no manifest", store)
+		}
+		if i == 0 {
+			continue
+		}
+		want := map[string]int{}
+		for _, r := range healthcaretest.Synthetic(7+int64(i), fleetPatients) {
+			typ, _ := resourceKey(r)
+			want[typ]++
+		}
+		if fmt.Sprint(runs[0]) != fmt.Sprint(want) {
+			t.Errorf("fleet export of %s NDJSON lines per type = %v, want %v", store, runs[0], want)
+		}
+	}
+
 	for _, want := range []string{
 		"export.started", "export.succeeded",
-		"[1/4]", "[2/4]", "[3/4]", "[4/4]",
+		"[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]",
 		"running (operations.get)",
 		"watermark", "(advanced)",
 		".manifest.json", ".deleted.ndjson", "deleted=" + strconv.Itoa(len(erased)),
@@ -130,17 +155,24 @@ func TestDemo(t *testing.T) {
 		"RecordChange acknowledged the " + strconv.Itoa(len(erased)) + " DeleteResource notifications",
 		"the event carries manifest, outputs and deleted=",
 		"BigQuery " + bqDataset,
+		"sequence (events as they arrived",
+		"✓ at most 2 exports ran at once",
 		"OK: every step succeeded",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q", want)
 		}
 	}
-	if n := strings.Count(out, "◀ event export.started"); n != 3 {
-		t.Errorf("started events printed = %d, want 3", n)
+	stores := 1 + len(fleetStores)
+	if n := strings.Count(out, "◀ event export.started"); n != 3+stores {
+		t.Errorf("started events printed = %d, want %d", n, 3+stores)
 	}
-	if n := strings.Count(out, "◀ event export.succeeded"); n != 3 {
-		t.Errorf("succeeded events printed = %d, want 3", n)
+	if n := strings.Count(out, "◀ event export.succeeded"); n != 3+stores {
+		t.Errorf("succeeded events printed = %d, want %d", n, 3+stores)
+	}
+	// Two fleet runs start at once; the others wait for a slot.
+	if n := strings.Count(out, "◀ event export.queued"); n != stores-maxRunning {
+		t.Errorf("queued events printed = %d, want %d", n, stores-maxRunning)
 	}
 	if strings.Contains(out, `"severity"`) {
 		t.Errorf("function logs leaked into the demonstration output")

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -68,6 +69,7 @@ type stack struct {
 	baseURL  string // functions framework
 	seeded   int    // resources in the store after seeding
 	events   *eventLog
+	sched    scheduler
 
 	stop context.CancelFunc // stops the background goroutines
 	wg   sync.WaitGroup
@@ -244,7 +246,7 @@ func (st *stack) startFunctions(ctx context.Context) error {
 }
 
 // tick publishes to the poll topic every --tick, as Cloud Scheduler does every
-// minute in production.
+// minute in production, unless paused.
 func (st *stack) tick(ctx context.Context) error {
 	pub := st.psClient.Publisher(pollTopic)
 	defer pub.Stop()
@@ -256,10 +258,67 @@ func (st *stack) tick(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		if _, err := pub.Publish(ctx, &pubsub.Message{Data: []byte(`{"scheduler":"fhirexport-local"}`)}).Get(ctx); err != nil && ctx.Err() == nil {
-			st.con.Printf("  ! scheduler tick not published: %v\n", err)
+		st.sched.mu.Lock()
+		if !st.sched.paused {
+			id, err := pub.Publish(ctx, &pubsub.Message{Data: []byte(`{"scheduler":"fhirexport-local"}`)}).Get(ctx)
+			switch {
+			case err == nil:
+				st.sched.inFlight = append(slices.DeleteFunc(st.sched.inFlight, st.delivered), id)
+			case ctx.Err() == nil:
+				st.con.Printf("  ! scheduler tick not published: %v\n", err)
+			}
+		}
+		st.sched.mu.Unlock()
+	}
+}
+
+// scheduler is the state of the local scheduler's ticks.
+type scheduler struct {
+	mu       sync.Mutex
+	paused   bool
+	inFlight []string // ticks published and maybe not yet handled by PollExport
+}
+
+// delivered reports whether a function is done with message id.
+func (st *stack) delivered(id string) bool {
+	acked, gaveUp, _ := st.events.delivery(id)
+	return acked || gaveUp != ""
+}
+
+// pauseTicks stops the scheduler and waits until PollExport has handled
+// every tick published: no sweep runs until resumeTicks.
+func (st *stack) pauseTicks(ctx context.Context) error {
+	st.sched.mu.Lock()
+	st.sched.paused = true
+	ids := st.sched.inFlight
+	st.sched.inFlight = nil
+	st.sched.mu.Unlock()
+	timeout := 30*time.Second + 10*st.o.tick
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for _, id := range ids {
+		for {
+			acked, gaveUp, changed := st.events.delivery(id)
+			if acked || gaveUp != "" {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-deadline.C:
+				return fmt.Errorf("PollExport did not handle scheduler tick %s within %s; see %s", id, timeout, st.o.logs)
+			case <-changed:
+			}
 		}
 	}
+	return nil
+}
+
+// resumeTicks restarts the scheduler.
+func (st *stack) resumeTicks() {
+	st.sched.mu.Lock()
+	defer st.sched.mu.Unlock()
+	st.sched.paused = false
 }
 
 // close stops everything started, in reverse order.
