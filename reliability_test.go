@@ -418,7 +418,10 @@ func TestFaultInjection(t *testing.T) {
 	}
 	const maxAttempts = 60
 	// Sweeps take longer with more pipelines pending.
-	outcomeWait := 2*time.Minute + time.Duration(nPipe)*100*time.Millisecond
+	// A run now takes more state steps (slot, operation index, feed), and a
+	// 429 queues it with backoff, so under these fault rates its chain of
+	// retries is longer than before.
+	outcomeWait := 4*time.Minute + time.Duration(nPipe)*100*time.Millisecond
 	for pi, p := range pipes {
 		workers.Go(func() {
 			rng := rand.New(rand.NewSource(seed*1000 + int64(pi)))
