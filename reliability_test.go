@@ -360,9 +360,12 @@ func TestFaultInjection(t *testing.T) {
 	t.Cleanup(func() { env.emu.SetExportTiming(0, 1) })
 	shortenLeases(t, 2*time.Second)
 
+	// The export call also meets "accepted, answer lost": the API starts the
+	// export and the connection drops before the answer (one failure in five).
 	hcCodes := []int{429, 500, 503, 0}
+	env.emu.FailRate("fhirStores.export", rate, seed, append(hcCodes, healthcaretest.AcceptedAnswerLost)...)
+	env.emu.FailRate("operations.get", rate, seed, hcCodes...)
 	for _, m := range []string{"fhirStores.export", "operations.get"} {
-		env.emu.FailRate(m, rate, seed, hcCodes...)
 		t.Cleanup(func() { env.emu.FailRate(m, 0, 0) })
 	}
 	gcsChaos, psChaos := newChaos(seed+1), newChaos(seed+2)
