@@ -72,12 +72,12 @@ type pendingRecord struct {
 	Started     time.Time         `json:"started"`         // when this start attempt began (our clock): the lease
 	Called      time.Time         `json:"called,omitzero"` // when fhirStores.export was called: from then on the run is in doubt until Operation is set
 	Operation   string            `json:"operation,omitempty"`
-	Adopted     bool              `json:"adopted,omitempty"`   // Operation was found with operations.list after a lost answer
-	Finalizing  time.Time         `json:"finalizing,omitzero"` // when a poller began reporting the outcome: its lease
-	Unobserved  time.Time         `json:"unobserved,omitzero"` // since when operations.get has answered 401/403
-	Cancelled   string            `json:"cancelled,omitempty"` // why fhirexport asked operations.cancel: "timeout" or "operator"
-	Attempts    int               `json:"attempts,omitempty"`  // 429 RESOURCE_EXHAUSTED answers so far (the backoff)
-	Requeued    string            `json:"requeued,omitempty"`  // set (with the reason) once this start is being put back in the queue
+	Adopted     bool              `json:"adopted,omitempty"`    // Operation was found with operations.list after a lost answer
+	Finalizing  time.Time         `json:"finalizing,omitzero"`  // when a poller began reporting the outcome: its lease
+	Unobserved  time.Time         `json:"unobserved,omitzero"`  // since when operations.get has answered 401/403
+	Cancelled   string            `json:"cancelled,omitempty"`  // why fhirexport asked operations.cancel: "timeout" or "operator"
+	Attempts    int               `json:"attempts,omitempty"`   // 429 RESOURCE_EXHAUSTED answers so far (the backoff)
+	Requeued    string            `json:"requeued,omitempty"`   // set (with the reason) once this start is being put back in the queue
 	Redelivered time.Time         `json:"redelivered,omitzero"` // last delivery of the trigger that found this start in flight: its trigger is alive
 }
 
