@@ -651,3 +651,81 @@ func dequeueCrash(t *testing.T, n int64, after bool) (done bool) {
 	}
 	return done
 }
+
+// TestFleetCrashMidExpansion crashes the delivery of a fleet trigger at each
+// of its Cloud Storage writes, before and after the write takes effect, and
+// redelivers it: every store is still exported exactly once and no slot is
+// leaked.
+func TestFleetCrashMidExpansion(t *testing.T) {
+	t.Parallel()
+	for n := int64(1); n <= 200; n++ {
+		last := false
+		for _, after := range []bool{false, true} {
+			name := fmt.Sprintf("write=%d/before", n)
+			if after {
+				name = fmt.Sprintf("write=%d/after", n)
+			}
+			ok := t.Run(name, func(t *testing.T) {
+				if fleetCrash(t, n, after) {
+					last = true
+				}
+			})
+			if !ok {
+				return
+			}
+		}
+		if last {
+			return
+		}
+	}
+}
+
+func fleetCrash(t *testing.T, n int64, after bool) (done bool) {
+	const stores, budget = 6, 2
+	crash := &crashPoint{}
+	w := newFrontedWorld(t, fronts{gcs: crash.gcs, hc: crash.hc})
+	w.emu.SetExportTiming(time.Minute, 1)
+	w.emu.SetMaxRunningOperations(budget)
+	w.x.MaxRunning = budget
+	dataset, names := w.fleet(t, stores)
+	trig := w.newTrigger(t, map[string]any{"fhirStore": dataset + "/fhirStores/*", "name": "nightly",
+		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/fleet/{store}"}})
+	crash.arm(n, after)
+	err := w.x.Start(quiet, trig, nil)
+	crashed, steps := crash.disarm()
+	switch {
+	case !crashed:
+		if err != nil {
+			t.Fatalf("Start without a crash: %v", err)
+		}
+		t.Logf("the delivery made %d writes; every crash point is covered", len(steps))
+		done = true
+	case err == nil:
+		t.Logf("crashed at %s, yet Start returned nil: Pub/Sub will not redeliver", steps[len(steps)-1])
+	}
+	// Pub/Sub redelivers with backoff (10 s and up) until Start returns nil.
+	for attempt := 0; err != nil || crashed; attempt++ {
+		if attempt == 30 {
+			t.Fatalf("redeliveries kept failing: %v", err)
+		}
+		w.clock.Advance(30 * time.Second)
+		err, crashed = w.x.Start(quiet, trig, nil), false
+	}
+	w.drain(t, 3*time.Minute, 30)
+
+	evs := w.events(t)
+	got := exportsByStore(w.emu)
+	succeeded := count(evs, events.TypeSucceeded)
+	for _, s := range names {
+		if got[s] != 1 || succeeded[s] != 1 {
+			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1 (crashed at write %d of %v)", s, got[s], succeeded[s], n, steps)
+		}
+	}
+	if peak := w.emu.PeakRunningOperations(); peak > budget {
+		t.Errorf("peak running operations = %d, want ≤ %d", peak, budget)
+	}
+	if left := w.objects(t, "slots"); len(left) != 0 {
+		t.Errorf("slots leaked: %v", left)
+	}
+	return done
+}
