@@ -23,13 +23,24 @@
 // the in-process emulators, as a real instance's first tick does.
 //
 // Sweep: -runs exports are started through export.Exporter.Start with the real
-// clients (the path StartExport takes), their operations kept running on the
-// emulator's fake clock. A child process built as above then gets PollExport
-// ticks: one over all runs still running, then, after the clock moves past
-// their end, one finalizing all of them. It reports operations.get calls per
-// run (from the emulator's Requests), wall time against a baseline of the
-// same number of raw operations.get calls at the same concurrency, and the
-// child's peak resident memory (VmHWM).
+// clients (the path StartExport takes), with a budget as large as -runs, their
+// operations kept running on the emulator's fake clock, started -age ago. A
+// child process built as above (FHIREXPORT_POLL_WORKERS=-poll-workers) then
+// gets PollExport ticks: one over all runs still running, then, after the
+// clock moves past their end, one finalizing all of them. It reports
+// operations.get calls per run (from the emulator's Requests), Cloud Storage
+// requests, wall time against a baseline of the same number of raw
+// operations.get calls at the same concurrency and, with -latency (20 ms per
+// Cloud Storage request, 150 ms per Healthcare call, added by delaying
+// proxies in front of the fakes), against the floor
+// ceil(runs/workers) × 150 ms + ceil(runs/1000) × 20 ms, and the child's peak
+// resident memory (VmHWM) against its own after client setup.
+//
+// Fleet (-fleet N): one fleet trigger over N stores with
+// FHIREXPORT_MAX_RUNNING=-budget, the emulator refusing more running exports,
+// each export taking -export-duration of emulator time and a sweep every
+// -tick: the emulator time until every outcome is reported against the
+// ideal ceil(N/budget) × export duration.
 package main
 
 import (
@@ -93,7 +104,7 @@ func run(ctx context.Context, args []string) error {
 	fillWorkers := fs.Int("fill-workers", 8, "concurrent Exporter.Start calls while creating the pending runs")
 	keep := fs.Bool("keep", false, "keep the build directory (for debugging)")
 	pollWorkers := fs.Int("poll-workers", 16, "FHIREXPORT_POLL_WORKERS of the sweeping child (1 to 256)")
-	age := fs.Duration("age", time.Hour, "how long the swept runs have been running (past the 2-minute start lease, below the 24-hour watchdog)")
+	age := fs.Duration("age", time.Hour, "how long the swept runs have been running: past the 2-minute start lease (1h, as in production) or within it (e.g. -2m), below the 24-hour watchdog")
 	latency := fs.Bool("latency", false, "sweep through delaying proxies: 20 ms per Cloud Storage request, 150 ms per Healthcare call")
 	fleet := fs.Int("fleet", 0, "stores of a fleet trigger to run under the budget (0: skip the makespan benchmark); the issue's figure is 100")
 	budget := fs.Int("budget", 5, "FHIREXPORT_MAX_RUNNING for the fleet benchmark; the emulator refuses more running exports")
