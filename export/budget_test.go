@@ -480,6 +480,23 @@ func Test429EveryThirdCall(t *testing.T) {
 			}
 		}
 	}
+	// No retry before its backoff: each store's export after its last 429
+	// comes at or after the notBefore it was queued with.
+	notBefore := map[string]time.Time{}
+	for _, e := range evs {
+		if e.typ == events.TypeQueued && e.data.Reason == "exhausted" {
+			nb, err := time.Parse(time.RFC3339, e.data.NotBefore)
+			if err != nil {
+				t.Fatalf("notBefore %q: %v", e.data.NotBefore, err)
+			}
+			notBefore[e.data.Store] = nb
+		}
+	}
+	for _, e := range w.emu.Exports() {
+		if nb, ok := notBefore[e.Store]; ok && e.CreateTime.Before(nb) {
+			t.Errorf("store %s exported at %s, before its backoff ended (%s)", e.Store, e.CreateTime, nb)
+		}
+	}
 	if hits := int(inject.hits.Load()); hits == 0 || exhausted != hits {
 		t.Errorf("429 answers = %d, queued events with reason exhausted = %d; want equal and > 0", hits, exhausted)
 	}
@@ -880,5 +897,38 @@ func TestRedeliveryRacingTheFirstStart(t *testing.T) {
 	}
 	if n := count(evs, events.TypeQueued)[store]; n != 0 {
 		t.Errorf("the started run was also reported queued (%d events)", n)
+	}
+}
+
+// TestBudgetAboveTheAPILimit: FHIREXPORT_MAX_RUNNING set above what the
+// project allows (5 against the API's 3). The API's 429s put runs back in
+// the queue with backoff; every store is still exported once and none is
+// reported failed.
+func TestBudgetAboveTheAPILimit(t *testing.T) {
+	t.Parallel()
+	w := newFrontedWorld(t, fronts{})
+	w.emu.SetMaxRunningOperations(3)
+	w.emu.SetExportTiming(time.Minute, 1)
+	w.x.MaxRunning = 5
+	w.x.RetryBackoff = time.Minute
+	dataset, names := w.fleet(t, 20)
+	w.deliver(t, w.newTrigger(t, map[string]any{"fhirStore": dataset + "/fhirStores/*", "name": "n",
+		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/over/{store}"}}))
+	w.drain(t, 2*time.Minute, 200)
+	evs := w.events(t)
+	got, succeeded := exportsByStore(w.emu), count(evs, events.TypeSucceeded)
+	for _, s := range names {
+		if got[s] != 1 || succeeded[s] != 1 {
+			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, got[s], succeeded[s])
+		}
+	}
+	if n := count(evs, events.TypeFailed); len(n) > 0 {
+		t.Errorf("failed events: %v", n)
+	}
+	if refused(w.emu) == 0 {
+		t.Errorf("the API never refused an export: the test does not test what it says")
+	}
+	if left := w.objects(t, "slots"); len(left) != 0 {
+		t.Errorf("slots still taken at the end: %v", left)
 	}
 }
