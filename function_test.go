@@ -723,10 +723,30 @@ func TestGCSExportEndToEnd(t *testing.T) {
 	opID := op[strings.LastIndex(op, "/")+1:]
 	objPrefix := strings.TrimPrefix(wantPrefix, "gs://"+exportBucket+"/") + "/"
 	objs := listObjects(t, exportBucket, objPrefix)
-	want := []string{objPrefix + opID + "_Observation", objPrefix + opID + "_Patient"}
+	want := []string{objPrefix + opID + ".manifest.json", objPrefix + opID + "_Observation", objPrefix + opID + "_Patient"}
 	if !slices.Equal(objs, want) {
 		t.Errorf("objects = %v, want %v", objs, want)
 	}
+	// The Bulk Data manifest lists exactly the objects the export wrote,
+	// and the event names it and them.
+	var manifest struct {
+		TransactionTime     string `json:"transactionTime"`
+		RequiresAccessToken bool   `json:"requiresAccessToken"`
+		Output              []struct{ Type, URL string }
+		Deleted             []any `json:"deleted"`
+		Error               []any `json:"error"`
+	}
+	if err := json.Unmarshal(readObject(t, exportBucket, want[0]), &manifest); err != nil {
+		t.Fatalf("manifest: %v", err)
+	}
+	wantOut := []struct{ Type, URL string }{{"Observation", "gs://" + exportBucket + "/" + want[1]}, {"Patient", "gs://" + exportBucket + "/" + want[2]}}
+	if !slices.Equal(manifest.Output, wantOut) || !manifest.RequiresAccessToken || manifest.TransactionTime != done.CreateTime {
+		t.Errorf("manifest = %+v, want outputs %v, requiresAccessToken, transactionTime %s", manifest, wantOut, done.CreateTime)
+	}
+	if done.Manifest != "gs://"+exportBucket+"/"+want[0] || len(done.Outputs) != 2 || done.Outputs[0].URL != wantOut[0].URL || done.Outputs[1].URL != wantOut[1].URL {
+		t.Errorf("event manifest %q, outputs %+v; want %s and the manifest's outputs", done.Manifest, done.Outputs, want[0])
+	}
+	objs = objs[1:]
 	var lines int64
 	for _, o := range objs {
 		lines += int64(bytes.Count(readObject(t, exportBucket, o), []byte("\n")))

@@ -109,7 +109,7 @@ func (x *Exporter) RecordChange(ctx context.Context, n events.Notification) erro
 	if n.Action != events.ActionDelete {
 		return nil
 	}
-	log := Logger(ctx).With("store", n.Store, "fhirType", n.ResourceType, "message", n.MessageID)
+	log := Logger(ctx).With("store", n.Store, "fhirType", n.ResourceType, "pubsubMessage", n.MessageID)
 	if !x.policy.AllowStore(n.Store) {
 		log.Warn("deletion notification from a store not on FHIREXPORT_ALLOWED_STORES; ignored")
 		return nil

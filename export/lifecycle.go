@@ -74,6 +74,9 @@ func lockMeta(p pendingRecord) map[string]string {
 	if p.Requeued != "" {
 		m["requeued"] = p.Requeued
 	}
+	if !p.Redelivered.IsZero() {
+		m["redelivered"] = p.Redelivered.UTC().Format(time.RFC3339Nano)
+	}
 	if !p.Called.IsZero() {
 		m["called"] = p.Called.UTC().Format(time.RFC3339Nano)
 	}
@@ -145,6 +148,10 @@ func (x *Exporter) admit(ctx context.Context, r *run) error {
 			return x.resolve(ctx, held, gen, false)
 		}
 		if !x.now().Before(deadline) {
+			// Tell the sweep the trigger is being redelivered, so it does not
+			// release this start as orphaned while a redelivery can take it over.
+			held.Redelivered = x.now()
+			_, _ = x.state.update(ctx, pendingObject(r.pipeline), gen, held, lockMeta(held))
 			return fmt.Errorf("trigger %s: another delivery is starting this run; retry later: %w", r.trig.ID, errTransient)
 		}
 		select {
@@ -255,7 +262,7 @@ func notSent(err error) bool {
 // crash before the lock names it leaves the ownership to find), then the lock,
 // then the started event.
 func (x *Exporter) recordOperation(ctx context.Context, p pendingRecord, gen int64, op string, adopted bool) error {
-	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "operation", op)
+	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "operation", op, "trigger", p.Trigger.ID, "store", p.Store)
 	own := opRecord{Operation: op, Run: p.Run, Pipeline: p.Pipeline, Store: p.Store, Recorded: x.now()}
 	if _, err := x.state.create(ctx, opObject(op), own, map[string]string{"run": p.Run}); errors.Is(err, ErrExists) {
 		var cur opRecord
@@ -307,6 +314,11 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 	switch {
 	case op != "":
 		log.Warn("adopting the operation the API started for this run", "operation", op)
+		if p.Since == "" { // the call's _since was not recorded: it is still what the locked pipeline gives
+			if since, err := x.sinceOf(ctx, p); err == nil {
+				p.Since = since
+			}
+		}
 		return x.recordOperation(ctx, p, gen, op, true)
 	case others > 0:
 		if !called.IsZero() && x.now().Sub(called) > x.InDoubtPatience {
@@ -315,6 +327,8 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 		}
 		log.Warn("run in doubt: several unowned export operations could be this run's; waiting for their output to tell", "candidates", others)
 		return fmt.Errorf("run %s in doubt among %d operations: %w", p.Run, others, errTransient)
+	case fromSweep && called.IsZero() && x.now().Sub(p.Redelivered) < x.StartLease:
+		return fmt.Errorf("run %s: its trigger is being redelivered; the redelivery resolves it: %w", p.Run, errTransient)
 	case fromSweep && called.IsZero() && p.FromQueue:
 		log.Warn("a dequeued start died before calling the API; queued again")
 		return x.requeue(ctx, p, gen, "budget")
@@ -329,6 +343,18 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 	}
 	p.Called = time.Time{}
 	return x.export(ctx, &spec, p, gen)
+}
+
+// sinceOf is the _since a run of p's spec sends now.
+func (x *Exporter) sinceOf(ctx context.Context, p pendingRecord) (string, error) {
+	var spec Spec
+	if err := json.Unmarshal(p.Spec, &spec); err != nil {
+		return "", err
+	}
+	if !p.Incremental {
+		return spec.Since, nil
+	}
+	return x.incrementalSince(ctx, p, spec.Since)
 }
 
 // endEarly ends a run that got no operation as failed: the run record (with
@@ -383,7 +409,7 @@ func (x *Exporter) endRun(ctx context.Context, run, status string, ev *events.Ev
 // lock it cannot remove is resolved by a later sweep; a slot, freed there.
 func (x *Exporter) release(ctx context.Context, p pendingRecord, gen int64) {
 	if err := x.state.remove(ctx, pendingObject(p.Pipeline), gen); err != nil {
-		Logger(ctx).Warn("could not release pipeline lock; a later sweep resolves it", "pipeline", p.Pipeline, "error", err.Error())
+		Logger(ctx).Warn("could not release pipeline lock; a later sweep resolves it", "pipeline", p.Pipeline, "run", p.Run, "trigger", p.Trigger.ID, "error", err.Error())
 		return
 	}
 	x.freeSlot(ctx, p.Slot, p.Run)

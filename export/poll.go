@@ -129,6 +129,9 @@ func (x *Exporter) sweepOne(ctx context.Context, o stateObject, c *sweepCounters
 // or its answer was lost and no redelivery came.
 func (x *Exporter) sweepStarting(ctx context.Context, o stateObject, c *sweepCounters) error {
 	started, err := time.Parse(time.RFC3339Nano, o.Metadata["started"])
+	if re, rerr := time.Parse(time.RFC3339Nano, o.Metadata["redelivered"]); rerr == nil && re.After(started) {
+		started = re // a redelivery found it in flight: the trigger is alive
+	}
 	if err == nil && x.now().Sub(started) < x.StartLease && o.Metadata["requeued"] == "" {
 		c.starting.Add(1)
 		return nil

@@ -333,11 +333,16 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 		return false, err
 	}
 	var held pendingRecord
-	if _, err := x.state.read(ctx, pendingObject(pipeline), &held); !errors.Is(err, ErrNotFound) {
-		if err == nil && held.Run == q.Run { // started by a sweep that died before removing the queue record
+	hgen, err := x.state.read(ctx, pendingObject(pipeline), &held)
+	if !errors.Is(err, ErrNotFound) {
+		switch {
+		case err != nil || held.Run != q.Run: // busy (or unreadable: the sweep deals with the lock)
+		case held.Requeued != "": // its requeue has not released the lock yet: finish it
+			return false, x.finishRequeue(ctx, held, hgen)
+		case held.Operation != "": // started by a sweep that died before removing the queue record
 			_ = x.state.remove(ctx, queueObject(pipeline), qgen)
 		}
-		return false, nil // busy (or unreadable: the sweep deals with the lock)
+		return false, nil
 	}
 	slot, ok, err := x.takeSlot(ctx, q.Run, pipeline)
 	if err != nil {

@@ -78,6 +78,7 @@ type pendingRecord struct {
 	Cancelled   string            `json:"cancelled,omitempty"` // why fhirexport asked operations.cancel: "timeout" or "operator"
 	Attempts    int               `json:"attempts,omitempty"`  // 429 RESOURCE_EXHAUSTED answers so far (the backoff)
 	Requeued    string            `json:"requeued,omitempty"`  // set (with the reason) once this start is being put back in the queue
+	Redelivered time.Time         `json:"redelivered,omitzero"` // last delivery of the trigger that found this start in flight: its trigger is alive
 }
 
 // queueRecord is a pipeline's next run (queue/{pipeline}.json): a run beyond

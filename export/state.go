@@ -74,7 +74,7 @@ func (s *State) write(ctx context.Context, name string, cond storage.Conditions,
 		if err == nil {
 			return gen, nil
 		}
-		if attempt > 1 && errors.Is(err, ErrExists) {
+		if attempt > 1 && (errors.Is(err, ErrExists) || errors.Is(err, ErrConflict)) {
 			if g, same := s.sameContent(ctx, name, data); same {
 				return g, nil
 			}

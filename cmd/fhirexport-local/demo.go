@@ -28,11 +28,12 @@ const pipelineName = "local-demo"
 
 // stepResult is one demonstration step as the summary reports it.
 type stepResult struct {
-	name    string
-	outcome string
-	took    time.Duration
-	files   []ndjsonFile
-	tables  map[string]int // BigQuery table → rows
+	name      string
+	outcome   string
+	took      time.Duration
+	files     []ndjsonFile
+	tables    map[string]int // BigQuery table → rows
+	manifests []string       // gs:// URLs of the Bulk Data manifests the step's runs wrote
 }
 
 // ndjsonFile is one exported object as found on disk.
@@ -43,7 +44,10 @@ type ndjsonFile struct {
 	bytes int
 }
 
-// demo runs the four steps, stopping at the first failure, and prints a
+// demoSteps is the number of steps of the demonstration.
+const demoSteps = 5
+
+// demo runs the steps, stopping at the first failure, and prints a
 // summary either way.
 func (st *stack) demo(ctx context.Context) error {
 	start := time.Now()
@@ -77,7 +81,7 @@ func (st *stack) demoSteps(ctx context.Context, steps *[]*stepResult) error {
 	step := func(n int, name string) *stepResult {
 		r := &stepResult{name: name}
 		*steps = append(*steps, r)
-		st.con.Printf("\n[%d/4] %s\n", n, name)
+		st.con.Printf("\n[%d/%d] %s\n", n, demoSteps, name)
 		return r
 	}
 
@@ -96,20 +100,50 @@ func (st *stack) demoSteps(ctx context.Context, steps *[]*stepResult) error {
 		return fmt.Errorf("step 1 (%s): %w", s.name, err)
 	}
 	st.con.Printf("  ✓ NDJSON lines per type equal what the store holds: %s\n", formatCounts(want))
+	// The pipeline's first success delivers every deletion recorded so far: none.
+	fc, err := st.verifyFeed(ctx, full, s.files, map[string]bool{})
+	if err != nil {
+		return fmt.Errorf("step 1 (%s): %w", s.name, err)
+	}
+	s.manifests = append(s.manifests, fc.manifest)
+	st.printFeed(fc)
+	st.con.Printf("  ✓ the event names the manifest; it lists exactly the %d files written, as the event's outputs do\n", len(fc.m.Output))
 
-	// 2. Updates.
-	s = step(2, "resource updates in the store")
+	// 2. Updates and an erasure.
+	s = step(2, "resource updates and a patient's erasure in the store")
 	t0 := time.Now()
 	changed, what, err := st.update()
+	if err != nil {
+		s.took = time.Since(t0)
+		return fmt.Errorf("step 2 (%s): %w", s.name, err)
+	}
+	st.con.Printf("  %s\n", what)
+	erased, err := st.erase(ctx, changed)
+	if err != nil {
+		s.took = time.Since(t0)
+		return fmt.Errorf("step 2 (%s): %w", s.name, err)
+	}
+	for k := range erased.keys {
+		delete(changed, k) // deleted: in no export any more
+	}
+	st.con.Printf("  erased %s through the FHIR REST API (fhir.delete): first what references it, as the store\n"+
+		"  enforces referential integrity (%s), then the Patient\n", erased.patient, formatCounts(countTypes(erased.keys, erased.patient)))
+	n, err := st.awaitTombstones(ctx, erased.keys)
 	s.took = time.Since(t0)
 	if err != nil {
 		return fmt.Errorf("step 2 (%s): %w", s.name, err)
 	}
-	s.outcome = fmt.Sprintf("%d changed", len(changed))
-	st.con.Printf("  %s\n", what)
+	st.con.Printf("  ✓ RecordChange acknowledged the %d DeleteResource notifications the store published on %s: tombstones recorded\n", n, short(changesTopic))
+	s.outcome = fmt.Sprintf("%d changed, %d deleted", len(changed), len(erased.keys))
 	for k := range changed {
 		if !types.has(k[:strings.Index(k, "/")]) {
 			delete(changed, k) // outside the export's _type
+		}
+	}
+	wantDeleted := map[string]bool{}
+	for k := range erased.keys {
+		if types.has(k[:strings.Index(k, "/")]) {
+			wantDeleted[k] = true
 		}
 	}
 
@@ -127,6 +161,16 @@ func (st *stack) demoSteps(ctx context.Context, steps *[]*stepResult) error {
 		return fmt.Errorf("step 3 (%s): %w", s.name, err)
 	}
 	st.con.Printf("  ✓ the export holds exactly the %d changed resources, at their current versions\n", len(changed))
+	if fc, err = st.verifyFeed(ctx, inc, s.files, wantDeleted); err != nil {
+		return fmt.Errorf("step 3 (%s): %w", s.name, err)
+	}
+	s.manifests = append(s.manifests, fc.manifest)
+	st.printFeed(fc)
+	if l, ok := fc.lines[erased.patient]; ok {
+		st.con.Printf("  the erased patient in the deleted file: %s\n", l)
+	}
+	st.con.Printf("  ✓ the event carries manifest, outputs and deleted=%d; the deleted file holds a DELETE entry for exactly\n"+
+		"    the %d erased resources%s\n", *inc.Data.Deleted, len(wantDeleted), typesNote(st.o.types))
 
 	// 4. BigQuery export.
 	s = step(4, "BigQuery export (the emulator's in-memory model)")
@@ -153,7 +197,31 @@ func (st *stack) demoSteps(ctx context.Context, steps *[]*stepResult) error {
 		return fmt.Errorf("step 4 (%s): rows per table %s, want %s", s.name, formatCounts(s.tables), formatCounts(want))
 	}
 	st.con.Printf("  ✓ rows per table equal what the store holds: %s\n", formatCounts(s.tables))
+
+	// 5. A fleet under the export budget.
+	s = step(5, "fleet export of the whole dataset within the budget")
+	if err := st.fleet(ctx, s); err != nil {
+		return fmt.Errorf("step 5 (%s): %w", s.name, err)
+	}
 	return nil
+}
+
+// countTypes counts keys (Type/id) per type, leaving out one.
+func countTypes(keys map[string]bool, except string) map[string]int {
+	n := map[string]int{}
+	for k := range keys {
+		if k != except {
+			n[k[:strings.Index(k, "/")]]++
+		}
+	}
+	return n
+}
+
+func typesNote(types string) string {
+	if types == "" {
+		return ""
+	}
+	return " of the export's _type " + types
 }
 
 // export publishes spec on the requests topic, as `gcloud pubsub topics
@@ -187,7 +255,7 @@ func (st *stack) export(ctx context.Context, r *stepResult, spec map[string]any)
 	return final, nil
 }
 
-// await waits for the outcome event (anything but started) of a trigger,
+// await waits for the outcome event (anything but started or queued) of a trigger,
 // following the operation's progress with operations.get meanwhile.
 func (st *stack) await(ctx context.Context, trigger string) (received, error) {
 	timeout := 2*st.o.exportDuration + 10*st.o.tick + 30*time.Second
@@ -203,10 +271,13 @@ func (st *stack) await(ctx context.Context, trigger string) (received, error) {
 			if e.Data.Trigger.ID != trigger {
 				continue
 			}
-			if e.Type != "started" {
+			switch e.Type {
+			case "started":
+				op = e.Data.Operation
+			case "queued": // waiting for a slot: not an outcome
+			default:
 				return e, nil
 			}
-			op = e.Data.Operation
 		}
 		if gaveUp != "" {
 			return received{}, fmt.Errorf("trigger %s not accepted: %s", trigger, gaveUp)
@@ -306,10 +377,15 @@ func (st *stack) files(ctx context.Context, ev received) ([]ndjsonFile, error) {
 	return out, nil
 }
 
-// countByType counts the store's current resources per type, within types.
+// countByType counts the demo store's current resources per type, within types.
 func (st *stack) countByType(types typeFilter) map[string]int {
+	return st.countByTypeIn(storeName, types)
+}
+
+// countByTypeIn counts a store's current resources per type, within types.
+func (st *stack) countByTypeIn(store string, types typeFilter) map[string]int {
 	n := map[string]int{}
-	for _, r := range st.emu.Resources(storeName) {
+	for _, r := range st.emu.Resources(store) {
 		if t, _ := resourceKey(r); types.has(t) {
 			n[t]++
 		}
@@ -476,6 +552,16 @@ func (st *stack) summary(steps []*stepResult, total time.Duration) {
 	}
 	if any {
 		tw.Flush()
+	}
+	any = false
+	for i, s := range steps {
+		for _, m := range s.manifests {
+			if !any {
+				fmt.Fprintf(&b, "\nBulk Data manifests written (the feed: outputs, and deleted files for incremental runs)\n")
+				any = true
+			}
+			fmt.Fprintf(&b, "  %d  %s\n", i+1, m)
+		}
 	}
 	for _, s := range steps {
 		if len(s.tables) > 0 {

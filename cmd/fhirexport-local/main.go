@@ -1,14 +1,18 @@
 // Command fhirexport-local runs fhirexport end to end on one machine, in one
 // process, on loopback: the Cloud Healthcare API emulator (healthcaretest) with
 // a seeded synthetic FHIR store, fake-gcs-server on a local folder, pstest with
-// the requests, poll and events topics, both functions under the functions
-// framework, Eventarc-like push delivery from the topics to the functions, and
-// a scheduler tick on the poll topic.
+// the requests, poll, events and fhir-changes topics (the store's change
+// notifications), the three functions under the functions framework,
+// Eventarc-like push delivery from the topics to the functions, and a
+// scheduler tick on the poll topic. FHIREXPORT_MAX_RUNNING is 2.
 //
-// By default it runs a demonstration: a full Cloud Storage export, some
-// resource updates, an incremental export that must contain exactly those
-// updates, and a BigQuery export; it verifies the output and exits non-zero
-// when a step did not succeed. With --serve it keeps everything running and
+// By default it runs a demonstration: a full Cloud Storage export with its
+// Bulk Data manifest, resource updates and a patient's erasure (recorded by
+// RecordChange), an incremental export that must contain exactly those updates
+// and list exactly those deletions in its deleted file, a BigQuery export, and
+// a fleet export of every store of the dataset that must never run more than
+// two exports at once; it verifies the output and exits non-zero when a step
+// did not succeed. With --serve it keeps everything running and
 // prints how to trigger an export.
 //
 // Everything it writes goes under --dir; the functions' JSON logs go to
@@ -85,8 +89,9 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	fs.SetOutput(out)
 	fs.Usage = func() {
 		fmt.Fprintf(out, "usage: go run ./cmd/fhirexport-local [flags]\n\n"+
-			"Runs fhirexport with local emulators: a demonstration (full, incremental and BigQuery\n"+
-			"exports, verified), or with --serve, a local stack to trigger exports yourself.\n\nflags:\n")
+			"Runs fhirexport with local emulators: a demonstration (full, incremental, BigQuery and\n"+
+			"fleet exports and the feed of manifests and deletions, verified), or with --serve, a\n"+
+			"local stack to trigger exports yourself.\n\nflags:\n")
 		fs.PrintDefaults()
 	}
 	fs.StringVar(&o.dir, "dir", ".fhirexport-local", "folder for everything written (emptied at start)")

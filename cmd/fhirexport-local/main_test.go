@@ -71,10 +71,29 @@ func TestDemo(t *testing.T) {
 			observations++
 		}
 	}
-	// The updates: every 10th patient, every 20th observation, two new of each.
-	wantIncremental := map[string]int{
-		"Patient":     (patients+9)/10 + 2,
-		"Observation": (observations+19)/20 + 2,
+	// The updates: every 10th patient, every 20th observation, two new of
+	// each; then the erasure of the last patient not updated, with everything
+	// that references it.
+	erased := erasedBySynthetic(7, 3)
+	wantIncremental := map[string]int{"Patient": 2, "Observation": 2}
+	var pi, oi int
+	for _, r := range healthcaretest.Synthetic(7, 3) {
+		typ, id := resourceKey(r)
+		switch {
+		case typ == "Patient":
+			if pi%10 == 0 && !erased[typ+"/"+id] {
+				wantIncremental[typ]++
+			}
+			pi++
+		case typ == "Observation":
+			if oi%20 == 0 && !erased[typ+"/"+id] {
+				wantIncremental[typ]++
+			}
+			oi++
+		}
+	}
+	if pi != patients || oi != observations {
+		t.Fatalf("synthetic data is not deterministic")
 	}
 
 	runs := exportedFiles(t, filepath.Join(dir, "gcs", exportBucket, "fhir", "ehr"))
@@ -88,23 +107,72 @@ func TestDemo(t *testing.T) {
 		t.Errorf("incremental export NDJSON lines per type = %v, want the changes: %v", got, wantIncremental)
 	}
 
+	// The feed: both runs have a manifest listing their files; only the
+	// incremental one has a deleted file, deleting exactly the erased resources.
+	feeds := feedsOnDisk(t, filepath.Join(dir, "gcs"), filepath.Join(dir, "gcs", exportBucket, "fhir", "ehr"))
+	if len(feeds) != 2 {
+		t.Fatalf("manifests under fhir/ehr = %d, want 2", len(feeds))
+	}
+	if len(feeds[0].deleted) != 0 {
+		t.Errorf("the full export's manifest lists deletions %v", feeds[0].deleted)
+	}
+	if got, want := fmt.Sprint(feeds[1].deleted), fmt.Sprint(sortedKeys(erased)); got != want {
+		t.Errorf("the incremental export's deleted file deletes %s, want the erased resources %s", got, want)
+	}
+
+	// The fleet: one run per store of the dataset, each in its own folder
+	// with a manifest; the added stores hold their synthetic patients.
+	fleetRoot := filepath.Join(dir, "gcs", exportBucket, "fhir", "fleet")
+	for i, store := range append([]string{"ehr"}, fleetStores...) {
+		runs := exportedFiles(t, filepath.Join(fleetRoot, store))
+		if len(runs) != 1 {
+			t.Errorf("fleet runs of %s on disk = %d, want 1", store, len(runs))
+			continue
+		}
+		if len(feedsOnDisk(t, filepath.Join(dir, "gcs"), filepath.Join(fleetRoot, store))) != 1 {
+			t.Errorf("fleet run of %s has no manifest", store)
+		}
+		if i == 0 {
+			continue
+		}
+		want := map[string]int{}
+		for _, r := range healthcaretest.Synthetic(7+int64(i), fleetPatients) {
+			typ, _ := resourceKey(r)
+			want[typ]++
+		}
+		if fmt.Sprint(runs[0]) != fmt.Sprint(want) {
+			t.Errorf("fleet export of %s NDJSON lines per type = %v, want %v", store, runs[0], want)
+		}
+	}
+
 	for _, want := range []string{
 		"export.started", "export.succeeded",
-		"[1/4]", "[2/4]", "[3/4]", "[4/4]",
+		"[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]",
 		"running (operations.get)",
 		"watermark", "(advanced)",
+		".manifest.json", ".deleted.ndjson", "deleted=" + strconv.Itoa(len(erased)),
+		`"method":"DELETE","url":"Patient/`,
+		"RecordChange acknowledged the " + strconv.Itoa(len(erased)) + " DeleteResource notifications",
+		"the event carries manifest, outputs and deleted=",
 		"BigQuery " + bqDataset,
+		"sequence (events as they arrived",
+		"✓ at most 2 exports ran at once",
 		"OK: every step succeeded",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q", want)
 		}
 	}
-	if n := strings.Count(out, "◀ event export.started"); n != 3 {
-		t.Errorf("started events printed = %d, want 3", n)
+	stores := 1 + len(fleetStores)
+	if n := strings.Count(out, "◀ event export.started"); n != 3+stores {
+		t.Errorf("started events printed = %d, want %d", n, 3+stores)
 	}
-	if n := strings.Count(out, "◀ event export.succeeded"); n != 3 {
-		t.Errorf("succeeded events printed = %d, want 3", n)
+	if n := strings.Count(out, "◀ event export.succeeded"); n != 3+stores {
+		t.Errorf("succeeded events printed = %d, want %d", n, 3+stores)
+	}
+	// Two fleet runs start at once; the others wait for a slot.
+	if n := strings.Count(out, "◀ event export.queued"); n != stores-maxRunning {
+		t.Errorf("queued events printed = %d, want %d", n, stores-maxRunning)
 	}
 	if strings.Contains(out, `"severity"`) {
 		t.Errorf("function logs leaked into the demonstration output")
@@ -174,6 +242,125 @@ func exportedFiles(t *testing.T, root string) []map[string]int {
 	for _, r := range runs {
 		out = append(out, r.lines)
 	}
+	return out
+}
+
+// erasedBySynthetic returns what the demonstration erases from a store seeded
+// with Synthetic(seed, patients): the last patient not updated (every 10th
+// is) and every resource referencing it, directly or not.
+func erasedBySynthetic(seed int64, patients int) map[string]bool {
+	var ps []string
+	refs := map[string][]string{}
+	for _, r := range healthcaretest.Synthetic(seed, patients) {
+		typ, id := resourceKey(r)
+		var v struct {
+			Subject   struct{ Reference string } `json:"subject"`
+			Encounter struct{ Reference string } `json:"encounter"`
+		}
+		json.Unmarshal(r, &v)
+		refs[typ+"/"+id] = []string{v.Subject.Reference, v.Encounter.Reference}
+		if typ == "Patient" {
+			ps = append(ps, typ+"/"+id)
+		}
+	}
+	p := ps[len(ps)-1]
+	for i := len(ps) - 1; i >= 0; i-- {
+		if i%10 != 0 {
+			p = ps[i]
+			break
+		}
+	}
+	erased := map[string]bool{p: true}
+	for grew := true; grew; {
+		grew = false
+		for k, to := range refs {
+			if !erased[k] && (erased[to[0]] || erased[to[1]]) {
+				erased[k], grew = true, true
+			}
+		}
+	}
+	return erased
+}
+
+func sortedKeys(m map[string]bool) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// feed is what a run's manifest on disk says.
+type feed struct {
+	op      uint64
+	deleted []string // Type/id in its deleted file, sorted
+}
+
+// feedsOnDisk reads the manifests under root (in operation order), checks
+// that each lists exactly the NDJSON objects of its run, and returns what
+// their deleted files delete. gcsRoot is fake-gcs-server's folder.
+func feedsOnDisk(t *testing.T, gcsRoot, root string) []feed {
+	t.Helper()
+	var out []feed
+	err := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		opID, ok := strings.CutSuffix(d.Name(), ".manifest.json")
+		if !ok {
+			return nil
+		}
+		op, err := strconv.ParseUint(opID, 10, 64)
+		if err != nil {
+			return fmt.Errorf("%s: not named {operationId}.manifest.json", p)
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		var m struct {
+			Output, Deleted []struct{ Type, URL string }
+		}
+		if err := json.Unmarshal(data, &m); err != nil {
+			return fmt.Errorf("%s: %v", p, err)
+		}
+		onDisk := func(url string) string {
+			return filepath.Join(gcsRoot, filepath.FromSlash(strings.TrimPrefix(url, "gs://")))
+		}
+		var listed, written []string
+		for _, o := range m.Output {
+			listed = append(listed, onDisk(o.URL))
+		}
+		written, _ = filepath.Glob(filepath.Join(filepath.Dir(p), opID+"_*"))
+		slices.Sort(listed)
+		if fmt.Sprint(listed) != fmt.Sprint(written) {
+			return fmt.Errorf("%s lists outputs %v, but the run wrote %v", p, listed, written)
+		}
+		f := feed{op: op}
+		for _, del := range m.Deleted {
+			data, err := os.ReadFile(onDisk(del.URL))
+			if err != nil {
+				return fmt.Errorf("%s: its deleted file: %v", p, err)
+			}
+			for _, l := range bytes.Split(bytes.TrimSpace(data), []byte("\n")) {
+				var b struct {
+					Entry []struct{ Request struct{ Method, URL string } }
+				}
+				if err := json.Unmarshal(l, &b); err != nil || len(b.Entry) != 1 || b.Entry[0].Request.Method != "DELETE" {
+					return fmt.Errorf("%s: not a Bundle with one DELETE: %s", del.URL, l)
+				}
+				f.deleted = append(f.deleted, b.Entry[0].Request.URL)
+			}
+		}
+		slices.Sort(f.deleted)
+		out = append(out, f)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.SortFunc(out, func(a, b feed) int { return cmp.Compare(a.op, b.op) })
 	return out
 }
 

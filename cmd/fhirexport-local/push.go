@@ -57,6 +57,7 @@ func (p *pusher) deliver(ctx context.Context, m *pubsub.Message) {
 	if err == nil && status/100 == 2 {
 		p.forget(m.ID)
 		m.Ack()
+		p.log.ack(m.ID)
 		return
 	}
 	if ctx.Err() != nil {
@@ -135,35 +136,58 @@ type received struct {
 	Type  string // without events.TypePrefix
 	Attrs map[string]string
 	Data  events.Data
+	At    time.Time // when the local subscriber got it
 }
 
-// eventLog keeps the outcome events received and the deliveries given up, and
-// wakes waiters when either changes.
+// eventLog keeps the outcome events received, the messages a function
+// acknowledged and the deliveries given up, and wakes waiters when any
+// changes.
 type eventLog struct {
 	mu      sync.Mutex
 	evs     []received
+	acked   map[string]bool   // message ID → a function answered 2xx
 	gaveUp  map[string]string // message ID → why
 	changed chan struct{}
 }
 
 func newEventLog() *eventLog {
-	return &eventLog{gaveUp: map[string]string{}, changed: make(chan struct{})}
+	return &eventLog{acked: map[string]bool{}, gaveUp: map[string]string{}, changed: make(chan struct{})}
 }
 
 func (l *eventLog) add(e received) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.evs = append(l.evs, e)
-	close(l.changed)
-	l.changed = make(chan struct{})
+	l.wake()
+}
+
+func (l *eventLog) ack(id string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.acked[id] = true
+	l.wake()
 }
 
 func (l *eventLog) giveUp(id, why string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.gaveUp[id] = why
+	l.wake()
+}
+
+// wake signals a change. The caller holds l.mu.
+func (l *eventLog) wake() {
 	close(l.changed)
 	l.changed = make(chan struct{})
+}
+
+// delivery reports whether a function acknowledged message id, why its
+// delivery was given up ("" if it was not), and a channel closed at the next
+// change.
+func (l *eventLog) delivery(id string) (acked bool, gaveUp string, changed <-chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.acked[id], l.gaveUp[id], l.changed
 }
 
 // snapshot returns the events so far, why the delivery of trigger was given up
@@ -178,7 +202,7 @@ func (l *eventLog) snapshot(trigger string) ([]received, string, <-chan struct{}
 // it arrives and records it.
 func (st *stack) receiveEvents(ctx context.Context) error {
 	return st.psClient.Subscriber(subName("fhirexport-local-events")).Receive(ctx, func(_ context.Context, m *pubsub.Message) {
-		e := received{Type: strings.TrimPrefix(m.Attributes["ce-type"], events.TypePrefix), Attrs: m.Attributes}
+		e := received{Type: strings.TrimPrefix(m.Attributes["ce-type"], events.TypePrefix), Attrs: m.Attributes, At: time.Now()}
 		if err := json.Unmarshal(m.Data, &e.Data); err != nil {
 			st.con.Printf("  ! event %s has data that is not JSON: %v\n", m.Attributes["ce-id"], err)
 		}
@@ -188,23 +212,32 @@ func (st *stack) receiveEvents(ctx context.Context) error {
 	})
 }
 
-// describeEvent renders an outcome event on one line: type, operation,
-// counters, since and watermark.
+// describeEvent renders an outcome event on one line: type, store,
+// operation, counters, deletions, since and watermark.
 func describeEvent(e received) string {
 	d := e.Data
 	var b strings.Builder
 	fmt.Fprintf(&b, "export.%-9s", e.Type)
+	if d.Store != "" {
+		fmt.Fprintf(&b, " store %s", short(d.Store))
+	}
+	if d.Reason != "" {
+		fmt.Fprintf(&b, " (%s)", queueReason(d.Reason))
+	}
 	if d.Operation != "" {
 		fmt.Fprintf(&b, " op %s", opShort(d.Operation))
 	}
 	if c := d.Counters; c != nil && e.Type != "started" {
 		fmt.Fprintf(&b, " counters success=%d failure=%d pending=%d", c.Success, c.Failure, c.Pending)
 	}
+	if d.Deleted != nil {
+		fmt.Fprintf(&b, " deleted=%d", *d.Deleted)
+	}
 	since := d.Since
 	if since == "" {
 		since = "(none: everything)"
 	}
-	if e.Type != "rejected" {
+	if e.Type != "rejected" && e.Type != "queued" {
 		fmt.Fprintf(&b, " since %s", since)
 	}
 	if d.Watermark != "" {
@@ -225,6 +258,19 @@ func describeEvent(e received) string {
 	}
 	fmt.Fprintf(&b, " [trigger %s]", d.Trigger.ID)
 	return b.String()
+}
+
+// queueReason explains the reason of a queued event.
+func queueReason(r string) string {
+	switch r {
+	case "budget":
+		return "budget: FHIREXPORT_MAX_RUNNING exports are running"
+	case "busy":
+		return "busy: its pipeline has a run in progress"
+	case "exhausted":
+		return "exhausted: the API answered 429"
+	}
+	return r
 }
 
 // opShort shortens an operation name to "operations/ID".

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -24,7 +25,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	// Registers StartExport and PollExport with the functions framework.
+	// Registers StartExport, PollExport and RecordChange with the functions
+	// framework.
 	_ "github.com/fhirexport/fhirexport"
 	"github.com/fhirexport/fhirexport/healthcaretest"
 )
@@ -40,10 +42,14 @@ const (
 	requestsTopic = "projects/" + project + "/topics/fhirexport-requests"
 	pollTopic     = "projects/" + project + "/topics/fhirexport-poll"
 	eventsTopic   = "projects/" + project + "/topics/fhirexport-events"
+	changesTopic  = "projects/" + project + "/topics/fhir-changes" // the demo store's notificationConfigs
 	exportBucket  = "local-exports"
 	stateBucket   = "local-state"
 	exportPrefix  = "gs://" + exportBucket + "/fhir"
 	bqDataset     = "bq://" + project + ".analytics"
+	// maxRunning is the functions' FHIREXPORT_MAX_RUNNING: small, so the
+	// fleet step shows runs waiting for a slot.
+	maxRunning = 2
 )
 
 // stack is the local environment: emulators, functions, delivery and ticks.
@@ -63,6 +69,7 @@ type stack struct {
 	baseURL  string // functions framework
 	seeded   int    // resources in the store after seeding
 	events   *eventLog
+	sched    scheduler
 
 	stop context.CancelFunc // stops the background goroutines
 	wg   sync.WaitGroup
@@ -95,26 +102,6 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 		return nil, fmt.Errorf("storage client: %w", err)
 	}
 
-	emuLogger := log.New(st.emuLog, "", log.LstdFlags|log.Lmicroseconds)
-	st.emu, err = healthcaretest.Start(hostPort(o.healthcarePort), healthcaretest.Options{
-		Storage: st.storage, ExportDuration: o.exportDuration, ExportSteps: o.exportSteps, Logf: emuLogger.Printf,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("healthcare emulator: %w", err)
-	}
-	if st.hc, err = st.emu.Service(ctx); err != nil {
-		return nil, err
-	}
-	if err := st.emu.CreateDataset(datasetName); err != nil {
-		return nil, err
-	}
-	if err := st.emu.CreateFHIRStore(storeName, "R4"); err != nil {
-		return nil, err
-	}
-	if st.seeded, err = st.emu.Seed(storeName, o.seed, o.patients); err != nil {
-		return nil, fmt.Errorf("seed the store: %w", err)
-	}
-
 	// pstest panics when it cannot listen: check the address first.
 	psAddr := hostPort(o.pubsubPort)
 	if o.pubsubPort != 0 {
@@ -134,8 +121,9 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 		subName("fhirexport-requests-eventarc"): requestsTopic,
 		subName("fhirexport-poll-eventarc"):     pollTopic,
 		subName("fhirexport-local-events"):      eventsTopic,
+		subName("fhir-changes-eventarc"):        changesTopic,
 	}
-	for _, t := range []string{requestsTopic, pollTopic, eventsTopic} {
+	for _, t := range []string{requestsTopic, pollTopic, eventsTopic, changesTopic} {
 		if _, err := st.psClient.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: t}); err != nil {
 			return nil, fmt.Errorf("create topic %s: %w", t, err)
 		}
@@ -147,6 +135,32 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 	}
 	st.requests = st.psClient.Publisher(requestsTopic)
 
+	emuLogger := log.New(st.emuLog, "", log.LstdFlags|log.Lmicroseconds)
+	st.emu, err = healthcaretest.Start(hostPort(o.healthcarePort), healthcaretest.Options{
+		Storage: st.storage, PubSub: st.psClient, ExportDuration: o.exportDuration, ExportSteps: o.exportSteps, Logf: emuLogger.Printf,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("healthcare emulator: %w", err)
+	}
+	if st.hc, err = st.emu.Service(ctx); err != nil {
+		return nil, err
+	}
+	if err := st.emu.CreateDataset(datasetName); err != nil {
+		return nil, err
+	}
+	if err := st.emu.CreateFHIRStore(storeName, "R4"); err != nil {
+		return nil, err
+	}
+	if st.seeded, err = st.emu.Seed(storeName, o.seed, o.patients); err != nil {
+		return nil, fmt.Errorf("seed the store: %w", err)
+	}
+
+	// Every write to the demo store publishes a change notification on
+	// fhir-changes, delivered to RecordChange like the other topics.
+	if err := st.emu.SetNotificationConfigs(storeName, healthcaretest.NotificationConfig{PubsubTopic: changesTopic}); err != nil {
+		return nil, fmt.Errorf("notificationConfigs of %s: %w", storeName, err)
+	}
+
 	// The functions read these at their first event, as on the platform.
 	env := map[string]string{
 		"FHIREXPORT_EVENTS_TOPIC":         eventsTopic,
@@ -154,6 +168,7 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 		"FHIREXPORT_ALLOWED_STORES":       location + "/datasets/*/fhirStores/*",
 		"FHIREXPORT_ALLOWED_DESTINATIONS": exportPrefix + "," + bqDataset,
 		"FHIREXPORT_HEALTHCARE_ENDPOINT":  st.emu.URL,
+		"FHIREXPORT_MAX_RUNNING":          strconv.Itoa(maxRunning),
 		"PUBSUB_EMULATOR_HOST":            st.ps.Addr,
 		"STORAGE_EMULATOR_HOST":           st.gcs.URL(),
 	}
@@ -174,6 +189,7 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 	for _, p := range []*pusher{
 		newPusher(st.psClient, subName("fhirexport-requests-eventarc"), requestsTopic, st.baseURL+"/StartExport", httpClient, con, st.events),
 		newPusher(st.psClient, subName("fhirexport-poll-eventarc"), pollTopic, st.baseURL+"/PollExport", httpClient, con, st.events),
+		newPusher(st.psClient, subName("fhir-changes-eventarc"), changesTopic, st.baseURL+"/RecordChange", httpClient, con, st.events),
 	} {
 		st.wg.Go(func() { st.background(bg, "push "+p.sub, p.run) })
 	}
@@ -230,7 +246,7 @@ func (st *stack) startFunctions(ctx context.Context) error {
 }
 
 // tick publishes to the poll topic every --tick, as Cloud Scheduler does every
-// minute in production.
+// minute in production, unless paused.
 func (st *stack) tick(ctx context.Context) error {
 	pub := st.psClient.Publisher(pollTopic)
 	defer pub.Stop()
@@ -242,10 +258,67 @@ func (st *stack) tick(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		if _, err := pub.Publish(ctx, &pubsub.Message{Data: []byte(`{"scheduler":"fhirexport-local"}`)}).Get(ctx); err != nil && ctx.Err() == nil {
-			st.con.Printf("  ! scheduler tick not published: %v\n", err)
+		st.sched.mu.Lock()
+		if !st.sched.paused {
+			id, err := pub.Publish(ctx, &pubsub.Message{Data: []byte(`{"scheduler":"fhirexport-local"}`)}).Get(ctx)
+			switch {
+			case err == nil:
+				st.sched.inFlight = append(slices.DeleteFunc(st.sched.inFlight, st.delivered), id)
+			case ctx.Err() == nil:
+				st.con.Printf("  ! scheduler tick not published: %v\n", err)
+			}
+		}
+		st.sched.mu.Unlock()
+	}
+}
+
+// scheduler is the state of the local scheduler's ticks.
+type scheduler struct {
+	mu       sync.Mutex
+	paused   bool
+	inFlight []string // ticks published and maybe not yet handled by PollExport
+}
+
+// delivered reports whether a function is done with message id.
+func (st *stack) delivered(id string) bool {
+	acked, gaveUp, _ := st.events.delivery(id)
+	return acked || gaveUp != ""
+}
+
+// pauseTicks stops the scheduler and waits until PollExport has handled
+// every tick published: no sweep runs until resumeTicks.
+func (st *stack) pauseTicks(ctx context.Context) error {
+	st.sched.mu.Lock()
+	st.sched.paused = true
+	ids := st.sched.inFlight
+	st.sched.inFlight = nil
+	st.sched.mu.Unlock()
+	timeout := 30*time.Second + 10*st.o.tick
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	for _, id := range ids {
+		for {
+			acked, gaveUp, changed := st.events.delivery(id)
+			if acked || gaveUp != "" {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-deadline.C:
+				return fmt.Errorf("PollExport did not handle scheduler tick %s within %s; see %s", id, timeout, st.o.logs)
+			case <-changed:
+			}
 		}
 	}
+	return nil
+}
+
+// resumeTicks restarts the scheduler.
+func (st *stack) resumeTicks() {
+	st.sched.mu.Lock()
+	defer st.sched.mu.Unlock()
+	st.sched.paused = false
 }
 
 // close stops everything started, in reverse order.
@@ -257,14 +330,15 @@ func (st *stack) close() {
 	if st.requests != nil {
 		st.requests.Stop()
 	}
+	// The emulator publishes with psClient: stop it first.
+	if st.emu != nil {
+		st.emu.Close()
+	}
 	if st.psClient != nil {
 		st.psClient.Close()
 	}
 	if st.ps != nil {
 		st.ps.Close()
-	}
-	if st.emu != nil {
-		st.emu.Close()
 	}
 	if st.storage != nil {
 		st.storage.Close()
@@ -284,10 +358,11 @@ func (st *stack) describe() {
 		st.o.dir, st.o.logs, filepath.Join(st.o.dir, "emulators.log"))
 	c.Printf("  Healthcare API emulator  %s  store %s (%d patients, %d resources)\n", st.emu.URL, storeName, st.o.patients, st.seeded)
 	c.Printf("  Cloud Storage emulator   %s  buckets %s, %s in %s/\n", st.gcs.URL(), exportBucket, stateBucket, st.gcsRoot)
-	c.Printf("  Pub/Sub emulator         %s  %s → StartExport, %s → PollExport (every %s), %s\n",
+	c.Printf("  Pub/Sub emulator         %s  %s → StartExport, %s → PollExport (every %s), %s,\n",
 		st.ps.Addr, short(requestsTopic), short(pollTopic), st.o.tick, short(eventsTopic))
-	c.Printf("  functions                %s/StartExport  %s/PollExport\n", st.baseURL, st.baseURL)
-	c.Printf("  exports run %s in %d steps (emulated)\n", st.o.exportDuration, st.o.exportSteps)
+	c.Printf("                           %s (%s's notificationConfigs) → RecordChange\n", short(changesTopic), short(storeName))
+	c.Printf("  functions                %s/StartExport  %s/PollExport  %s/RecordChange\n", st.baseURL, st.baseURL, st.baseURL)
+	c.Printf("  exports run %s in %d steps (emulated); FHIREXPORT_MAX_RUNNING=%d\n", st.o.exportDuration, st.o.exportSteps, maxRunning)
 }
 
 // console serializes output lines from concurrent goroutines.

@@ -340,7 +340,7 @@ func TestRunsAndShow(t *testing.T) {
 	for _, id := range []string{running, "second", lock.Operation} {
 		out := s.ok(t, "show", id)
 		c := counters(t, s, lock.Operation)
-		for _, want := range []string{"run          " + running, "second", lock.Operation, "lock", "running for", fmt.Sprintf("%d ok/0 failed/%d pending", c.Success, c.Pending), "(not stored)"} {
+		for _, want := range []string{"run          " + running, "second", lock.Operation, "lock", "running for", fmt.Sprintf("%d ok/0 failed/%d pending", c.Success, c.Pending), `"fhirStore":"` + store} {
 			if !strings.Contains(out, want) {
 				t.Errorf("show %s lacks %q:\n%s", id, want, out)
 			}
