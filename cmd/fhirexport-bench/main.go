@@ -23,13 +23,24 @@
 // the in-process emulators, as a real instance's first tick does.
 //
 // Sweep: -runs exports are started through export.Exporter.Start with the real
-// clients (the path StartExport takes), their operations kept running on the
-// emulator's fake clock. A child process built as above then gets PollExport
-// ticks: one over all runs still running, then, after the clock moves past
-// their end, one finalizing all of them. It reports operations.get calls per
-// run (from the emulator's Requests), wall time against a baseline of the
-// same number of raw operations.get calls at the same concurrency, and the
-// child's peak resident memory (VmHWM).
+// clients (the path StartExport takes), with a budget as large as -runs, their
+// operations kept running on the emulator's fake clock, started -age ago. A
+// child process built as above (FHIREXPORT_POLL_WORKERS=-poll-workers) then
+// gets PollExport ticks: one over all runs still running, then, after the
+// clock moves past their end, one finalizing all of them. It reports
+// operations.get calls per run (from the emulator's Requests), Cloud Storage
+// requests, wall time against a baseline of the same number of raw
+// operations.get calls at the same concurrency and, with -latency (20 ms per
+// Cloud Storage request, 150 ms per Healthcare call, added by delaying
+// proxies in front of the fakes), against the floor
+// ceil(runs/workers) × 150 ms + ceil(runs/1000) × 20 ms, and the child's peak
+// resident memory (VmHWM) against its own after client setup.
+//
+// Fleet (-fleet N): one fleet trigger over N stores with
+// FHIREXPORT_MAX_RUNNING=-budget, the emulator refusing more running exports,
+// each export taking -export-duration of emulator time and a sweep every
+// -tick: the emulator time until every outcome is reported against the
+// ideal ceil(N/budget) × export duration.
 package main
 
 import (
@@ -59,6 +70,7 @@ import (
 	"cloud.google.com/go/pubsub/v2/pstest"
 	"cloud.google.com/go/storage"
 	"github.com/fsouza/fake-gcs-server/fakestorage"
+	healthcare "google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
@@ -91,6 +103,13 @@ func run(ctx context.Context, args []string) error {
 	runs := fs.Int("runs", 1000, "pending runs to sweep (0: skip the sweep benchmark); the issue's figure is 10000")
 	fillWorkers := fs.Int("fill-workers", 8, "concurrent Exporter.Start calls while creating the pending runs")
 	keep := fs.Bool("keep", false, "keep the build directory (for debugging)")
+	pollWorkers := fs.Int("poll-workers", 16, "FHIREXPORT_POLL_WORKERS of the sweeping child (1 to 256)")
+	age := fs.Duration("age", time.Hour, "how long the swept runs have been running: past the 2-minute start lease (1h, as in production) or within it (e.g. -2m), below the 24-hour watchdog")
+	latency := fs.Bool("latency", false, "sweep through delaying proxies: 20 ms per Cloud Storage request, 150 ms per Healthcare call")
+	fleet := fs.Int("fleet", 0, "stores of a fleet trigger to run under the budget (0: skip the makespan benchmark); the issue's figure is 100")
+	budget := fs.Int("budget", 5, "FHIREXPORT_MAX_RUNNING for the fleet benchmark; the emulator refuses more running exports")
+	exportDuration := fs.Duration("export-duration", 10*time.Minute, "emulator time one export of the fleet runs")
+	tick := fs.Duration("tick", time.Minute, "emulator time between PollExport sweeps in the fleet benchmark (the scheduler's period)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -112,13 +131,28 @@ func run(ctx context.Context, args []string) error {
 			return err
 		}
 	}
+	if *fleet > 0 {
+		emu, err := startEmulators(ctx)
+		if err != nil {
+			return err
+		}
+		err = makespan(ctx, emu, *fleet, *budget, *exportDuration, *tick)
+		emu.close()
+		if err != nil {
+			return err
+		}
+	}
 	if *runs > 0 {
 		emu, err := startEmulators(ctx)
 		if err != nil {
 			return err
 		}
 		defer emu.close()
-		if err := sweep(ctx, bins, emu, *runs, *fillWorkers); err != nil {
+		lat := latencies{}
+		if *latency {
+			lat = latencies{gcs: 20 * time.Millisecond, hc: 150 * time.Millisecond}
+		}
+		if err := sweep(ctx, bins, emu, *runs, *fillWorkers, *pollWorkers, *age, lat); err != nil {
 			return err
 		}
 	}
@@ -321,6 +355,12 @@ type emulators struct {
 	ps       *pstest.Server
 	psClient *pubsub.Client
 	root     string
+	// gcsHandler is fake-gcs-server behind the request counter; the child
+	// reaches it (and the Healthcare emulator) through childGCS and childHC,
+	// the delaying fronts, when they are set.
+	gcsHandler        http.Handler
+	childGCS, childHC string
+	fronts            []*http.Server
 }
 
 func startEmulators(ctx context.Context) (*emulators, error) {
@@ -350,10 +390,11 @@ func startEmulators(ctx context.Context) (*emulators, error) {
 	}
 	e.gcsURL = "http://" + ln.Addr().String()
 	h := e.gcs.HTTPHandler()
-	e.gcsSrv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	e.gcsHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		e.gcsCount.Add(1)
 		h.ServeHTTP(w, r)
-	})}
+	})
+	e.gcsSrv = &http.Server{Handler: e.gcsHandler}
 	go e.gcsSrv.Serve(ln)
 	if e.storage, err = storage.NewClient(ctx, option.WithEndpoint(e.gcsURL+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads()); err != nil {
 		return nil, err
@@ -381,7 +422,48 @@ func startEmulators(ctx context.Context) (*emulators, error) {
 	return e, nil
 }
 
+// latencies is the latency model of the sweep: a delay added to every
+// request before the fake answers it.
+type latencies struct{ gcs, hc time.Duration }
+
+// delayed serves next on loopback, each request held d first.
+func (e *emulators) delayed(d time.Duration, next http.Handler) (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-r.Context().Done():
+			return
+		case <-t.C:
+		}
+		next.ServeHTTP(w, r)
+	})}
+	e.fronts = append(e.fronts, srv)
+	go srv.Serve(ln)
+	return "http://" + ln.Addr().String(), nil
+}
+
+// withLatency puts the delaying fronts between the child and the fakes.
+func (e *emulators) withLatency(lat latencies) error {
+	if lat == (latencies{}) {
+		return nil
+	}
+	var err error
+	if e.childGCS, err = e.delayed(lat.gcs, e.gcsHandler); err != nil {
+		return err
+	}
+	e.childHC, err = e.delayed(lat.hc, e.hc.Emulator)
+	return err
+}
+
 func (e *emulators) close() {
+	for _, f := range e.fronts {
+		f.Close()
+	}
 	e.psClient.Close()
 	e.ps.Close()
 	e.hc.Close()
@@ -392,21 +474,25 @@ func (e *emulators) close() {
 }
 
 // childEnv is the environment of an fhirexport process pointed at e.
-func (e *emulators) childEnv(port string) []string {
+func (e *emulators) childEnv(port string, extra ...string) []string {
+	gcsURL, hcURL := e.gcsURL, e.hc.URL
+	if e.childGCS != "" {
+		gcsURL, hcURL = e.childGCS, e.childHC
+	}
 	env := slices.DeleteFunc(os.Environ(), func(kv string) bool {
 		return strings.HasPrefix(kv, "FHIREXPORT_") || strings.HasPrefix(kv, "PUBSUB_EMULATOR_HOST=") ||
 			strings.HasPrefix(kv, "STORAGE_EMULATOR_HOST=") || strings.HasPrefix(kv, "PORT=")
 	})
-	return append(env,
+	return append(append(env,
 		"PORT="+port,
 		"FHIREXPORT_EVENTS_TOPIC="+eventsTopic,
 		"FHIREXPORT_STATE=gs://"+stateBucket+"/state",
 		"FHIREXPORT_ALLOWED_STORES="+dataset+"/fhirStores/*",
 		"FHIREXPORT_ALLOWED_DESTINATIONS=gs://"+exportBkt+"/fhir",
-		"FHIREXPORT_HEALTHCARE_ENDPOINT="+e.hc.URL,
+		"FHIREXPORT_HEALTHCARE_ENDPOINT="+hcURL,
 		"PUBSUB_EMULATOR_HOST="+e.ps.Addr,
-		"STORAGE_EMULATOR_HOST="+e.gcsURL,
-	)
+		"STORAGE_EMULATOR_HOST="+gcsURL,
+	), extra...)
 }
 
 // requests counts the requests the emulators with HTTP fronts have received.
@@ -582,9 +668,15 @@ func ratio(a, b time.Duration) float64 { return float64(a) / float64(b) }
 
 // --- sweep ---
 
-func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers int) error {
-	fmt.Printf("\nPollExport sweep over %d pending runs\n", runs)
-	emu.hc.SetExportTiming(time.Hour, 1) // running until the clock moves
+func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers, pollWorkers int, age time.Duration, lat latencies) error {
+	fmt.Printf("\nPollExport sweep over %d pending runs running for %s, %d poll workers, latency %s per Cloud Storage request and %s per Healthcare call\n",
+		runs, age, pollWorkers, lat.gcs, lat.hc)
+	// The child runs on the real clock: the runs start age ago on it, so the
+	// first sweep sees them as a production sweep sees exports running for
+	// age (past their start lease, before their watchdog), and they end when
+	// the emulator's clock moves past age+1h.
+	emu.clock.Set(time.Now().Add(-age))
+	emu.hc.SetExportTiming(age+time.Hour, 1)
 	policy, err := export.ParsePolicy(dataset+"/fhirStores/*", "gs://"+exportBkt+"/fhir")
 	if err != nil {
 		return err
@@ -596,6 +688,7 @@ func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers int
 	pub := events.NewPublisher(emu.psClient, eventsTopic)
 	defer pub.Stop()
 	x := export.New(hc, export.NewState(emu.storage, stateBucket, "state"), pub, policy, emu.clock.Now)
+	x.MaxRunning = runs // every run starts: this measures the sweep, not the budget
 	ctx = export.WithLogger(ctx, export.NewLogger(io.Discard, nil))
 
 	t0 := time.Now()
@@ -626,7 +719,7 @@ func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers int
 		return err
 	}
 	fill := time.Since(t0)
-	fmt.Printf("  created through Exporter.Start: %d runs in %s (%.0f starts/s, %d workers)\n", runs, fill.Round(time.Millisecond),
+	fmt.Printf("  created through Exporter.Start (no latency): %d runs in %s (%.0f starts/s, %d workers)\n", runs, fill.Round(time.Millisecond),
 		float64(runs)/fill.Seconds(), workers)
 	ops, err := pendingOperations(ctx, emu.storage)
 	if err != nil {
@@ -636,11 +729,20 @@ func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers int
 		return fmt.Errorf("%d starts made %d operations", runs, len(ops))
 	}
 
-	// Baseline: the same number of raw operations.get calls, 16 at a time
-	// (export.New's PollWorkers).
+	// From here on the child and the baseline see the latency model.
+	if err := emu.withLatency(lat); err != nil {
+		return err
+	}
+	if emu.childHC != "" {
+		if hc, err = healthcare.NewService(ctx, option.WithEndpoint(emu.childHC), option.WithoutAuthentication()); err != nil {
+			return err
+		}
+	}
+	// Baseline: the same number of raw operations.get calls, pollWorkers at a
+	// time, through the same fronts.
 	getsBefore := countGets(emu.hc.Requests())
 	t0 = time.Now()
-	sem := make(chan struct{}, 16)
+	sem := make(chan struct{}, pollWorkers)
 	var gerr atomic.Value
 	for _, op := range ops {
 		sem <- struct{}{}
@@ -666,7 +768,8 @@ func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers int
 	if err != nil {
 		return err
 	}
-	c, _, err := startChild(bins.fx, emu.childEnv(port), port)
+	c, _, err := startChild(bins.fx, emu.childEnv(port,
+		"FHIREXPORT_MAX_RUNNING="+strconv.Itoa(min(runs, 1000)), "FHIREXPORT_POLL_WORKERS="+strconv.Itoa(pollWorkers)), port)
 	if err != nil {
 		return err
 	}
@@ -684,6 +787,7 @@ func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers int
 	type result struct {
 		name      string
 		gets      int
+		gcs       int64
 		wall      time.Duration
 		hwm       int64
 		remaining int
@@ -691,14 +795,15 @@ func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers int
 	var results []result
 	for _, phase := range []string{"all running", "all finished (finalize)"} {
 		if phase != "all running" {
-			emu.clock.Advance(2 * time.Hour)
+			emu.clock.Set(time.Now().Add(2 * time.Hour))
 		}
-		before := countGets(emu.hc.Requests())
+		before, gcsBefore := countGets(emu.hc.Requests()), emu.gcsCount.Load()
 		t0 := time.Now()
 		if err := c.deliver("PollExport", []byte("{}")); err != nil {
 			return err
 		}
 		wall := time.Since(t0)
+		gcsReqs := emu.gcsCount.Load() - gcsBefore
 		hwm, err := c.vmHWM()
 		if err != nil {
 			return err
@@ -707,19 +812,146 @@ func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers int
 		if err != nil {
 			return err
 		}
-		results = append(results, result{phase, countGets(emu.hc.Requests()) - before, wall, hwm, left})
+		results = append(results, result{phase, countGets(emu.hc.Requests()) - before, gcsReqs, wall, hwm, left})
 	}
-	fmt.Printf("  baseline: %d raw operations.get, 16 at a time: %s\n", runs, raw.Round(time.Millisecond))
+	fmt.Printf("  baseline: %d raw operations.get, %d at a time: %s\n", runs, pollWorkers, raw.Round(time.Millisecond))
+	// The floor of a sweep over running exports: its gets, pollWorkers at a
+	// time, plus one listing request per 1,000 markers.
+	floor := time.Duration((runs+pollWorkers-1)/pollWorkers)*lat.hc + time.Duration((runs+999)/1000)*lat.gcs
+	if lat != (latencies{}) {
+		fmt.Printf("  floor: ceil(%d/%d) × %s + ceil(%d/1000) × %s = %s\n", runs, pollWorkers, lat.hc, runs, lat.gcs, floor.Round(time.Millisecond))
+	}
 	fmt.Printf("  child process VmHWM after client setup (no sweep yet): %.1f MB\n", float64(idle)/1024)
-	fmt.Printf("  %-26s %9s %10s %12s %12s %10s\n", "sweep", "gets/run", "wall", "vs raw gets", "VmHWM", "left")
+	fmt.Printf("  %-26s %9s %9s %10s %12s %9s %12s %9s %8s\n", "sweep", "gets/run", "GCS reqs", "wall", "vs raw gets", "vs floor", "VmHWM", "vs idle", "left")
 	for _, r := range results {
-		fmt.Printf("  %-26s %9.3f %10s %11.2fx %9.1f MB %10d\n", r.name, float64(r.gets)/float64(runs), r.wall.Round(time.Millisecond),
-			ratio(r.wall, raw), float64(r.hwm)/1024, r.remaining)
+		vsFloor := "-"
+		if floor > 0 {
+			vsFloor = fmt.Sprintf("%.2fx", ratio(r.wall, floor))
+		}
+		fmt.Printf("  %-26s %9.3f %9d %10s %11.2fx %9s %9.1f MB %8.2fx %8d\n", r.name, float64(r.gets)/float64(runs), r.gcs, r.wall.Round(time.Millisecond),
+			ratio(r.wall, raw), vsFloor, float64(r.hwm)/1024, float64(r.hwm)/float64(idle), r.remaining)
 	}
 	if results[1].remaining != 0 {
 		return fmt.Errorf("%d pending markers left after the finalizing sweep", results[1].remaining)
 	}
 	return nil
+}
+
+// --- fleet makespan ---
+
+// makespan runs one fleet trigger over n stores with FHIREXPORT_MAX_RUNNING
+// = budget, the emulator refusing more running exports than that and each
+// export taking d of emulator time, with a PollExport sweep every tick. It
+// compares the emulator time until every outcome was reported with the ideal
+// ceil(n / budget) × d.
+func makespan(ctx context.Context, emu *emulators, n, budget int, d, tick time.Duration) error {
+	fmt.Printf("\nfleet of %d stores, FHIREXPORT_MAX_RUNNING=%d, exports of %s, a sweep every %s (emulator time)\n", n, budget, d, tick)
+	emu.hc.SetExportTiming(d, 1)
+	emu.hc.SetMaxRunningOperations(budget)
+	fleet := "projects/" + project + "/locations/us-central1/datasets/fleet"
+	if err := emu.hc.CreateDataset(fleet); err != nil {
+		return err
+	}
+	for i := range n {
+		if err := emu.hc.CreateFHIRStore(fmt.Sprintf("%s/fhirStores/s%04d", fleet, i), "R4"); err != nil {
+			return err
+		}
+	}
+	policy, err := export.ParsePolicy(fleet+"/fhirStores/*", "gs://"+exportBkt+"/fhir")
+	if err != nil {
+		return err
+	}
+	hc, err := emu.hc.Service(ctx)
+	if err != nil {
+		return err
+	}
+	pub := events.NewPublisher(emu.psClient, eventsTopic)
+	defer pub.Stop()
+	x := export.New(hc, export.NewState(emu.storage, stateBucket, "state"), pub, policy, emu.clock.Now)
+	x.MaxRunning = budget
+	ctx = export.WithLogger(ctx, export.NewLogger(io.Discard, nil))
+
+	spec := fmt.Sprintf(`{"fhirStore":%q,"name":"nightly","gcsDestination":{"uriPrefix":"gs://%s/fhir/{store}/{date}"}}`, fleet+"/fhirStores/*", exportBkt)
+	begin, wall0 := emu.clock.Now(), time.Now()
+	trig := events.Trigger{Source: "//bench/fleet", ID: "1", Time: begin, Spec: []byte(spec)}
+	for attempt := 0; ; attempt++ {
+		err := x.Start(ctx, trig, nil)
+		if err == nil {
+			break
+		}
+		if attempt == 10 {
+			return fmt.Errorf("fleet trigger: %w", err)
+		}
+	}
+	sweeps := 0
+	for {
+		emu.clock.Advance(tick)
+		sweeps++
+		if _, err := x.Poll(ctx); err != nil {
+			fmt.Printf("  sweep %d: %v\n", sweeps, err)
+		}
+		pending, err := pendingLeft(ctx, emu.storage)
+		if err != nil {
+			return err
+		}
+		queued, err := countObjects(ctx, emu.storage, "state/queue/")
+		if err != nil {
+			return err
+		}
+		if pending == 0 && queued == 0 {
+			break
+		}
+		if sweeps > 100*n {
+			return fmt.Errorf("%d pending and %d queued after %d sweeps", pending, queued, sweeps)
+		}
+	}
+	reported := emu.clock.Now().Sub(begin)
+	exps := emu.hc.Exports()
+	var lastEnd time.Time
+	perStore := map[string]int{}
+	for _, e := range exps {
+		perStore[e.Store]++
+		if op, ok := emu.hc.Operation(e.Operation); ok {
+			var meta struct {
+				EndTime time.Time `json:"endTime"`
+			}
+			if json.Unmarshal(op.Metadata, &meta) == nil && meta.EndTime.After(lastEnd) {
+				lastEnd = meta.EndTime
+			}
+		}
+	}
+	if len(perStore) != n || len(exps) != n {
+		return fmt.Errorf("%d exports of %d stores, want one per store (%d)", len(exps), len(perStore), n)
+	}
+	refused := len(emu.hc.ExportRequests()) - len(exps)
+	waves := (n + budget - 1) / budget
+	ideal := time.Duration(waves) * d
+	// With a sweep every tick, a wave is reported (and the next one started)
+	// at the first tick after its exports end, which is strictly after d:
+	// their createTime is the call's, an instant after the tick.
+	tickIdeal := time.Duration(waves) * (d/tick + 1) * tick
+	fmt.Printf("  ideal ceil(%d/%d) × %s = %s; with a sweep every %s, at best %s\n", n, budget, d, ideal, tick, tickIdeal)
+	fmt.Printf("  last export ended after %s: %.3fx the ideal\n", lastEnd.Sub(begin).Round(time.Second), ratio(lastEnd.Sub(begin), ideal))
+	fmt.Printf("  every outcome reported after %s (%d sweeps): %.3fx the ideal, %.3fx the tick-bound ideal\n", reported, sweeps, ratio(reported, ideal), ratio(reported, tickIdeal))
+	fmt.Printf("  peak running %d (budget %d), fhirStores.export refused (429) %d, wall %s\n", emu.hc.PeakRunningOperations(), budget, refused,
+		time.Since(wall0).Round(time.Millisecond))
+	return nil
+}
+
+// countObjects counts the objects of the state bucket under prefix.
+func countObjects(ctx context.Context, st *storage.Client, prefix string) (int, error) {
+	n := 0
+	it := st.Bucket(stateBucket).Objects(ctx, &storage.Query{Prefix: prefix})
+	for {
+		_, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			return n, nil
+		}
+		if err != nil {
+			return 0, err
+		}
+		n++
+	}
 }
 
 // pendingOperations lists the operations recorded on the pending markers.
