@@ -3,13 +3,11 @@ package export
 // The export budget (FHIREXPORT_MAX_RUNNING), fleets, coalescing, 429
 // backoff and crashes in the middle of a dequeue, against the emulators with
 // a fake clock (DESIGN.md, "Fleets and budget"; issue 11). Each test has a
-// world of its own, so they run in parallel. The tests behind
-// -budget.knownbugs fail today; each one's comment names its bug.
+// world of its own, so they run in parallel.
 
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"net/http"
@@ -749,18 +747,13 @@ func fleetCrash(t *testing.T, n int64, after bool) (done bool) {
 	return done
 }
 
-var knownBugs = flag.Bool("budget.knownbugs", false, "run the budget tests that fail today (BENCHMARKS.md names them)")
-
 // TestSweepOfRunningExportsReadsNoLocks: a sweep over exports that are all
 // still running, past their start lease, needs the listings and one
 // operations.get per run; the pending listing already says which run holds
-// which slot. Today reconcileSlots reads the lock of every taken slot, one
+// which slot. reconcileSlots used to read the lock of every taken slot, one
 // after the other: MaxRunning sequential reads per sweep (BENCHMARKS.md, the
-// sweep under latency).
+// sweep under latency); now it reads only locks the listing did not confirm.
 func TestSweepOfRunningExportsReadsNoLocks(t *testing.T) {
-	if !*knownBugs {
-		t.Skip("known bug: reconcileSlots reads every slot's lock; run with -budget.knownbugs")
-	}
 	t.Parallel()
 	var reads atomic.Int64
 	counting := func(next http.Handler) http.Handler {
@@ -793,7 +786,7 @@ func TestSweepOfRunningExportsReadsNoLocks(t *testing.T) {
 // TestConcurrentSweeps: every sweep run by two instances at once, the fleet
 // trigger delivered twice (Pub/Sub may). The budget still holds and every
 // store is exported once. Deliveries at the same moment are
-// TestRedeliveryRacingTheFirstStart (a known bug).
+// TestRedeliveryRacingTheFirstStart.
 func TestConcurrentSweeps(t *testing.T) {
 	t.Parallel()
 	const stores, budget = 30, 3
@@ -874,12 +867,10 @@ func (s *staleRead) wrap(next http.Handler) http.Handler {
 // same moment while every export slot is taken (the first delivery took the
 // last one). The second read the pipeline's lock just before the first
 // created it, found no slot, and queued the very run the first one started;
-// once that run ends, the sweep dequeues and exports it again. Known bug:
-// startQueued does not check that the queued run already ran.
+// once that run ends, the sweep dequeued and exported it again. Now
+// admitFree looks at the lock again before queueing, and startQueued drops a
+// queued run that already ended.
 func TestRedeliveryRacingTheFirstStart(t *testing.T) {
-	if !*knownBugs {
-		t.Skip("known bug: a concurrent redelivery under a full budget queues a started run, which is exported twice; run with -budget.knownbugs")
-	}
 	t.Parallel()
 	stale := &staleRead{}
 	w := newFrontedWorld(t, fronts{gcs: stale.wrap})

@@ -174,6 +174,10 @@ func (x *Exporter) admitFree(ctx context.Context, r *run) error {
 		return err
 	}
 	if !ok {
+		var held pendingRecord
+		if _, err := x.state.read(ctx, pendingObject(r.pipeline), &held); err == nil {
+			return x.admit(ctx, r) // the pipeline was taken meanwhile, perhaps by another delivery of this run
+		}
 		return x.enqueue(ctx, r, "budget")
 	}
 	p := r.pending(x.now())
@@ -289,6 +293,9 @@ func (x *Exporter) recordOperation(ctx context.Context, p pendingRecord, gen int
 func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, fromSweep bool) error {
 	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "store", p.Store, "trigger", p.Trigger.ID)
 	called := p.Called
+	if !fromSweep {
+		p.Redelivered = x.now() // a delivery of the trigger is here: it is alive
+	}
 	p.Started = x.now() // our lease while we resolve (not before Called: see admit)
 	if p.Started.Before(called) {
 		p.Started = called
@@ -315,9 +322,11 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 	case op != "":
 		log.Warn("adopting the operation the API started for this run", "operation", op)
 		if p.Since == "" { // the call's _since was not recorded: it is still what the locked pipeline gives
-			if since, err := x.sinceOf(ctx, p); err == nil {
-				p.Since = since
+			since, err := x.sinceOf(ctx, p)
+			if err != nil {
+				return fmt.Errorf("adopt %s: %w", op, err)
 			}
+			p.Since = since
 		}
 		return x.recordOperation(ctx, p, gen, op, true)
 	case others > 0:

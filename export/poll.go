@@ -65,8 +65,19 @@ func (x *Exporter) Poll(ctx context.Context) (SweepResult, error) {
 			}
 		}()
 	}
+	// Which run holds each taken slot (at most FHIREXPORT_MAX_RUNNING), so the
+	// pending listing confirms their holders without reading their locks.
+	slotRuns := map[string]string{}
+	_ = x.state.each(ctx, "slots", func(o stateObject) error {
+		slotRuns[o.Metadata["pipeline"]] = o.Metadata["run"]
+		return nil
+	})
+	confirmed := map[string]bool{}
 	var garbage []string
 	err := x.state.each(ctx, "pending", func(o stateObject) error {
+		if run, ok := slotRuns[strings.TrimSuffix(o.Name, ".json")]; ok && run == o.Metadata["run"] {
+			confirmed[strings.TrimSuffix(o.Name, ".json")] = true
+		}
 		if !strings.HasSuffix(o.Name, ".json") || strings.Contains(o.Name, "/") || o.Metadata["run"] == "" {
 			res.Garbage++
 			if len(garbage) < 20 {
@@ -90,7 +101,7 @@ func (x *Exporter) Poll(ctx context.Context) (SweepResult, error) {
 	if res.Garbage > 0 {
 		log.Warn("objects under pending/ that fhirexport did not write; ignored", "count", res.Garbage, "names", garbage)
 	}
-	free, err := x.reconcileSlots(ctx)
+	free, err := x.reconcileSlots(ctx, confirmed)
 	if err != nil {
 		addErr(err)
 	}

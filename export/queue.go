@@ -63,7 +63,9 @@ func (x *Exporter) freeSlot(ctx context.Context, n int, run string) {
 
 // reconcileSlots frees slots whose run does not hold its pipeline's lock any
 // more (a crash between two steps), once the start lease is over.
-func (x *Exporter) reconcileSlots(ctx context.Context) (free int, err error) {
+// confirmed names pipelines whose lock, as listed by this sweep, is held by
+// their slot's run: those locks are not read again.
+func (x *Exporter) reconcileSlots(ctx context.Context, confirmed map[string]bool) (free int, err error) {
 	taken := 0
 	err = x.state.each(ctx, "slots", func(o stateObject) error {
 		n, perr := strconv.Atoi(strings.TrimSuffix(o.Name, ".json"))
@@ -76,7 +78,7 @@ func (x *Exporter) reconcileSlots(ctx context.Context) (free int, err error) {
 			return nil // FHIREXPORT_MAX_RUNNING was lowered: this slot ends with its run
 		}
 		taken++
-		if x.now().Sub(at) < x.StartLease {
+		if x.now().Sub(at) < x.StartLease || confirmed[o.Metadata["pipeline"]] {
 			return nil
 		}
 		var held pendingRecord
@@ -343,6 +345,13 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 			_ = x.state.remove(ctx, queueObject(pipeline), qgen)
 		}
 		return false, nil
+	}
+	// A delivery that raced the run's own first start can have queued a run
+	// that then started and finished: it must not export again.
+	var rec runRecord
+	if _, err := x.state.read(ctx, runObject(q.Run), &rec); err == nil && (rec.Status == statusDone || rec.Status == statusFailed || rec.Status == statusCoalesced) {
+		Logger(ctx).Warn("queued run already ended; its queue record removed", "run", q.Run, "status", rec.Status)
+		return false, x.state.remove(ctx, queueObject(pipeline), qgen)
 	}
 	slot, ok, err := x.takeSlot(ctx, q.Run, pipeline)
 	if err != nil {
