@@ -527,13 +527,14 @@ func TestFaultInjection(t *testing.T) {
 		st.exports, st.byType["succeeded"], st.byType["partial"], st.byType["failed"], exportCalls, exportCalls-st.exports)
 	t.Logf("events: started %d (%d duplicates, %d runs without one), outcomes %d (%d duplicates)",
 		st.started, st.startedDup, st.noStarted, st.outcomes, st.outcomeDup)
+	t.Logf("starts released unstarted after their lease (code 4): %d", st.released)
 	t.Logf("cloud storage faults:%s; conditional deletes refused: %d", gcsChaos.summary(), dp.refused.Load())
 	t.Logf("pub/sub faults:%s", psChaos.summary())
 }
 
 type faultStats struct {
-	exports, started, startedDup, noStarted, outcomes, outcomeDup int
-	byType                                                        map[string]int
+	exports, started, startedDup, noStarted, outcomes, outcomeDup, released int
+	byType                                                                  map[string]int
 }
 
 // outcomesOf returns the events that report how a run ended.
@@ -570,8 +571,21 @@ func checkPipeline(t *testing.T, p *faultPipeline, forced map[string]string, st 
 		ops[op.Name] = m.CreateTime
 	}
 	st.exports += len(ops)
-	if len(ops) != len(p.triggers) {
-		t.Errorf("pipeline %s: %d exports for %d triggers", p.store, len(ops), len(p.triggers))
+	// A start that died before calling the API and whose lease ran out
+	// before a redelivery came back is released by a sweep and reported
+	// failed with code 4 (issue 12: a dead-lettered trigger must not hold its
+	// pipeline): such a trigger has no export, and a late redelivery starts
+	// none. With 2 s leases and 30 % faults this happens a few times in 500.
+	released := 0
+	for _, id := range p.triggers {
+		if outs := outcomesOf(eventsFor(byTrigger(id))); len(outs) > 0 && outs[0].Data.Operation == "" &&
+			outs[0].Data.Error != nil && outs[0].Data.Error.Code == 4 {
+			released++
+		}
+	}
+	st.released += released
+	if len(ops) != len(p.triggers)-released {
+		t.Errorf("pipeline %s: %d exports for %d triggers (%d released unstarted)", p.store, len(ops), len(p.triggers), released)
 	}
 	reported := map[string]string{} // operation → trigger
 	lastSuccess := ""               // createTime of the last succeeded run so far
@@ -595,6 +609,12 @@ func checkPipeline(t *testing.T, p *faultPipeline, forced map[string]string, st 
 		st.outcomeDup += len(outs) - 1
 		sameEvent(t, "trigger "+id+" outcome", outs)
 		out := outs[0].Data
+		if out.Operation == "" && out.Error != nil && out.Error.Code == 4 {
+			if len(started) > 0 {
+				t.Errorf("trigger %s: released unstarted, but a started event names %s", id, started[0].Data.Operation)
+			}
+			continue
+		}
 		typ := strings.TrimPrefix(outs[0].Attrs["ce-type"], events.TypePrefix)
 		st.byType[typ]++
 		if want, ok := forced[id]; ok && want != typ && !(want == "partial" && typ == "succeeded") {
@@ -615,7 +635,7 @@ func checkPipeline(t *testing.T, p *faultPipeline, forced map[string]string, st 
 		ct, ok := ops[out.Operation]
 		switch {
 		case !ok:
-			t.Errorf("trigger %s: outcome names %q, not an export of its dataset", id, out.Operation)
+			t.Errorf("trigger %s: outcome names %q, not an export of its dataset (%s: %+v)", id, out.Operation, typ, out.Error)
 		case reported[out.Operation] != "":
 			t.Errorf("operation %s reported for triggers %s and %s", out.Operation, reported[out.Operation], id)
 		case !sameTime(ct, out.CreateTime):

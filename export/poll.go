@@ -367,6 +367,13 @@ func (x *Exporter) finalizeCorrupt(ctx context.Context, o stateObject, gen int64
 // publishes the outcome event and marks the run done.
 func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.Operation, meta *healthcare.OperationMetadata, problem string) error {
 	log := Logger(ctx).With("operation", p.Operation, "pipeline", p.Pipeline, "store", p.Store)
+	if p.Adopted || p.FromQueue {
+		// A sweep started or adopted it: no redelivery re-publishes a started
+		// event whose publish failed, so this does (same id).
+		if err := x.pub.Publish(ctx, startedEvent(p)); err != nil {
+			return err
+		}
+	}
 	ev := outcomeEvent(p, op, meta)
 	switch {
 	case problem != "":
