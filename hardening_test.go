@@ -113,6 +113,14 @@ func acceptedFor(store string) []healthcaretest.Export {
 	return slices.DeleteFunc(env.emu.Exports(), func(e healthcaretest.Export) bool { return e.Store != store })
 }
 
+// showBool prints an optional event field.
+func showBool(b *bool) string {
+	if b == nil {
+		return "absent"
+	}
+	return strconv.FormatBool(*b)
+}
+
 // sameIDs fails unless every event has the same ce-id (duplicates of one).
 func sameIDs(t *testing.T, what string, evs []received) {
 	t.Helper()
@@ -428,7 +436,7 @@ func TestCorruptState(t *testing.T) {
 			t.Fatalf("events = %v, want started and one outcome", types(evs))
 		}
 		if adv := out[0].Data.WatermarkAdvanced; adv == nil || *adv || out[0].Data.Watermark != "" {
-			t.Errorf("outcome says watermarkAdvanced %v, watermark %q; want false and none", adv, out[0].Data.Watermark)
+			t.Errorf("outcome says watermarkAdvanced %s, watermark %q; want false and none", showBool(adv), out[0].Data.Watermark)
 		}
 		mustExist(t, "pending/"+pipeline+".json", false)
 		if got := string(readObject(t, stateBucket, "state/"+object)); got != "garbage" {
@@ -464,27 +472,41 @@ func TestCorruptState(t *testing.T) {
 		}
 	})
 
-	t.Run("garbage run record after finish", func(t *testing.T) {
-		store, _ := newStore(t, 1)
-		spec := gcsSpec(store, nil)
-		id := newID("garbage-run-done")
-		if code := deliverPubSub(t, "StartExport", id, specJSON(t, spec)); code != http.StatusOK {
+	// A finished trigger whose run record turns to garbage, then redelivered.
+	finished := func(t *testing.T) (store, id string, spec []byte) {
+		t.Helper()
+		store, _ = newStore(t, 1)
+		spec = specJSON(t, gcsSpec(store, nil))
+		id = newID("garbage-run-done")
+		if code := deliverPubSub(t, "StartExport", id, spec); code != http.StatusOK {
 			t.Fatalf("trigger answered %d", code)
 		}
 		waitEvents(t, byTrigger(id), 1)
 		poll(t)
 		waitEvents(t, byTrigger(id), 2)
 		putState(t, "runs/"+export.RunKey(requestTopic, id)+".json", []byte("{{garbage"), nil)
+		return store, id, spec
+	}
+	t.Run("garbage run record after finish is acknowledged", func(t *testing.T) {
+		_, id, spec := finished(t)
 		for i := range 2 {
-			if code := deliverPubSub(t, "StartExport", id, specJSON(t, spec)); code != http.StatusOK {
+			if code := deliverPubSub(t, "StartExport", id, spec); code != http.StatusOK {
 				t.Fatalf("redelivery %d answered %d, want 200 (no loop)", i, code)
 			}
 		}
 		poll(t)
+	})
+	// Not fixed by issue 12: the corrupt claim is replaced by a fresh one and,
+	// the pipeline lock being gone, the run is exported a second time.
+	t.Run("garbage run record after finish exports nothing again", func(t *testing.T) {
+		store, id, spec := finished(t)
+		if code := deliverPubSub(t, "StartExport", id, spec); code != http.StatusOK {
+			t.Fatalf("redelivery answered %d, want 200", code)
+		}
+		poll(t)
 		time.Sleep(200 * time.Millisecond)
-		// A trigger that was exported once must not be exported again.
 		if got := len(acceptedFor(store)); got != 1 {
-			t.Errorf("accepted exports after redelivering a finished trigger whose run record is corrupt = %d, want 1", got)
+			t.Errorf("accepted exports after redelivering a finished trigger whose run record is corrupt = %d, want 1 (never two exports for one trigger)", got)
 		}
 	})
 }
@@ -607,8 +629,10 @@ func TestUnusableOperationMetadata(t *testing.T) {
 // TestLongTriggerID sends a direct CloudEvent whose id and source are 3,000
 // bytes. Pub/Sub refuses attribute values over 1,024 bytes; pstest does not,
 // so a reactor refuses them here as the service would. Before issue 12 the id
-// and source were copied into ce-subject / ce-source: the publish was refused
-// and the trigger redelivered forever.
+// and source were copied into ce-subject / ce-source of the rejected event:
+// the publish was refused and the trigger redelivered forever. (A started
+// event's attributes name the store and operation; that case guards that the
+// data keeps the whole trigger.)
 func TestLongTriggerID(t *testing.T) {
 	if env.psFault == nil {
 		t.Skip("needs pstest's reactors to enforce Pub/Sub's attribute limit")
@@ -677,9 +701,10 @@ func TestLongTriggerID(t *testing.T) {
 
 // --- 7. labels that spoof logs and UIs ---
 
-// TestLabelSpoofing: label values (and names) with a next-line control, a
-// right-to-left override or a line separator are rejected naming the field.
-// Before issue 12 they were accepted and copied into every event and log line.
+// TestLabelSpoofing: label values with a next-line control, a right-to-left
+// override or a line separator are rejected naming the field. Before issue 12
+// they were accepted and copied into every event and log line. (A name with
+// them was already refused by the pipeline name's pattern; the case guards it.)
 func TestLabelSpoofing(t *testing.T) {
 	tests := []struct {
 		name  string
@@ -728,9 +753,7 @@ func TestGarbageUnderPending(t *testing.T) {
 	if n := strings.Count(logs, base); n != 1 {
 		t.Errorf("garbage named %d times in the sweep's log, want once:\n%s", n, logs)
 	}
-	var sweep struct {
-		Starting, Garbage int
-	}
+	var sweep struct{ Garbage int }
 	for _, line := range strings.Split(logs, "\n") {
 		if strings.Contains(line, `"message":"poll sweep"`) {
 			if err := json.Unmarshal([]byte(line), &sweep); err != nil {
@@ -738,8 +761,9 @@ func TestGarbageUnderPending(t *testing.T) {
 			}
 		}
 	}
-	if sweep.Garbage < 1 || sweep.Starting != 0 {
-		t.Errorf("sweep counted garbage %d, starting %d; want the object as garbage, not starting", sweep.Garbage, sweep.Starting)
+	// Other tests' locks may be starting too: only the garbage count is ours.
+	if sweep.Garbage < 1 {
+		t.Errorf("sweep counted garbage %d; want the object as garbage, not as a starting lock", sweep.Garbage)
 	}
 	mustExist(t, name, true)
 }
@@ -774,7 +798,7 @@ func TestWatermarkAdvancedExact(t *testing.T) {
 
 	d := finish(t, start(t))
 	if d.WatermarkAdvanced == nil || !*d.WatermarkAdvanced || d.Watermark == "" {
-		t.Errorf("first run: watermarkAdvanced %v, watermark %q; want true with the watermark", d.WatermarkAdvanced, d.Watermark)
+		t.Errorf("first run: watermarkAdvanced %s, watermark %q; want true with the watermark", showBool(d.WatermarkAdvanced), d.Watermark)
 	}
 
 	id := start(t)
@@ -784,7 +808,7 @@ func TestWatermarkAdvancedExact(t *testing.T) {
 	}
 	d = finish(t, id)
 	if d.WatermarkAdvanced == nil || *d.WatermarkAdvanced || d.Watermark != "" {
-		t.Errorf("run behind a later watermark: watermarkAdvanced %v, watermark %q; want false and none", d.WatermarkAdvanced, d.Watermark)
+		t.Errorf("run behind a later watermark: watermarkAdvanced %s, watermark %q; want false and none", showBool(d.WatermarkAdvanced), d.Watermark)
 	}
 	w, err := st.GetWatermark(context.Background(), pipeline)
 	if err != nil {
