@@ -12,7 +12,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -667,9 +666,9 @@ func TestLongTriggerID(t *testing.T) {
 		{"started", "started", specJSON(t, gcsSpec(store, nil))},
 		{"rejected", "rejected", []byte(`{"fhirStore":"` + store + `","unknownField":1}`)},
 	}
-	for i, tc := range tests {
+	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			id := fmt.Sprintf("%d-%s", i, strings.Repeat("i", 2998))
+			id := newID("long") + strings.Repeat("i", 2990)
 			source := "//example/" + strings.Repeat("s", 2990)
 			code := post(t, "StartExport", map[string]string{"ce-specversion": "1.0", "ce-type": "com.example.export.requested",
 				"ce-source": source, "ce-id": id, "Content-Type": "application/json"}, tc.spec)
