@@ -100,11 +100,29 @@ func (x *Exporter) claim(ctx context.Context, r *run) (rec runRecord, gen int64,
 	gen, err = x.state.read(ctx, runObject(r.key), &rec)
 	switch {
 	case errors.Is(err, ErrCorrupt):
-		r.log.Error("run record is corrupt; replacing it with a fresh claim", "object", runObject(r.key), "error", err.Error())
-		if _, err := x.state.update(ctx, runObject(r.key), gen, fresh, nil); err != nil {
+		// While the pipeline lock names this run, the lock tells where it
+		// is: a fresh claim lets admit carry on. Otherwise the run may have
+		// finished already, and exporting again could duplicate it: end it,
+		// saying how to run it again.
+		var held pendingRecord
+		if _, lerr := x.state.read(ctx, pendingObject(r.pipeline), &held); lerr == nil && held.Run == r.key {
+			r.log.Error("run record is corrupt; its lock names it, so it is replaced with a fresh claim", "object", runObject(r.key), "error", err.Error())
+			if _, err := x.state.update(ctx, runObject(r.key), gen, fresh, nil); err != nil {
+				return rec, 0, false, fmt.Errorf("replace corrupt claim of trigger %s: %w", r.trig.ID, err)
+			}
+			return fresh, 0, true, nil
+		}
+		r.log.Error("run record is corrupt and no lock names the run; not exported again", "object", runObject(r.key), "error", err.Error())
+		ev := events.Event{ID: eventID("failed", r.key), Type: events.TypeFailed, Source: SourceOf(r.spec.FHIRStore), Subject: r.trig.ID,
+			Time: x.now(), Data: baseData(r.pending(x.now()))}
+		ev.Data.Error = &events.Error{Code: codeInternal, Message: fmt.Sprintf(
+			"the state object %s of this trigger is corrupt (%v); the run may have exported already, so it is not exported again: check with fhirexport show, and start it anew with fhirexport rerun or a new trigger", runObject(r.key), err)}
+		ended := fresh
+		ended.Status, ended.Final, ended.Ended = statusFailed, &ev, x.now()
+		if _, err := x.state.update(ctx, runObject(r.key), gen, ended, nil); err != nil {
 			return rec, 0, false, fmt.Errorf("replace corrupt claim of trigger %s: %w", r.trig.ID, err)
 		}
-		return fresh, 0, true, nil
+		return ended, 0, false, nil
 	case errors.Is(err, ErrNotFound): // released between our create and read
 		return rec, 0, false, fmt.Errorf("trigger %s: claim released concurrently, retry: %w", r.trig.ID, errTransient)
 	case err != nil:
