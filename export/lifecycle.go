@@ -234,7 +234,9 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 		}
 		p.Since = since
 	}
-	callCtx, cancel := context.WithTimeout(ctx, time.Minute)
+	// The call never outlives the lease that makes it ours: a takeover after
+	// the lease cannot export while this call may still be accepted.
+	callCtx, cancel := context.WithTimeout(ctx, min(time.Minute, x.StartLease/2))
 	op, err := x.hc.Projects.Locations.Datasets.FhirStores.Export(p.Store, ExportRequest(spec, p.Destination, p.Since)).Context(callCtx).Do()
 	cancel()
 	switch {
@@ -368,7 +370,12 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 	if err := json.Unmarshal(p.Spec, &spec); err != nil {
 		return x.endEarly(ctx, p, gen, codeInternal, "the run's spec in its lock is unreadable: "+err.Error())
 	}
-	p.Called = time.Time{}
+	// Listing took time: renew the lease (and check it is still ours)
+	// before calling the API again.
+	p.Called, p.Started = time.Time{}, x.now()
+	if gen, err = x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
+		return fmt.Errorf("resolve run %s: %w", p.Run, errTransient)
+	}
 	return x.export(ctx, &spec, p, gen)
 }
 

@@ -199,9 +199,20 @@ func (l *eventLog) snapshot(trigger string) ([]received, string, <-chan struct{}
 }
 
 // receiveEvents subscribes to the events topic, prints every outcome event as
-// it arrives and records it.
+// it arrives and records it. A re-published event (same ce-id, as after a
+// crash or a retried publish) is dropped, as the README tells consumers to.
 func (st *stack) receiveEvents(ctx context.Context) error {
+	var mu sync.Mutex
+	seen := map[string]bool{}
 	return st.psClient.Subscriber(subName("fhirexport-local-events")).Receive(ctx, func(_ context.Context, m *pubsub.Message) {
+		mu.Lock()
+		dup := seen[m.Attributes["ce-id"]]
+		seen[m.Attributes["ce-id"]] = true
+		mu.Unlock()
+		if dup {
+			m.Ack()
+			return
+		}
 		e := received{Type: strings.TrimPrefix(m.Attributes["ce-type"], events.TypePrefix), Attrs: m.Attributes, At: time.Now()}
 		if err := json.Unmarshal(m.Data, &e.Data); err != nil {
 			st.con.Printf("  ! event %s has data that is not JSON: %v\n", m.Attributes["ce-id"], err)
