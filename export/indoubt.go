@@ -30,7 +30,7 @@ const callSkew = 2 * time.Minute
 // The window is on the service's clock: operations fhirexport owns give the
 // offset between its createTime and our record of it; without one, every
 // unowned export operation of the dataset is a candidate.
-func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, called time.Time) (string, int, error) {
+func (x *Exporter) findOperation(ctx context.Context, p pendingRecord) (string, int, error) {
 	i := strings.Index(p.Store, "/fhirStores/")
 	if i < 0 {
 		return "", 0, fmt.Errorf("store %q has no dataset", p.Store)
@@ -83,8 +83,9 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, called ti
 	case err != nil && !errors.Is(err, errStop):
 		return "", 0, fmt.Errorf("operations.list %s: %w", dataset, err)
 	}
-	if known {
-		from := p.Started.Add(-callSkew - offset)
+	if known && !p.Locked.IsZero() {
+		// Not p.Started: each resolution renews that lease.
+		from := p.Locked.Add(-callSkew - offset)
 		unowned = slices.DeleteFunc(unowned, func(c cand) bool { return c.ct.Before(from) })
 	}
 	if len(unowned) == 1 {

@@ -334,7 +334,7 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 		x.release(ctx, p, gen)
 		return nil
 	}
-	op, others, err := x.findOperation(ctx, p, called)
+	op, others, err := x.findOperation(ctx, p)
 	if err != nil {
 		return err
 	}

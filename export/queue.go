@@ -361,7 +361,7 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 		return false, errNoSlot
 	}
 	p := q.pendingRecord
-	p.Slot, p.FromQueue, p.Started, p.Called, p.Operation = slot, true, x.now(), time.Time{}, ""
+	p.Slot, p.FromQueue, p.Locked, p.Started, p.Called, p.Operation = slot, true, x.now(), x.now(), time.Time{}, ""
 	gen, err := x.state.create(ctx, pendingObject(pipeline), p, lockMeta(p))
 	if err != nil {
 		x.freeSlot(ctx, slot, q.Run)

@@ -69,6 +69,7 @@ type pendingRecord struct {
 	Timeout     string            `json:"timeout,omitempty"` // the watchdog: a Go duration
 	Slot        int               `json:"slot"`              // the export slot held, -1 for none
 	FromQueue   bool              `json:"fromQueue,omitempty"`
+	Locked      time.Time         `json:"locked,omitzero"` // when this run took the lock: an operation it started is not older
 	Started     time.Time         `json:"started"`         // when this start attempt began (our clock): the lease
 	Called      time.Time         `json:"called,omitzero"` // when fhirStores.export was called: from then on the run is in doubt until Operation is set
 	Operation   string            `json:"operation,omitempty"`

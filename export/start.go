@@ -91,7 +91,7 @@ func (r *run) pending(now time.Time) pendingRecord {
 	spec, _ := json.Marshal(r.spec)
 	return pendingRecord{Run: r.key, Trigger: r.ref, Pipeline: r.pipeline, Store: r.spec.FHIRStore, Name: r.spec.Name,
 		Labels: r.spec.Labels, Destination: r.dest, Types: r.types, Incremental: r.spec.Incremental,
-		Spec: spec, Timeout: r.spec.Timeout, Slot: -1, Started: now}
+		Spec: spec, Timeout: r.spec.Timeout, Slot: -1, Locked: now, Started: now}
 }
 
 // Start turns one trigger into at most one export per store (queued when the
