@@ -235,8 +235,18 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 		p.Since = since
 	}
 	// The call never outlives the lease that makes it ours: a takeover after
-	// the lease cannot export while this call may still be accepted.
-	callCtx, cancel := context.WithTimeout(ctx, min(time.Minute, x.StartLease/2))
+	// the lease cannot list operations while this call may still be accepted.
+	// With less than half the lease left (a slow watermark read), renew it.
+	remaining := p.Started.Add(x.StartLease).Sub(x.now())
+	if remaining < x.StartLease/2 {
+		p.Started = x.now()
+		var err error
+		if gen, err = x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
+			return fmt.Errorf("renew the start lease of run %s: %w", p.Run, errTransient)
+		}
+		remaining = x.StartLease
+	}
+	callCtx, cancel := context.WithTimeout(ctx, min(time.Minute, remaining-x.StartLease/4))
 	op, err := x.hc.Projects.Locations.Datasets.FhirStores.Export(p.Store, ExportRequest(spec, p.Destination, p.Since)).Context(callCtx).Do()
 	cancel()
 	switch {
