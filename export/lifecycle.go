@@ -211,7 +211,11 @@ func (x *Exporter) admitFree(ctx context.Context, r *run) error {
 	// A poller may have finished this very run between our reading the claim
 	// and taking the lock (a redelivery racing the sweep): read it again.
 	var rec runRecord
-	if _, err := x.state.read(ctx, runObject(r.key), &rec); err == nil && rec.Status != statusClaimed {
+	switch _, err := x.state.read(ctx, runObject(r.key), &rec); {
+	case err != nil && !errors.Is(err, ErrCorrupt):
+		x.release(ctx, p, gen)
+		return fmt.Errorf("read claim of trigger %s: %w", r.trig.ID, err)
+	case err == nil && rec.Status != statusClaimed:
 		x.release(ctx, p, gen)
 		return x.resume(ctx, r, rec, 0)
 	}
