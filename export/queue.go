@@ -69,11 +69,14 @@ func (x *Exporter) reconcileSlots(ctx context.Context, confirmed map[string]bool
 	taken := 0
 	err = x.state.each(ctx, "slots", func(o stateObject) error {
 		n, perr := strconv.Atoi(strings.TrimSuffix(o.Name, ".json"))
-		at, terr := time.Parse(time.RFC3339Nano, o.Metadata["taken"])
-		if perr != nil || terr != nil {
+		if perr != nil {
 			Logger(ctx).Warn("unexpected object under slots/; ignored", "object", o.Name)
 			return nil
 		}
+		// A slot object without our metadata would count as taken forever
+		// (takeSlot goes by name): treat it as old, so the check below,
+		// finding no lock that names it, frees it.
+		at, _ := time.Parse(time.RFC3339Nano, o.Metadata["taken"])
 		if n >= max(1, x.MaxRunning) {
 			return nil // FHIREXPORT_MAX_RUNNING was lowered: this slot ends with its run
 		}
