@@ -39,7 +39,10 @@ package export
 //	            races); none: export again; several: wait, then fail.
 //	finish      (poll.go) [feed files], watermark (CAS), outcome event, runs/{run} →
 //	            done, remove pending/{pipeline}, remove slots/{n}.
-//	endEarly    runs/{run} → failed with Final, the event, remove the lock, the slot.
+//	endEarly    mark pending/{pipeline} ending with the failed event (GenerationMatch:
+//	            whoever took the run over since decides instead), then runs/{run} →
+//	            failed with Final, the event, remove the lock, the slot. Whoever
+//	            finds a lock marked ending only finishes the ending.
 //	dequeue     (queue.go) create slots/{n}, create pending/{pipeline} from the
 //	            queue record, remove queue/{pipeline}, export.
 
@@ -73,6 +76,9 @@ func lockMeta(p pendingRecord) map[string]string {
 	}
 	if p.Requeued != "" {
 		m["requeued"] = p.Requeued
+	}
+	if p.Ending != nil {
+		m["ending"] = "failed"
 	}
 	if !p.Redelivered.IsZero() {
 		m["redelivered"] = p.Redelivered.UTC().Format(time.RFC3339Nano)
@@ -159,6 +165,9 @@ func (x *Exporter) admit(ctx context.Context, r *run) error {
 		}
 		if held.Requeued != "" {
 			return x.finishRequeue(ctx, held, gen)
+		}
+		if held.Ending != nil {
+			return x.finishEnding(ctx, held, gen)
 		}
 		// Called after Started: the answer was lost and nobody has taken the
 		// run over since (resolve moves Started on), so no wait is needed.
@@ -405,22 +414,36 @@ func (x *Exporter) sinceOf(ctx context.Context, p pendingRecord) (string, error)
 	return x.incrementalSince(ctx, p, spec.Since)
 }
 
-// endEarly ends a run that got no operation as failed: the run record (with
-// the event, so a late redelivery re-publishes it and starts nothing), the
-// event, then the lock and the slot.
+// endEarly ends a run that got no operation as failed. The lock is marked
+// first, at the generation this start holds: a resolution that took the run
+// over meanwhile (and may have exported) makes the mark fail, and whoever
+// finds the mark only finishes the ending (finishEnding), never exports.
 func (x *Exporter) endEarly(ctx context.Context, p pendingRecord, gen int64, code int32, msg string) error {
 	ev := events.Event{
 		ID: eventID("failed", p.Run), Type: events.TypeFailed, Source: SourceOf(p.Store),
 		Subject: p.Trigger.ID, Time: x.now(), Data: baseData(p),
 	}
 	ev.Data.Error = &events.Error{Code: code, Message: msg}
+	p.Ending = &ev
+	gen, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p))
+	if err != nil {
+		return fmt.Errorf("end run %s: %v: %w", p.Run, err, errTransient)
+	}
+	return x.finishEnding(ctx, p, gen)
+}
+
+// finishEnding completes an ending whose lock is marked: the run record (with
+// the event, so a late redelivery re-publishes it and starts nothing), the
+// event, then the lock and the slot.
+func (x *Exporter) finishEnding(ctx context.Context, p pendingRecord, gen int64) error {
+	ev := *p.Ending
 	if err := x.endRun(ctx, p.Run, statusFailed, &ev, ""); err != nil {
 		return err
 	}
 	if err := x.pub.Publish(ctx, ev); err != nil {
 		return err
 	}
-	Logger(ctx).Info("export outcome", "event", "failed", "pipeline", p.Pipeline, "store", p.Store, "run", p.Run, "code", code)
+	Logger(ctx).Info("export outcome", "event", "failed", "pipeline", p.Pipeline, "store", p.Store, "run", p.Run, "code", ev.Data.Error.Code)
 	x.release(ctx, p, gen)
 	return nil
 }

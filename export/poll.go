@@ -143,7 +143,7 @@ func (x *Exporter) sweepStarting(ctx context.Context, o stateObject, c *sweepCou
 	if re, rerr := time.Parse(time.RFC3339Nano, o.Metadata["redelivered"]); rerr == nil && re.After(started) {
 		started = re // a redelivery found it in flight: the trigger is alive
 	}
-	if err == nil && x.now().Sub(started) < x.StartLease && o.Metadata["requeued"] == "" {
+	if err == nil && x.now().Sub(started) < x.StartLease && o.Metadata["requeued"] == "" && o.Metadata["ending"] == "" {
 		c.starting.Add(1)
 		return nil
 	}
@@ -160,6 +160,9 @@ func (x *Exporter) sweepStarting(ctx context.Context, o stateObject, c *sweepCou
 	}
 	if p.Requeued != "" && p.Operation == "" {
 		return x.finishRequeue(ctx, p, gen)
+	}
+	if p.Ending != nil && p.Operation == "" {
+		return x.finishEnding(ctx, p, gen)
 	}
 	if p.Operation != "" || x.now().Sub(p.Started) < x.StartLease {
 		c.starting.Add(1)

@@ -344,6 +344,8 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 		case err != nil || held.Run != q.Run: // busy (or unreadable: the sweep deals with the lock)
 		case held.Requeued != "": // its requeue has not released the lock yet: finish it
 			return false, x.finishRequeue(ctx, held, hgen)
+		case held.Ending != nil: // ended without an operation, lock not yet released
+			return false, x.finishEnding(ctx, held, hgen)
 		case held.Operation != "": // started by a sweep that died before removing the queue record
 			_ = x.state.remove(ctx, queueObject(pipeline), qgen)
 		}

@@ -80,6 +80,7 @@ type pendingRecord struct {
 	Attempts    int               `json:"attempts,omitempty"`   // 429 RESOURCE_EXHAUSTED answers so far (the backoff)
 	Requeued    string            `json:"requeued,omitempty"`   // set (with the reason) once this start is being put back in the queue
 	Redelivered time.Time         `json:"redelivered,omitzero"` // last delivery of the trigger that found this start in flight: its trigger is alive
+	Ending      *events.Event     `json:"ending,omitempty"`     // set (with the failed event) once this start is being ended without an operation
 }
 
 // queueRecord is a pipeline's next run (queue/{pipeline}.json): a run beyond

@@ -1,0 +1,112 @@
+package export
+
+// Races between the transitions of lifecycle.go, made deterministic by
+// holding one request of the Exporter at a chosen point.
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/fhirexport/fhirexport/events"
+)
+
+// heldAnswer lets the first operations.list reach the emulator, then holds
+// its answer until release is closed: the caller acts on a listing older
+// than what happens meanwhile.
+type heldAnswer struct {
+	once    sync.Once
+	reached chan struct{}
+	release chan struct{}
+}
+
+func (h *heldAnswer) wrap(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/operations") {
+			next.ServeHTTP(w, r)
+			return
+		}
+		first := false
+		h.once.Do(func() { first = true })
+		if !first {
+			next.ServeHTTP(w, r)
+			return
+		}
+		rec := httptest.NewRecorder()
+		next.ServeHTTP(rec, r)
+		close(h.reached)
+		<-h.release
+		for k, v := range rec.Header() {
+			w.Header()[k] = v
+		}
+		w.WriteHeader(rec.Code)
+		_, _ = w.Write(rec.Body.Bytes())
+	})
+}
+
+// TestOrphanEndingRacesARedelivery: a start died before calling the API and
+// the sweep, after the lease, lists the dataset's operations to resolve it.
+// Its listing is slow; meanwhile its own lease runs out, a late redelivery
+// of the trigger takes the run over, finds nothing, and exports. The sweep
+// then sees its (old) listing without an operation. It used to report the
+// run failed (code 4) while the redelivery's export ran on and was reported
+// succeeded too: two outcomes for one trigger, and a failure reported for
+// data that was exported. The sweep's ending now marks the lock at the
+// generation it holds first, so it gives way to the redelivery.
+func TestOrphanEndingRacesARedelivery(t *testing.T) {
+	t.Parallel()
+	held := &heldAnswer{reached: make(chan struct{}), release: make(chan struct{})}
+	w := newFrontedWorld(t, fronts{hc: held.wrap})
+	w.emu.SetExportTiming(time.Minute, 1)
+	store := w.store(t)
+	trig := w.newTrigger(t, map[string]any{"fhirStore": store, "name": "p",
+		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/race"}})
+
+	// A delivery that claimed the run and took the lock, then died.
+	spec, err := ParseSpec(trig.Spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := w.x.newRun(trig, spec, RunKey(trig.Source, trig.ID), Logger(quiet))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := w.x.claim(quiet, r); err != nil {
+		t.Fatal(err)
+	}
+	p := r.pending(w.clock.Now())
+	if _, err := w.x.state.create(quiet, pendingObject(p.Pipeline), p, lockMeta(p)); err != nil {
+		t.Fatal(err)
+	}
+
+	w.clock.Advance(3 * time.Minute) // past the start lease
+	swept := make(chan error, 1)
+	go func() {
+		_, err := w.x.Poll(quiet)
+		swept <- err
+	}()
+	<-held.reached // the sweep took the lease and has its (empty) listing
+
+	w.clock.Advance(3 * time.Minute) // the sweep's lease is over too
+	if err := w.x.Start(quiet, trig, nil); err != nil {
+		t.Fatalf("the late redelivery: %v", err)
+	}
+	close(held.release)
+	if err := <-swept; err != nil {
+		t.Logf("the racing sweep: %v", err)
+	}
+	w.drain(t, time.Minute, 10)
+
+	evs := w.events(t)
+	if n := len(w.emu.Exports()); n != 1 {
+		t.Errorf("%d exports for one trigger, want 1", n)
+	}
+	for typ, want := range map[string]int{events.TypeStarted: 1, events.TypeSucceeded: 1, events.TypeFailed: 0} {
+		if got := count(evs, typ)[store]; got != want {
+			t.Errorf("%s events: %d, want %d", typ, got, want)
+		}
+	}
+}
