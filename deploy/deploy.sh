@@ -519,6 +519,40 @@ for b in "$STATE_BUCKET" "$EXPORT_BUCKET"; do
     --location="$REGION" --uniform-bucket-level-access --public-access-prevention
 done
 
+# Deletion tombstones (RecordChange) are kept 35 days (export.TombstoneRetention):
+# a lifecycle rule on the state bucket deletes older ones. Rules the bucket has
+# are kept (merged with jq; without jq the rule is printed for you to add).
+state_prefix=${state_path#/}
+state_prefix=${state_prefix%/}
+TOMBSTONES=${state_prefix:+$state_prefix/}tombstones/
+LIFECYCLE=$WORK_DIR/state-lifecycle.json
+printf '{"rule": [{"action": {"type": "Delete"}, "condition": {"age": 35, "matchesPrefix": ["%s"]}}]}\n' \
+  "$TOMBSTONES" >"$LIFECYCLE"
+lifecycle_update=(gcloud storage buckets update "gs://$STATE_BUCKET" --project="$P" --lifecycle-file="$LIFECYCLE")
+if ((DRY_RUN)); then
+  run gcloud storage buckets describe "gs://$STATE_BUCKET" --project="$P" --format='json(lifecycle_config)'
+  printf '# %s: the bucket'"'"'s lifecycle rules plus deleting %s* after 35 days\n' \
+    "$(basename "$LIFECYCLE")" "$TOMBSTONES"
+  run_if absent "${lifecycle_update[@]}"
+else
+  current=$(gcloud storage buckets describe "gs://$STATE_BUCKET" --project="$P" --format='json(lifecycle_config)')
+  if [[ $current == *"\"$TOMBSTONES\""* ]]; then
+    printf '# gs://%s already deletes %s* after a while\n' "$STATE_BUCKET" "$TOMBSTONES"
+  elif [[ $current != *'"rule"'* ]]; then
+    "${lifecycle_update[@]}" >/dev/null
+    printf '# gs://%s now deletes %s* after 35 days\n' "$STATE_BUCKET" "$TOMBSTONES"
+  elif command -v jq >/dev/null; then
+    jq --slurpfile ours "$LIFECYCLE" '{rule: ((.lifecycle_config.rule // []) + $ours[0].rule)}' \
+      <<<"$current" >"$LIFECYCLE.merged"
+    mv "$LIFECYCLE.merged" "$LIFECYCLE"
+    "${lifecycle_update[@]}" >/dev/null
+    printf '# gs://%s now also deletes %s* after 35 days\n' "$STATE_BUCKET" "$TOMBSTONES"
+  else
+    printf 'WARNING: gs://%s has lifecycle rules of its own and jq is not installed to merge ours; add this rule yourself, or deletion tombstones are never deleted:\n%s\n' \
+      "$STATE_BUCKET" "$(cat "$LIFECYCLE")" >&2
+  fi
+fi
+
 # --- 5. Service accounts: a runtime and a trigger identity per function. -------
 step "Service accounts"
 sa_create() {

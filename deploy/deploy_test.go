@@ -34,7 +34,7 @@ set -u
 store=$(dirname "$FAKE_LOG")/store.json
 for a in "$@"; do
   case $a in
-    --env-vars-file=* | --config-from-file=* | --policy-from-file=*)
+    --env-vars-file=* | --config-from-file=* | --policy-from-file=* | --lifecycle-file=*)
       f=${a#*=}
       cp "$f" "$FAKE_LOG.$(basename "$f")" 2>/dev/null ;;
     @*)
@@ -55,6 +55,10 @@ if [[ ${1:-} == functions && ${2:-} == describe ]]; then echo "https://$3-fake-u
 if [[ ${1:-} == auth && ${2:-} == print-access-token ]]; then echo fake-token; exit 0; fi
 if [[ ${1:-} == healthcare && ${2:-} == fhir-stores && ${3:-} == describe ]]; then
   if [[ -e $store ]]; then cat "$store"; else echo '{"name": "fake"}'; fi
+  exit 0
+fi
+if [[ ${1:-} == storage && ${3:-} == describe && $* == *lifecycle_config* ]]; then
+  if [[ -e $FAKE_LOG.state-lifecycle.json ]]; then printf '{"lifecycle_config": %s}\n' "$(cat "$FAKE_LOG.state-lifecycle.json")"; else echo '{}'; fi
   exit 0
 fi
 if [[ ${2:-} == monitoring && ${3:-} == policies && ${4:-} == list ]]; then
@@ -311,6 +315,8 @@ func expected(t *testing.T, projectNumber, recordURL string) []printed {
 		add("absent", "gcloud", "storage", "buckets", "create", b, p, "--location=us-central1",
 			"--uniform-bucket-level-access", "--public-access-prevention")
 	}
+	add("", "gcloud", "storage", "buckets", "describe", "gs://my-project-fhirexport-state", p, "--format=json(lifecycle_config)")
+	add("absent", "gcloud", "storage", "buckets", "update", "gs://my-project-fhirexport-state", p, "--lifecycle-file=WORK_DIR/state-lifecycle.json")
 	for _, sa := range [][2]string{
 		{startSA, "fhirexport StartExport runtime"},
 		{pollSA, "fhirexport PollExport runtime"},
@@ -522,6 +528,13 @@ func TestDeployWithFakeGcloud(t *testing.T) {
 	}
 	checkLeastPrivilege(t, calls)
 	checkOrder(t, calls)
+	lifecycle, err := os.ReadFile(f.log + ".state-lifecycle.json")
+	if err != nil {
+		t.Fatalf("no lifecycle rule was set on the state bucket: %v", err)
+	}
+	if want := `{"rule": [{"action": {"type": "Delete"}, "condition": {"age": 35, "matchesPrefix": ["state/tombstones/"]}}]}` + "\n"; string(lifecycle) != want {
+		t.Errorf("state bucket lifecycle:\n%s\nwant\n%s", lifecycle, want)
+	}
 
 	second := runScript(t, f, baseEnv())
 	if second.code != 0 {
@@ -539,6 +552,42 @@ func TestDeployWithFakeGcloud(t *testing.T) {
 		if slices.Contains(c, "create") && !slices.Contains(c, "identity") {
 			t.Errorf("second run created something: %q", c)
 		}
+	}
+}
+
+// TestLifecycleRuleKeepsTheBucketsOwn: a state bucket with lifecycle rules
+// of its own keeps them; the tombstone rule is added beside them (with jq).
+func TestLifecycleRuleKeepsTheBucketsOwn(t *testing.T) {
+	t.Parallel()
+	if _, err := exec.LookPath("jq"); err != nil {
+		t.Skip("jq is not installed")
+	}
+	f := newFake(t)
+	own := `{"rule": [{"action": {"type": "Delete"}, "condition": {"age": 400}}]}`
+	if err := os.WriteFile(f.log+".state-lifecycle.json", []byte(own), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r := runScript(t, f, baseEnv()); r.code != 0 {
+		t.Fatalf("run exited %d:\n%s", r.code, r.stderr)
+	}
+	b, err := os.ReadFile(f.log + ".state-lifecycle.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Rule []struct {
+			Condition struct {
+				Age           int      `json:"age"`
+				MatchesPrefix []string `json:"matchesPrefix"`
+			} `json:"condition"`
+		} `json:"rule"`
+	}
+	if err := json.Unmarshal(b, &got); err != nil {
+		t.Fatalf("lifecycle file %s: %v", b, err)
+	}
+	if len(got.Rule) != 2 || got.Rule[0].Condition.Age != 400 || got.Rule[1].Condition.Age != 35 ||
+		!slices.Equal(got.Rule[1].Condition.MatchesPrefix, []string{"state/tombstones/"}) {
+		t.Errorf("lifecycle rules after the run: %s; want the bucket's own rule, then the tombstone rule", b)
 	}
 }
 
