@@ -648,6 +648,9 @@ func checkPipeline(t *testing.T, p *faultPipeline, forced map[string]string, st 
 		if typ == "succeeded" {
 			lastSuccess = out.CreateTime
 		}
+		if typ == "succeeded" || typ == "partial" {
+			checkManifest(t, id, out)
+		}
 		var rec struct{ Status, Operation string }
 		if err := stateJSON("runs/"+export.RunKey(requestTopic, id)+".json", &rec); err != nil || rec.Status != "done" || rec.Operation != out.Operation {
 			t.Errorf("trigger %s: run record %+v (%v), want done with %s", id, rec, err, out.Operation)
@@ -668,6 +671,37 @@ func checkPipeline(t *testing.T, p *faultPipeline, forced map[string]string, st 
 		t.Errorf("pipeline %s: watermark %q (%v) without a successful run", p.store, wm.Watermark, err)
 	case lastSuccess != "" && (err != nil || !sameTime(wm.Watermark, lastSuccess)):
 		t.Errorf("pipeline %s: watermark %q (%v), want the last success's createTime %s", p.store, wm.Watermark, err, lastSuccess)
+	}
+}
+
+// checkManifest asserts a finished run's feed: the event names the manifest
+// beside the export's objects, and the manifest says what the event says.
+func checkManifest(t *testing.T, id string, out events.Data) {
+	t.Helper()
+	want := out.Destination + "/" + out.Operation[strings.LastIndex(out.Operation, "/")+1:] + ".manifest.json"
+	if out.Manifest != want {
+		t.Errorf("trigger %s: event names manifest %q, want %s", id, out.Manifest, want)
+		return
+	}
+	bucket, name, _ := strings.Cut(strings.TrimPrefix(want, "gs://"), "/")
+	r, err := env.storage.Bucket(bucket).Object(name).NewReader(context.Background())
+	if err != nil {
+		t.Errorf("trigger %s: manifest %s: %v", id, want, err)
+		return
+	}
+	defer r.Close()
+	var m struct {
+		TransactionTime string          `json:"transactionTime"`
+		Output          []events.Output `json:"output"`
+	}
+	if err := json.NewDecoder(r).Decode(&m); err != nil {
+		t.Errorf("trigger %s: manifest %s: %v", id, want, err)
+		return
+	}
+	sameOutputs := slices.EqualFunc(m.Output, out.Outputs, func(a, b events.Output) bool { return a.Type == b.Type && a.URL == b.URL })
+	if !sameTime(m.TransactionTime, out.CreateTime) || !sameOutputs {
+		t.Errorf("trigger %s: manifest %s has transactionTime %s and outputs %v; the event says %s and %v",
+			id, want, m.TransactionTime, m.Output, out.CreateTime, out.Outputs)
 	}
 }
 
@@ -846,6 +880,16 @@ func stateReq(method, obj string, after bool, pred func(*http.Request) bool) fun
 	}
 }
 
+// exportObject holds the upload of an object of the export bucket whose
+// name ends with suffix (the run's feed files).
+func exportObject(suffix string, after bool) func(k runKeys) *holdPoint {
+	return func(runKeys) *holdPoint {
+		return &holdPoint{after: after, match: func(r *http.Request) bool {
+			return r.Method == http.MethodPost && strings.Contains(r.URL.Path, "/b/"+exportBucket+"/") && strings.HasSuffix(objectName(r), suffix)
+		}}
+	}
+}
+
 func withBody(s string) func(*http.Request) bool {
 	return func(r *http.Request) bool { return bytes.Contains(peekBody(r), []byte(s)) }
 }
@@ -879,6 +923,10 @@ func crashCases() []crashCase {
 		// The event is out; the acknowledgement is lost with the process.
 		{name: "start/after started event", exports: 1},
 		{name: "poll/after lease", poll: true, hold: stateReq("POST", "pending/{pipeline}.json", true, withBody(`"finalizing"`)), exports: 1},
+		// The Bulk Data manifest comes before the watermark moves: a crash
+		// on either side of it writes it again, the same.
+		{name: "poll/before manifest", poll: true, hold: exportObject(".manifest.json", false), exports: 1},
+		{name: "poll/after manifest", poll: true, hold: exportObject(".manifest.json", true), exports: 1},
 		{name: "poll/after watermark", poll: true, hold: stateReq("POST", "watermarks/{pipeline}.json", true, nil), exports: 1},
 		{name: "poll/after event", poll: true, hold: stateReq("GET", "runs/{run}.json", false, nil), exports: 1},
 		{name: "poll/after run record", poll: true, hold: stateReq("POST", "runs/{run}.json", true, nil), exports: 1},
@@ -1193,7 +1241,7 @@ func TestStateWritesRetried(t *testing.T) {
 func diagnose(id, pipeline string) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "events: %v\n", types(eventsFor(byTrigger(id))))
-	for _, name := range []string{"pending/" + pipeline + ".json", "runs/" + export.RunKey(requestTopic, id) + ".json", "watermarks/" + pipeline + ".json"} {
+	for _, name := range []string{"pending/" + pipeline + ".json", "queue/" + pipeline + ".json", "runs/" + export.RunKey(requestTopic, id) + ".json", "watermarks/" + pipeline + ".json"} {
 		var v any
 		err := stateJSON(name, &v)
 		fmt.Fprintf(&b, "%s: %v %v\n", name, v, err)

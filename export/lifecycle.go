@@ -44,7 +44,9 @@ package export
 //	            failed with Final, the event, remove the lock, the slot. Whoever
 //	            finds a lock marked ending only finishes the ending.
 //	dequeue     (queue.go) create slots/{n}, create pending/{pipeline} from the
-//	            queue record, remove queue/{pipeline}, export.
+//	            queue record, remove queue/{pipeline} (GenerationMatch), export. A
+//	            requeue rewrites the record it finds of its own run (Requeues), so a
+//	            dequeuer whose lease ran out before it removed the record leaves it.
 
 import (
 	"context"

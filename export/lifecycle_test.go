@@ -4,6 +4,8 @@ package export
 // holding one request of the Exporter at a chosen point.
 
 import (
+	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -109,4 +111,113 @@ func TestOrphanEndingRacesARedelivery(t *testing.T) {
 			t.Errorf("%s events: %d, want %d", typ, got, want)
 		}
 	}
+}
+
+// heldRequest holds the first request matching match before it reaches the
+// server until release is closed.
+type heldRequest struct {
+	match   func(*http.Request) bool
+	once    sync.Once
+	reached chan struct{}
+	release chan struct{}
+}
+
+func holdRequest(match func(*http.Request) bool) *heldRequest {
+	return &heldRequest{match: match, reached: make(chan struct{}), release: make(chan struct{})}
+}
+
+func (h *heldRequest) wrap(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		first := false
+		if h.match(r) {
+			h.once.Do(func() { first = true })
+		}
+		if first {
+			close(h.reached)
+			<-h.release
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// TestRequeueRacesTheDequeuer: a sweep starts a queued run (slot, lock) and
+// is slow to remove the queue record; the lock's lease runs out and another
+// sweep puts the run back in the queue, finding the old record still there.
+// The slow sweep then removed that record and the run was in neither the
+// queue nor a lock: never exported, never reported. The requeue now rewrites
+// the record, the slow removal fails, and the run is exported once.
+func TestRequeueRacesTheDequeuer(t *testing.T) {
+	t.Parallel()
+	held := holdRequest(func(r *http.Request) bool {
+		return r.Method == http.MethodDelete && strings.Contains(r.URL.Path, "fx/queue/")
+	})
+	w := newFrontedWorld(t, fronts{gcs: func(next http.Handler) http.Handler { return held.wrap(enforceDeletePreconditions(next)) }})
+	w.emu.SetExportTiming(time.Minute, 1)
+	w.x.MaxRunning = 1
+	first, second := w.store(t), w.store(t)
+	spec := func(store string) map[string]any {
+		return map[string]any{"fhirStore": store, "name": "p", "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/requeue/{store}"}}
+	}
+	w.deliver(t, w.newTrigger(t, spec(first)))  // takes the only slot
+	w.deliver(t, w.newTrigger(t, spec(second))) // queued for the budget
+
+	w.clock.Advance(2 * time.Minute) // the first export is done
+	swept := make(chan error, 1)
+	go func() {
+		_, err := w.x.Poll(quiet) // finishes the first run, starts the second: held at removing its queue record
+		swept <- err
+	}()
+	<-held.reached
+
+	w.clock.Advance(3 * time.Minute) // the second run's start lease is over
+	var p pendingRecord
+	gen, err := w.x.state.read(quiet, pendingObject(PipelineKey(mustSpec(t, spec(second)))), &p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.x.resolve(quiet, p, gen, true); err != nil { // another sweep: no operation, from the queue: queued again
+		t.Fatalf("resolve: %v", err)
+	}
+	close(held.release)
+	if err := <-swept; err != nil {
+		t.Logf("the slow sweep: %v", err)
+	}
+	w.drain(t, 2*time.Minute, 10)
+
+	evs := w.events(t)
+	for _, s := range []string{first, second} {
+		if n, ok := exportsByStore(w.emu)[s], count(evs, events.TypeSucceeded)[s]; n != 1 || ok != 1 {
+			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, n, ok)
+		}
+	}
+}
+
+// enforceDeletePreconditions answers 412 to a delete whose ifGenerationMatch
+// does not hold, which fake-gcs-server ignores (FIELD-NOTES). Writes are
+// serialized so that the check and the delete are one step.
+func enforceDeletePreconditions(next http.Handler) http.Handler {
+	var mu sync.Mutex
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodGet || r.Method == http.MethodHead {
+			next.ServeHTTP(w, r)
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if g := r.URL.Query().Get("ifGenerationMatch"); r.Method == http.MethodDelete && g != "" {
+			get := httptest.NewRequest(http.MethodGet, r.URL.Path, nil)
+			rec := httptest.NewRecorder()
+			next.ServeHTTP(rec, get)
+			var attrs struct {
+				Generation string `json:"generation"`
+			}
+			if rec.Code == http.StatusOK && json.Unmarshal(rec.Body.Bytes(), &attrs) == nil && attrs.Generation != g {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusPreconditionFailed)
+				io.WriteString(w, `{"error":{"code":412,"message":"At least one of the pre-conditions you specified did not hold."}}`)
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
+	})
 }

@@ -241,40 +241,73 @@ func (x *Exporter) finishRequeue(ctx context.Context, p pendingRecord, gen int64
 	reason := p.Requeued
 	q := queueRecord{pendingRecord: p, Enqueued: p.Started}
 	q.Operation, q.Called, q.Slot, q.FromQueue, q.Since, q.Requeued, q.Finalizing = "", time.Time{}, -1, false, "", "", time.Time{}
+	q.Requeues = p.Requeues + 1
 	if reason == "exhausted" {
 		q.NotBefore = p.Started.Add(min(time.Hour, x.RetryBackoff<<min(max(q.Attempts, 1)-1, 6)))
 	}
-	_, err := x.state.create(ctx, queueObject(p.Pipeline), q, queueMeta(q))
-	switch {
-	case errors.Is(err, ErrExists):
-		cur, _, rerr := x.readQueue(ctx, p.Pipeline)
-		if rerr != nil {
-			return rerr
-		}
-		if cur.Run != p.Run {
-			ev := events.Event{
-				ID: eventID("coalesced", p.Run), Type: events.TypeRejected, Source: SourceOf(p.Store), Subject: p.Trigger.ID,
-				Time: x.now(), Data: baseData(p),
-			}
-			ev.Data.QueuedRun = cur.Run
-			ev.Data.Error = &events.Error{Code: codeAborted, Message: fmt.Sprintf("this run could not start (%s) and was merged into the pipeline's queued run %s", reason, cur.Run)}
-			if err := x.endRun(ctx, p.Run, statusCoalesced, &ev, cur.Run); err != nil {
-				return err
-			}
-			if err := x.pub.Publish(ctx, ev); err != nil {
-				return err
-			}
-			x.release(ctx, p, gen)
-			return nil
-		}
-	case err != nil:
+	cur, err := x.putBack(ctx, q)
+	if err != nil {
 		return fmt.Errorf("queue run %s again: %w", p.Run, err)
+	}
+	if cur != p.Run {
+		ev := events.Event{
+			ID: eventID("coalesced", p.Run), Type: events.TypeRejected, Source: SourceOf(p.Store), Subject: p.Trigger.ID,
+			Time: x.now(), Data: baseData(p),
+		}
+		ev.Data.QueuedRun = cur
+		ev.Data.Error = &events.Error{Code: codeAborted, Message: fmt.Sprintf("this run could not start (%s) and was merged into the pipeline's queued run %s", reason, cur)}
+		if err := x.endRun(ctx, p.Run, statusCoalesced, &ev, cur); err != nil {
+			return err
+		}
+		if err := x.pub.Publish(ctx, ev); err != nil {
+			return err
+		}
+		x.release(ctx, p, gen)
+		return nil
 	}
 	if err := x.queued(ctx, q, reason); err != nil {
 		return err
 	}
 	x.release(ctx, p, gen)
 	return nil
+}
+
+// putBack makes q its pipeline's queue record and returns the run the
+// pipeline's queue now holds: q's, or another run's that q merges into.
+//
+// A record of q's run from before (its Requeues lower) is the one this run
+// was started from: the sweep that started it may not have removed it yet,
+// and would remove it once the lock is released, losing the run. Rewriting
+// it with q's count gives it a new generation, so that removal fails and the
+// starter sees the run was put back (startQueued).
+func (x *Exporter) putBack(ctx context.Context, q queueRecord) (string, error) {
+	for range 10 {
+		_, err := x.state.create(ctx, queueObject(q.Pipeline), q, queueMeta(q))
+		if err == nil {
+			return q.Run, nil
+		}
+		if !errors.Is(err, ErrExists) {
+			return "", err
+		}
+		cur, gen, err := x.readQueue(ctx, q.Pipeline)
+		switch {
+		case errors.Is(err, ErrNotFound):
+			continue // dequeued meanwhile
+		case err != nil:
+			return "", err
+		case cur.Run != q.Run || cur.Requeues >= q.Requeues:
+			return cur.Run, nil
+		}
+		cur.Requeues, cur.NotBefore, cur.Attempts = q.Requeues, q.NotBefore, q.Attempts
+		_, err = x.state.update(ctx, queueObject(q.Pipeline), gen, cur, queueMeta(cur))
+		switch {
+		case err == nil:
+			return q.Run, nil
+		case !errors.Is(err, ErrConflict) && !errors.Is(err, ErrNotFound):
+			return "", err
+		}
+	}
+	return "", fmt.Errorf("queue of pipeline %s keeps changing: %w", q.Pipeline, errTransient)
 }
 
 // dequeue starts queued runs, oldest first, while slots are free and their
@@ -383,9 +416,18 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 		if !errors.Is(err, ErrConflict) {
 			return false, err // the lock names this run; the next sweep removes the queue record
 		}
-		if _, qgen, err = x.readQueue(ctx, pipeline); err != nil { // a trigger coalesced meanwhile: it is in this run too
+		cur, cgen, err := x.readQueue(ctx, pipeline)
+		if err != nil {
 			break
 		}
+		if cur.Run != q.Run || cur.Requeues != q.Requeues {
+			// Our lock's lease ran out meanwhile and a sweep put the run back
+			// in the queue (or another run is queued): that record is not ours
+			// to remove, and our lock is no longer ours.
+			Logger(ctx).Warn("queued run was put back in the queue while this sweep started it; left queued", "run", q.Run, "pipeline", pipeline)
+			return false, nil
+		}
+		qgen = cgen // a trigger coalesced meanwhile: it is in this run too
 	}
 	var spec Spec
 	if err := json.Unmarshal(p.Spec, &spec); err != nil {

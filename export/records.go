@@ -79,6 +79,7 @@ type pendingRecord struct {
 	Cancelled   string            `json:"cancelled,omitempty"`  // why fhirexport asked operations.cancel: "timeout" or "operator"
 	Attempts    int               `json:"attempts,omitempty"`   // 429 RESOURCE_EXHAUSTED answers so far (the backoff)
 	Requeued    string            `json:"requeued,omitempty"`   // set (with the reason) once this start is being put back in the queue
+	Requeues    int               `json:"requeues,omitempty"`   // times this run was put back in the queue: which queue record is whose
 	Redelivered time.Time         `json:"redelivered,omitzero"` // last delivery of the trigger that found this start in flight: its trigger is alive
 	Ending      *events.Event     `json:"ending,omitempty"`     // set (with the failed event) once this start is being ended without an operation
 }
