@@ -22,6 +22,7 @@ package export
 // skips them.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -327,8 +328,25 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 		}
 		if len(lines) > 0 {
 			name := base + ".deleted.ndjson"
-			// Overwritten by a retry: without a manifest nobody has read it.
-			if err := writeObject(ctx, bkt, name, lines.ndjson(), "application/fhir+ndjson", storage.Conditions{}); err != nil {
+			err := writeObject(ctx, bkt, name, lines.ndjson(), "application/fhir+ndjson", storage.Conditions{DoesNotExist: true},
+				map[string]string{deletedThroughKey: next.Through.Format(time.RFC3339Nano)})
+			if errors.Is(err, ErrExists) {
+				// An earlier attempt wrote it (it crashed before the
+				// manifest, or runs concurrently after losing its lease):
+				// its lines are what this run delivers, with its cursor, so
+				// the manifest that wins always matches the file.
+				theirs, theirNext, rerr := readDeleted(ctx, bkt, name, given)
+				switch {
+				case errors.Is(rerr, errNoThrough): // written without its cursor (an older version): replace it
+					err = writeObject(ctx, bkt, name, lines.ndjson(), "application/fhir+ndjson", storage.Conditions{},
+						map[string]string{deletedThroughKey: next.Through.Format(time.RFC3339Nano)})
+				case rerr != nil:
+					err = rerr
+				default:
+					lines, next, err = theirs, theirNext, nil
+				}
+			}
+			if err != nil {
 				return feedResult{}, err
 			}
 			n := int64(len(lines))
@@ -339,7 +357,7 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 
 	if outcome == events.TypePartial {
 		name := base + ".error.ndjson"
-		if err := writeObject(ctx, bkt, name, errorOutcome(op.Name, c.Failure, meta.LogsUrl), "application/fhir+ndjson", storage.Conditions{}); err != nil {
+		if err := writeObject(ctx, bkt, name, errorOutcome(op.Name, c.Failure, meta.LogsUrl), "application/fhir+ndjson", storage.Conditions{}, nil); err != nil {
 			return feedResult{}, err
 		}
 		m.Error = []events.Output{{Type: "OperationOutcome", URL: gsURL(name)}}
@@ -349,7 +367,7 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 	if err != nil {
 		return feedResult{}, fmt.Errorf("encode manifest of %s: %w", op.Name, err)
 	}
-	switch err := writeObject(ctx, bkt, base+".manifest.json", data, "application/json", storage.Conditions{DoesNotExist: true}); {
+	switch err := writeObject(ctx, bkt, base+".manifest.json", data, "application/json", storage.Conditions{DoesNotExist: true}, nil); {
 	case errors.Is(err, ErrExists):
 		// A concurrent finalizer wrote it first: what it says is what was delivered.
 		prev, err := readManifest(ctx, bkt, base+".manifest.json")
@@ -446,6 +464,60 @@ func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor
 	return lines, next, nil
 }
 
+// deletedThroughKey is the deleted file's metadata naming its cursor's
+// Through: with the keys of its lines, the cursor of what it delivers.
+const deletedThroughKey = "fhirexport-deletions-through"
+
+var errNoThrough = errors.New("deleted file has no " + deletedThroughKey)
+
+// readDeleted reads a deleted file an earlier attempt wrote and the cursor
+// it delivers: its Through, and as recent keys every key given before and
+// every key in it (more than collectDeletions keeps, all of them delivered,
+// so none is given twice and none skipped). Without the metadata it returns
+// the lines given with errNoThrough.
+func readDeleted(ctx context.Context, bkt *storage.BucketHandle, name string, given *deletionCursor) (deletedLines, *deletionCursor, error) {
+	o := bkt.Object(name)
+	attrs, err := o.Attrs(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read deleted file %s: %w", name, err)
+	}
+	through, terr := time.Parse(time.RFC3339Nano, attrs.Metadata[deletedThroughKey])
+	r, err := o.If(storage.Conditions{GenerationMatch: attrs.Generation}).NewReader(ctx)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read deleted file %s: %w", name, err)
+	}
+	defer r.Close()
+	var lines deletedLines
+	sc := bufio.NewScanner(r)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		var b deletedBundle
+		if err := json.Unmarshal(sc.Bytes(), &b); err != nil || len(b.Entry) != 1 {
+			return nil, nil, fmt.Errorf("deleted file %s: a line is not a deletion Bundle: %v: %w", name, err, errTransient)
+		}
+		lines = append(lines, b)
+	}
+	if err := sc.Err(); err != nil {
+		return nil, nil, fmt.Errorf("read deleted file %s: %w", name, err)
+	}
+	if terr != nil {
+		return lines, nil, errNoThrough
+	}
+	next := &deletionCursor{Through: through.UTC()}
+	recent := map[string]bool{}
+	for _, k := range given.Recent {
+		recent[k] = true
+	}
+	for _, b := range lines {
+		recent[b.ID] = true
+	}
+	for k := range recent {
+		next.Recent = append(next.Recent, k)
+	}
+	slices.Sort(next.Recent)
+	return lines, next, nil
+}
+
 // listOutputs lists the objects the export wrote, {prefix}{Type}, sorted by type.
 func listOutputs(ctx context.Context, bkt *storage.BucketHandle, prefix string, gsURL func(string) string) ([]events.Output, error) {
 	q := &storage.Query{Prefix: prefix}
@@ -532,7 +604,7 @@ func readManifest(ctx context.Context, bkt *storage.BucketHandle, name string) (
 // writeObject writes one feed file to a destination bucket. Like State.write
 // it buffers the data so the client can retry, and uses the library's general
 // retry test.
-func writeObject(ctx context.Context, bkt *storage.BucketHandle, name string, data []byte, contentType string, cond storage.Conditions) error {
+func writeObject(ctx context.Context, bkt *storage.BucketHandle, name string, data []byte, contentType string, cond storage.Conditions, metadata map[string]string) error {
 	o := bkt.Object(name)
 	if cond != (storage.Conditions{}) {
 		o = o.If(cond)
@@ -540,6 +612,7 @@ func writeObject(ctx context.Context, bkt *storage.BucketHandle, name string, da
 	w := o.Retryer(storage.WithErrorFunc(storage.ShouldRetry)).NewWriter(ctx)
 	w.ChunkSize = len(data) + 1
 	w.ContentType = contentType
+	w.Metadata = metadata
 	_, err := w.Write(data)
 	if cerr := w.Close(); err == nil {
 		err = cerr
