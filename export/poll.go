@@ -393,12 +393,15 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 	// the deleted file; the watermark and the deletion cursor then move
 	// together, so a crash before them repeats the files with the same names.
 	var cursor *deletionCursor
+	var seen *watermarkSeen // read once: the deletion cursor now, the compare-and-swap's first try later
 	if p.Incremental {
-		cur, err := x.readCursor(ctx, p.Pipeline)
+		w, err := x.readWatermark(ctx, p.Pipeline)
 		if err != nil && !errors.Is(err, ErrCorrupt) {
 			return err
 		}
-		cursor = cur
+		if err == nil {
+			cursor, seen = w.rec.Deletions, &w
+		}
 	}
 	feed, err := x.writeFeed(ctx, p, op, meta, ev.Type, cursor)
 	if errors.Is(err, ErrDeletionsExpired) {
@@ -416,7 +419,7 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 		// is published, so a repeat after later runs is identical.
 		advanced := false
 		if ev.Type == events.TypeSucceeded {
-			moved, err := x.advanceWatermark(ctx, p, meta.CreateTime, feed.Cursor)
+			moved, err := x.advanceWatermark(ctx, p, meta.CreateTime, feed.Cursor, seen)
 			switch {
 			case errors.Is(err, ErrCorrupt):
 				log.Error("watermark is corrupt; not moved. Incremental runs of this pipeline are held until it is reset", "error", err.Error())
@@ -456,21 +459,25 @@ func normalizeTime(v string) string {
 // advanceWatermark moves the pipeline's watermark forward to createTime with
 // a compare-and-swap; it never moves it back. It reports whether the stored
 // watermark is now createTime.
-func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, createTime string, cursor *deletionCursor) (bool, error) {
+func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, createTime string, cursor *deletionCursor, seen *watermarkSeen) (bool, error) {
 	ct, err := time.Parse(time.RFC3339Nano, createTime)
 	if err != nil {
 		return false, fmt.Errorf("operation %s has createTime %q: %w", p.Operation, createTime, err)
 	}
 	next := normalizeTime(createTime)
 	for {
-		var cur watermarkRecord
-		gen, err := x.state.read(ctx, watermarkObject(p.Pipeline), &cur)
+		var w watermarkSeen
+		var err error
+		if seen != nil {
+			w, seen = *seen, nil
+		} else {
+			w, err = x.readWatermark(ctx, p.Pipeline)
+		}
+		cur, gen := w.rec, w.gen
 		switch {
-		case errors.Is(err, ErrNotFound):
-			gen = 0
 		case err != nil:
 			return false, err
-		default:
+		case gen != 0:
 			t, err := time.Parse(time.RFC3339Nano, cur.Watermark)
 			if err != nil {
 				return false, fmt.Errorf("state %s: %w: watermark %q is not a time", watermarkObject(p.Pipeline), ErrCorrupt, cur.Watermark)
@@ -563,15 +570,19 @@ func timeoutOf(v string) time.Duration {
 	return (&Spec{Timeout: v}).TimeoutDuration()
 }
 
-// readCursor returns a pipeline's deletion cursor (nil when it has none).
-func (x *Exporter) readCursor(ctx context.Context, pipeline string) (*deletionCursor, error) {
-	var w watermarkRecord
-	_, err := x.state.read(ctx, watermarkObject(pipeline), &w)
+// watermarkSeen is a pipeline's watermark as read: gen 0 when it has none.
+type watermarkSeen struct {
+	rec watermarkRecord
+	gen int64
+}
+
+// readWatermark reads a pipeline's watermark record; none is gen 0.
+func (x *Exporter) readWatermark(ctx context.Context, pipeline string) (watermarkSeen, error) {
+	var w watermarkSeen
+	gen, err := x.state.read(ctx, watermarkObject(pipeline), &w.rec)
 	if errors.Is(err, ErrNotFound) {
-		return nil, nil
+		return watermarkSeen{}, nil
 	}
-	if err != nil {
-		return nil, err
-	}
-	return w.Deletions, nil
+	w.gen = gen
+	return w, err
 }
