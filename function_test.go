@@ -33,20 +33,17 @@ import (
 	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
 	"cloud.google.com/go/pubsub/v2/pstest"
 	"cloud.google.com/go/storage"
-	"github.com/GoogleCloudPlatform/functions-framework-go/funcframework"
 	"github.com/fsouza/fake-gcs-server/fakestorage"
 	"github.com/santhosh-tekuri/jsonschema/v6"
 	"google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/iterator"
-	"google.golang.org/api/option"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/export"
 	"github.com/fhirexport/fhirexport/healthcaretest"
+	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 
 const (
@@ -97,53 +94,43 @@ func run(m *testing.M) (int, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 
-	env.gcs = must(fakestorage.NewServerWithOptions(fakestorage.Options{Scheme: "http", Host: "127.0.0.1", Writer: io.Discard}))
-	defer env.gcs.Stop()
-	for _, b := range []string{stateBucket, exportBucket, foreignBkt} {
-		env.gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
-	}
-	// Cloud Storage as the functions see it goes through a fault injector.
-	env.gcsFail = &gcsFaults{}
-	target, _ := url.Parse(env.gcs.URL())
-	proxy := httputil.NewSingleHostReverseProxy(target)
-	gcsFront := mustListen()
-	go http.Serve(gcsFront, env.gcsFail.wrap(proxy))
-
-	var err error
-	env.storage, err = storage.NewClient(ctx, option.WithEndpoint(env.gcs.URL()+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
-	if err != nil {
-		return 0, err
-	}
-
 	env.clock = healthcaretest.NewFakeClock(time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
-	env.emu, err = healthcaretest.Start("127.0.0.1:0", healthcaretest.Options{Clock: env.clock, Storage: env.storage})
-	if err != nil {
-		return 0, err
+	opts := stacktest.Options{
+		Project:       project,
+		Buckets:       []string{stateBucket, exportBucket, foreignBkt},
+		Topics:        []string{eventsTopic},
+		Subscriptions: []*pb.Subscription{{Name: eventsSub, Topic: eventsTopic}},
+		Healthcare:    healthcaretest.Options{Clock: env.clock},
 	}
-	defer env.emu.Close()
-	if env.hc, err = env.emu.Service(ctx); err != nil {
-		return 0, err
-	}
-
 	switch *pubsubBackend {
 	case "pstest":
 		env.psFault = &publishFault{}
-		ps := pstest.NewServer(pstest.ServerReactorOption{FuncName: "Publish", Reactor: env.psFault})
-		defer ps.Close()
-		env.psAddr = ps.Addr
+		opts.Pstest = []pstest.ServerReactorOption{{FuncName: "Publish", Reactor: env.psFault}}
 	case "official":
 		addr, stop, err := startOfficialPubSub(ctx)
 		if err != nil {
 			return 0, err
 		}
 		defer stop()
-		env.psAddr = addr
+		opts.PubSubEmulator = addr
 	default:
 		return 0, fmt.Errorf("-pubsub=%q: want pstest or official", *pubsubBackend)
 	}
-	if err := subscribeEvents(ctx); err != nil {
+	s, err := stacktest.Start(ctx, opts)
+	if err != nil {
 		return 0, err
 	}
+	defer s.Close()
+	env.gcs, env.storage, env.emu, env.hc, env.psAddr = s.GCS, s.Storage, s.Healthcare, s.HealthcareService, s.PubSubAddr
+
+	// Cloud Storage as the functions see it goes through a fault injector.
+	env.gcsFail = &gcsFaults{}
+	target, _ := url.Parse(s.GCSURL)
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	gcsFront := mustListen()
+	go http.Serve(gcsFront, env.gcsFail.wrap(proxy))
+
+	go subscribeEvents(ctx, s.PubSub)
 
 	env.logs = &syncBuffer{}
 	instance.log = export.NewLogger(env.logs, slog.LevelInfo)
@@ -160,12 +147,7 @@ func run(m *testing.M) (int, error) {
 	}
 	instance.lookup = func(k string) (string, bool) { v, ok := vars[k]; return v, ok }
 
-	ln := mustListen()
-	port := fmt.Sprint(ln.Addr().(*net.TCPAddr).Port)
-	ln.Close()
-	go funcframework.StartHostPort("127.0.0.1", port)
-	env.baseURL = "http://127.0.0.1:" + port
-	if err := waitUp(env.baseURL + "/PollExport"); err != nil {
+	if env.baseURL, err = stacktest.ServeFunctions(ctx, 0); err != nil {
 		return 0, err
 	}
 	code := m.Run()
@@ -285,32 +267,13 @@ func mustListen() net.Listener {
 	return must(net.Listen("tcp", "127.0.0.1:0"))
 }
 
-func waitUp(u string) error {
-	for i := 0; i < 200; i++ {
-		if resp, err := http.Get(u); err == nil {
-			resp.Body.Close()
-			return nil
-		}
-		time.Sleep(25 * time.Millisecond)
-	}
-	return fmt.Errorf("functions framework did not start at %s", u)
-}
+// eventsSub receives every outcome event for the tests.
+const eventsSub = "projects/test-project/subscriptions/all-events"
 
-// subscribeEvents collects every outcome event through a real subscription.
-func subscribeEvents(ctx context.Context) error {
-	client, err := pubsub.NewClient(ctx, project, option.WithEndpoint(env.psAddr), option.WithoutAuthentication(),
-		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
-	if err != nil {
-		return err
-	}
-	if _, err := client.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: eventsTopic}); err != nil {
-		return err
-	}
-	sub := "projects/test-project/subscriptions/all-events"
-	if _, err := client.SubscriptionAdminClient.CreateSubscription(ctx, &pb.Subscription{Name: sub, Topic: eventsTopic}); err != nil {
-		return err
-	}
-	go client.Subscriber(sub).Receive(ctx, func(_ context.Context, m *pubsub.Message) {
+// subscribeEvents collects every outcome event through a real subscription
+// until ctx is done.
+func subscribeEvents(ctx context.Context, client *pubsub.Client) {
+	client.Subscriber(eventsSub).Receive(ctx, func(_ context.Context, m *pubsub.Message) {
 		var d events.Data
 		if err := json.Unmarshal(m.Data, &d); err != nil {
 			panic(fmt.Sprintf("event data is not JSON: %v: %s", err, m.Data))
@@ -320,7 +283,6 @@ func subscribeEvents(ctx context.Context) error {
 		env.mu.Unlock()
 		m.Ack()
 	})
-	return nil
 }
 
 // publishFault fails Publish calls while armed, as a permission error the

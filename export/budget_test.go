@@ -20,15 +20,9 @@ import (
 	"testing"
 	"time"
 
-	"cloud.google.com/go/pubsub/v2"
-	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
-	"cloud.google.com/go/pubsub/v2/pstest"
 	"cloud.google.com/go/storage"
-	"github.com/fsouza/fake-gcs-server/fakestorage"
 	healthcare "google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/option"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/healthcaretest"
@@ -51,58 +45,28 @@ type fronts struct {
 func newFrontedWorld(t *testing.T, f fronts) *world {
 	t.Helper()
 	ctx := context.Background()
-	gcs, err := fakestorage.NewServerWithOptions(fakestorage.Options{Scheme: "http", Host: "127.0.0.1", Writer: io.Discard})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(gcs.Stop)
-	for _, b := range []string{"state", exportsBkt} {
-		gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
-	}
-	direct, err := storage.NewClient(ctx, option.WithEndpoint(gcs.URL()+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
-	if err != nil {
-		t.Fatal(err)
-	}
-	st := direct
+	s, clock := newWorldStack(t)
+	st := s.Storage
 	if f.gcs != nil {
-		front := httptest.NewServer(f.gcs(proxyTo(t, gcs.URL())))
+		front := httptest.NewServer(f.gcs(proxyTo(t, s.GCSURL)))
 		t.Cleanup(front.Close)
+		var err error
 		if st, err = storage.NewClient(ctx, option.WithEndpoint(front.URL+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads()); err != nil {
 			t.Fatal(err)
 		}
 	}
-	clock := healthcaretest.NewFakeClock(time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
-	emu := healthcaretest.NewServer(t, healthcaretest.Options{Clock: clock, Storage: direct, Logf: func(string, ...any) {}})
-	hcURL := emu.URL
+	hc := s.HealthcareService
 	if f.hc != nil {
-		front := httptest.NewServer(f.hc(proxyTo(t, emu.URL)))
+		front := httptest.NewServer(f.hc(proxyTo(t, s.Healthcare.URL)))
 		t.Cleanup(front.Close)
-		hcURL = front.URL
+		var err error
+		if hc, err = healthcare.NewService(ctx, option.WithEndpoint(front.URL), option.WithoutAuthentication()); err != nil {
+			t.Fatal(err)
+		}
 	}
-	hc, err := healthcare.NewService(ctx, option.WithEndpoint(hcURL), option.WithoutAuthentication())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ps := pstest.NewServer()
-	t.Cleanup(func() { ps.Close() })
-	client, err := pubsub.NewClient(ctx, "test-project", option.WithEndpoint(ps.Addr), option.WithoutAuthentication(),
-		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	const topic = "projects/test-project/topics/events"
-	if _, err := client.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: topic}); err != nil {
-		t.Fatal(err)
-	}
-	pub := events.NewPublisher(client, topic)
-	t.Cleanup(pub.Stop)
-	policy, err := ParsePolicy(testLocation+"/datasets/*/fhirStores/*", "gs://"+exportsBkt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	x := New(hc, NewState(st, "state", "fx"), pub, policy, clock.Now)
-	x.WaitForPeer = 0 // a concurrent delivery asks for a redelivery at once
-	return &world{x: x, emu: emu, clock: clock, storage: direct, ps: ps}
+	w := worldOn(t, s, clock, hc, st, clock.Now)
+	w.x.WaitForPeer = 0 // a concurrent delivery asks for a redelivery at once
+	return w
 }
 
 func proxyTo(t *testing.T, base string) http.Handler {

@@ -21,13 +21,13 @@ import (
 	"time"
 
 	"cloud.google.com/go/storage"
-	"github.com/fsouza/fake-gcs-server/fakestorage"
 	"github.com/google/go-cmp/cmp"
 	healthcare "google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
 
 	"github.com/fhirexport/fhirexport/events"
+	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 
 const feedStore = testLocation + "/datasets/d/fhirStores/s"
@@ -55,21 +55,9 @@ type feedWorld struct {
 
 func newFeedWorld(t *testing.T) *feedWorld {
 	t.Helper()
-	gcs, err := fakestorage.NewServerWithOptions(fakestorage.Options{Scheme: "http", Host: "127.0.0.1", Writer: io.Discard})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(gcs.Stop)
-	for _, b := range []string{"state", exportsBkt} {
-		gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
-	}
-	st, err := storage.NewClient(context.Background(), option.WithEndpoint(gcs.URL()+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	s := stacktest.New(t, stacktest.Options{Buckets: []string{"state", exportsBkt}})
 	clock := &testClock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)}
-	return &feedWorld{x: newFeedExporter(t, st, clock), st: st, clock: clock}
+	return &feedWorld{x: newFeedExporter(t, s.Storage, clock), st: s.Storage, clock: clock}
 }
 
 func newFeedExporter(t *testing.T, st *storage.Client, clock *testClock) *Exporter {

@@ -10,25 +10,20 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"cloud.google.com/go/pubsub/v2"
-	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
 	"cloud.google.com/go/pubsub/v2/pstest"
 	"cloud.google.com/go/storage"
-	"github.com/fsouza/fake-gcs-server/fakestorage"
+	healthcare "google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/iterator"
-	"google.golang.org/api/option"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/healthcaretest"
+	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 
 var incrementalCases = flag.Int("incremental.cases", 200, "random cases of TestIncrementalNeverMissesAnUpdate")
@@ -50,43 +45,36 @@ type world struct {
 
 func newWorld(t *testing.T) *world {
 	t.Helper()
-	ctx := context.Background()
-	gcs, err := fakestorage.NewServerWithOptions(fakestorage.Options{Scheme: "http", Host: "127.0.0.1", Writer: io.Discard})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(gcs.Stop)
-	for _, b := range []string{"state", exportsBkt} {
-		gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
-	}
-	st, err := storage.NewClient(ctx, option.WithEndpoint(gcs.URL()+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, clock := newWorldStack(t)
+	return worldOn(t, s, clock, s.HealthcareService, s.Storage, nil)
+}
+
+// eventsTopic is where a world's Exporter publishes its outcome events.
+const eventsTopic = "projects/test-project/topics/events"
+
+// newWorldStack starts the emulators of a world on a fake clock.
+func newWorldStack(t *testing.T) (*stacktest.Stack, *healthcaretest.FakeClock) {
+	t.Helper()
 	clock := healthcaretest.NewFakeClock(time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
-	emu := healthcaretest.NewServer(t, healthcaretest.Options{Clock: clock, Storage: st, Logf: func(string, ...any) {}})
-	hc, err := emu.Service(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ps := pstest.NewServer()
-	t.Cleanup(func() { ps.Close() })
-	client, err := pubsub.NewClient(ctx, "test-project", option.WithEndpoint(ps.Addr), option.WithoutAuthentication(),
-		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	const topic = "projects/test-project/topics/events"
-	if _, err := client.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: topic}); err != nil {
-		t.Fatal(err)
-	}
-	pub := events.NewPublisher(client, topic)
+	s := stacktest.New(t, stacktest.Options{
+		Buckets:    []string{"state", exportsBkt},
+		Topics:     []string{eventsTopic},
+		Healthcare: healthcaretest.Options{Clock: clock},
+	})
+	return s, clock
+}
+
+// worldOn is a world whose Exporter reaches the Healthcare API and Cloud
+// Storage through hc and st (the stack's or fronts of them).
+func worldOn(t *testing.T, s *stacktest.Stack, clock *healthcaretest.FakeClock, hc *healthcare.Service, st *storage.Client, now func() time.Time) *world {
+	t.Helper()
+	pub := events.NewPublisher(s.PubSub, eventsTopic)
 	t.Cleanup(pub.Stop)
 	policy, err := ParsePolicy(testLocation+"/datasets/*/fhirStores/*", "gs://"+exportsBkt)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &world{x: New(hc, NewState(st, "state", "fx"), pub, policy, nil), emu: emu, clock: clock, storage: st, ps: ps}
+	return &world{x: New(hc, NewState(st, "state", "fx"), pub, policy, now), emu: s.Healthcare, clock: clock, storage: s.Storage, ps: s.Pstest}
 }
 
 // store creates a store in a dataset of its own.

@@ -66,19 +66,15 @@ import (
 	"time"
 
 	"cloud.google.com/go/pubsub/v2"
-	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
-	"cloud.google.com/go/pubsub/v2/pstest"
 	"cloud.google.com/go/storage"
-	"github.com/fsouza/fake-gcs-server/fakestorage"
 	healthcare "google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/export"
 	"github.com/fhirexport/fhirexport/healthcaretest"
+	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 
 func main() {
@@ -345,15 +341,12 @@ func build(ctx context.Context, keep bool) (binaries, func(), error) {
 // emulators are the in-process doubles the child processes talk to, each
 // behind a request counter.
 type emulators struct {
+	s        *stacktest.Stack
 	clock    *healthcaretest.FakeClock
-	hc       *healthcaretest.Server
-	gcsURL   string
+	hc       *healthcaretest.Server // s.Healthcare
+	storage  *storage.Client        // s.Storage
+	psClient *pubsub.Client         // s.PubSub
 	gcsCount atomic.Int64
-	gcs      *fakestorage.Server
-	gcsSrv   *http.Server
-	storage  *storage.Client
-	ps       *pstest.Server
-	psClient *pubsub.Client
 	root     string
 	// gcsHandler is fake-gcs-server behind the request counter; the child
 	// reaches it (and the Healthcare emulator) through childGCS and childHC,
@@ -377,46 +370,32 @@ func startEmulators(ctx context.Context) (*emulators, error) {
 	if e.root, err = os.MkdirTemp(dir, "fhirexport-bench-gcs-"); err != nil {
 		return nil, err
 	}
-	e.gcs, err = fakestorage.NewServerWithOptions(fakestorage.Options{NoListener: true, StorageRoot: e.root, Writer: io.Discard})
-	if err != nil {
-		return nil, err
-	}
-	for _, b := range []string{stateBucket, exportBkt} {
-		e.gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, err
-	}
-	e.gcsURL = "http://" + ln.Addr().String()
-	h := e.gcs.HTTPHandler()
-	e.gcsHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		e.gcsCount.Add(1)
-		h.ServeHTTP(w, r)
-	})
-	e.gcsSrv = &http.Server{Handler: e.gcsHandler}
-	go e.gcsSrv.Serve(ln)
-	if e.storage, err = storage.NewClient(ctx, option.WithEndpoint(e.gcsURL+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads()); err != nil {
-		return nil, err
-	}
-
 	e.clock = healthcaretest.NewFakeClock(time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
-	if e.hc, err = healthcaretest.Start("127.0.0.1:0", healthcaretest.Options{Clock: e.clock, Storage: e.storage}); err != nil {
+	e.s, err = stacktest.Start(ctx, stacktest.Options{
+		Project:     project,
+		Buckets:     []string{stateBucket, exportBkt},
+		StorageRoot: e.root,
+		WrapGCS: func(next http.Handler) http.Handler {
+			e.gcsHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				e.gcsCount.Add(1)
+				next.ServeHTTP(w, r)
+			})
+			return e.gcsHandler
+		},
+		Topics:     []string{eventsTopic},
+		Healthcare: healthcaretest.Options{Clock: e.clock},
+	})
+	if err != nil {
+		os.RemoveAll(e.root)
 		return nil, err
 	}
+	e.hc, e.storage, e.psClient = e.s.Healthcare, e.s.Storage, e.s.PubSub
 	if err := e.hc.CreateDataset(dataset); err != nil {
+		e.close()
 		return nil, err
 	}
 	if err := e.hc.CreateFHIRStore(store, "R4"); err != nil {
-		return nil, err
-	}
-
-	e.ps = pstest.NewServer()
-	if e.psClient, err = pubsub.NewClient(ctx, project, option.WithEndpoint(e.ps.Addr), option.WithoutAuthentication(),
-		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials()))); err != nil {
-		return nil, err
-	}
-	if _, err := e.psClient.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: eventsTopic}); err != nil {
+		e.close()
 		return nil, err
 	}
 	return e, nil
@@ -464,18 +443,13 @@ func (e *emulators) close() {
 	for _, f := range e.fronts {
 		f.Close()
 	}
-	e.psClient.Close()
-	e.ps.Close()
-	e.hc.Close()
-	e.storage.Close()
-	e.gcsSrv.Close()
-	e.gcs.Stop()
+	e.s.Close()
 	os.RemoveAll(e.root)
 }
 
 // childEnv is the environment of an fhirexport process pointed at e.
 func (e *emulators) childEnv(port string, extra ...string) []string {
-	gcsURL, hcURL := e.gcsURL, e.hc.URL
+	gcsURL, hcURL := e.s.GCSURL, e.hc.URL
 	if e.childGCS != "" {
 		gcsURL, hcURL = e.childGCS, e.childHC
 	}
@@ -490,7 +464,7 @@ func (e *emulators) childEnv(port string, extra ...string) []string {
 		"FHIREXPORT_ALLOWED_STORES="+dataset+"/fhirStores/*",
 		"FHIREXPORT_ALLOWED_DESTINATIONS=gs://"+exportBkt+"/fhir",
 		"FHIREXPORT_HEALTHCARE_ENDPOINT="+hcURL,
-		"PUBSUB_EMULATOR_HOST="+e.ps.Addr,
+		"PUBSUB_EMULATOR_HOST="+e.s.PubSubAddr,
 		"STORAGE_EMULATOR_HOST="+gcsURL,
 	), extra...)
 }

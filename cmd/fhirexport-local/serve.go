@@ -35,7 +35,7 @@ func (st *stack) serve(ctx context.Context) error {
 		"  gcloud pubsub topics publish projects/YOUR_PROJECT/topics/%s \\\n"+
 		"    --message='%s'\n\n", short(requestsTopic), real)
 	env := fmt.Sprintf("PUBSUB_EMULATOR_HOST=%s STORAGE_EMULATOR_HOST=%s FHIREXPORT_HEALTHCARE_ENDPOINT=%s",
-		st.ps.Addr, st.gcs.URL(), st.emu.URL)
+		st.s.PubSubAddr, st.s.GCSURL, st.emu.URL)
 	c.Printf("Operate it (status, runs, show, cancel, rerun, watermark) from another terminal:\n\n"+
 		"  %s \\\n    FHIREXPORT_STATE=gs://%s/state FHIREXPORT_REQUESTS_TOPIC=%s \\\n    go run ./cmd/fhirexport status\n\n",
 		env, stateBucket, requestsTopic)

@@ -16,19 +16,14 @@ import (
 
 	"cloud.google.com/go/pubsub/v2"
 	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
-	"cloud.google.com/go/pubsub/v2/pstest"
 	"cloud.google.com/go/storage"
-	"github.com/GoogleCloudPlatform/functions-framework-go/funcframework"
-	"github.com/fsouza/fake-gcs-server/fakestorage"
 	healthcare "google.golang.org/api/healthcare/v1"
-	"google.golang.org/api/option"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	// Registers StartExport, PollExport and RecordChange with the functions
 	// framework.
 	_ "github.com/fhirexport/fhirexport"
 	"github.com/fhirexport/fhirexport/healthcaretest"
+	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 
 // The local project's names. The functions read their configuration once per
@@ -58,12 +53,12 @@ type stack struct {
 	con     *console
 	gcsRoot string // fake-gcs-server's folder: DIR/gcs/BUCKET/OBJECT
 
-	emuLog   *os.File
+	emuLog *os.File
+	s      *stacktest.Stack // the emulators
+	// Shorthands for s's parts.
 	emu      *healthcaretest.Server
 	hc       *healthcare.Service
-	gcs      *fakestorage.Server
 	storage  *storage.Client
-	ps       *pstest.Server
 	psClient *pubsub.Client
 	requests *pubsub.Publisher
 	baseURL  string // functions framework
@@ -87,64 +82,36 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 		return nil, err
 	}
 
-	st.gcs, err = fakestorage.NewServerWithOptions(fakestorage.Options{
-		Scheme: "http", Host: "127.0.0.1", Port: uint16(o.gcsPort), StorageRoot: st.gcsRoot, Writer: st.emuLog,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("cloud storage emulator: %w", err)
-	}
-	for _, b := range []string{exportBucket, stateBucket} {
-		st.gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
-	}
-	st.storage, err = storage.NewClient(ctx, option.WithEndpoint(st.gcs.URL()+"/storage/v1/"),
-		option.WithoutAuthentication(), storage.WithJSONReads())
-	if err != nil {
-		return nil, fmt.Errorf("storage client: %w", err)
-	}
-
 	// pstest panics when it cannot listen: check the address first.
-	psAddr := hostPort(o.pubsubPort)
 	if o.pubsubPort != 0 {
-		ln, err := net.Listen("tcp", psAddr)
+		ln, err := net.Listen("tcp", hostPort(o.pubsubPort))
 		if err != nil {
 			return nil, fmt.Errorf("pub/sub emulator: %w (choose another --pubsub-port)", err)
 		}
 		ln.Close()
 	}
-	st.ps = pstest.NewServerWithAddress(psAddr)
-	st.psClient, err = pubsub.NewClient(ctx, project, option.WithEndpoint(st.ps.Addr), option.WithoutAuthentication(),
-		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
-	if err != nil {
-		return nil, fmt.Errorf("pubsub client: %w", err)
-	}
-	subs := map[string]string{ // subscription → topic
-		subName("fhirexport-requests-eventarc"): requestsTopic,
-		subName("fhirexport-poll-eventarc"):     pollTopic,
-		subName("fhirexport-local-events"):      eventsTopic,
-		subName("fhir-changes-eventarc"):        changesTopic,
-	}
-	for _, t := range []string{requestsTopic, pollTopic, eventsTopic, changesTopic} {
-		if _, err := st.psClient.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: t}); err != nil {
-			return nil, fmt.Errorf("create topic %s: %w", t, err)
-		}
-	}
-	for s, t := range subs {
-		if _, err := st.psClient.SubscriptionAdminClient.CreateSubscription(ctx, &pb.Subscription{Name: s, Topic: t, AckDeadlineSeconds: 60}); err != nil {
-			return nil, fmt.Errorf("create subscription %s: %w", s, err)
-		}
-	}
-	st.requests = st.psClient.Publisher(requestsTopic)
-
 	emuLogger := log.New(st.emuLog, "", log.LstdFlags|log.Lmicroseconds)
-	st.emu, err = healthcaretest.Start(hostPort(o.healthcarePort), healthcaretest.Options{
-		Storage: st.storage, PubSub: st.psClient, ExportDuration: o.exportDuration, ExportSteps: o.exportSteps, Logf: emuLogger.Printf,
+	st.s, err = stacktest.Start(ctx, stacktest.Options{
+		Project:     project,
+		Buckets:     []string{exportBucket, stateBucket},
+		StorageRoot: st.gcsRoot, GCSPort: o.gcsPort, GCSLog: st.emuLog,
+		PubSubPort: o.pubsubPort,
+		Topics:     []string{requestsTopic, pollTopic, eventsTopic, changesTopic},
+		Subscriptions: []*pb.Subscription{
+			{Name: subName("fhirexport-requests-eventarc"), Topic: requestsTopic, AckDeadlineSeconds: 60},
+			{Name: subName("fhirexport-poll-eventarc"), Topic: pollTopic, AckDeadlineSeconds: 60},
+			{Name: subName("fhirexport-local-events"), Topic: eventsTopic, AckDeadlineSeconds: 60},
+			{Name: subName("fhir-changes-eventarc"), Topic: changesTopic, AckDeadlineSeconds: 60},
+		},
+		HealthcarePort: o.healthcarePort,
+		Healthcare:     healthcaretest.Options{ExportDuration: o.exportDuration, ExportSteps: o.exportSteps, Logf: emuLogger.Printf},
 	})
 	if err != nil {
-		return nil, fmt.Errorf("healthcare emulator: %w", err)
-	}
-	if st.hc, err = st.emu.Service(ctx); err != nil {
 		return nil, err
 	}
+	st.emu, st.hc, st.storage, st.psClient = st.s.Healthcare, st.s.HealthcareService, st.s.Storage, st.s.PubSub
+	st.requests = st.psClient.Publisher(requestsTopic)
+
 	if err := st.emu.CreateDataset(datasetName); err != nil {
 		return nil, err
 	}
@@ -169,8 +136,8 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 		"FHIREXPORT_ALLOWED_DESTINATIONS": exportPrefix + "," + bqDataset,
 		"FHIREXPORT_HEALTHCARE_ENDPOINT":  st.emu.URL,
 		"FHIREXPORT_MAX_RUNNING":          strconv.Itoa(maxRunning),
-		"PUBSUB_EMULATOR_HOST":            st.ps.Addr,
-		"STORAGE_EMULATOR_HOST":           st.gcs.URL(),
+		"PUBSUB_EMULATOR_HOST":            st.s.PubSubAddr,
+		"STORAGE_EMULATOR_HOST":           st.s.GCSURL,
 	}
 	for k, v := range env {
 		if err := os.Setenv(k, v); err != nil {
@@ -205,44 +172,17 @@ func (st *stack) background(ctx context.Context, what string, f func(context.Con
 	}
 }
 
-// startFunctions serves the registered functions. functions-framework-go
-// offers no way to stop its server (StartHostPort is http.ListenAndServe): it
-// lives until the process exits.
+// startFunctions serves the registered functions; they live until the
+// process exits.
 func (st *stack) startFunctions(ctx context.Context) error {
 	ln, err := net.Listen("tcp", hostPort(st.o.port))
 	if err != nil {
 		return fmt.Errorf("functions framework: %w (choose another --port; 0 picks a free one)", err)
 	}
-	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
-	errc := make(chan error, 1)
-	go func() { errc <- funcframework.StartHostPort("127.0.0.1", port) }()
-	st.baseURL = "http://127.0.0.1:" + port
-	t := time.NewTicker(20 * time.Millisecond)
-	defer t.Stop()
-	deadline := time.After(10 * time.Second)
-	for {
-		// "/" serves no function: a 404 proves the server is up without
-		// invoking one.
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, st.baseURL+"/", nil)
-		if err != nil {
-			return err
-		}
-		if resp, err := http.DefaultClient.Do(req); err == nil {
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case err := <-errc:
-			return fmt.Errorf("functions framework: %w", err)
-		case <-deadline:
-			return fmt.Errorf("functions framework did not answer at %s", st.baseURL)
-		case <-t.C:
-		}
-	}
+	st.baseURL, err = stacktest.ServeFunctions(ctx, port)
+	return err
 }
 
 // tick publishes to the poll topic every --tick, as Cloud Scheduler does every
@@ -330,21 +270,8 @@ func (st *stack) close() {
 	if st.requests != nil {
 		st.requests.Stop()
 	}
-	// The emulator publishes with psClient: stop it first.
-	if st.emu != nil {
-		st.emu.Close()
-	}
-	if st.psClient != nil {
-		st.psClient.Close()
-	}
-	if st.ps != nil {
-		st.ps.Close()
-	}
-	if st.storage != nil {
-		st.storage.Close()
-	}
-	if st.gcs != nil {
-		st.gcs.Stop()
+	if st.s != nil {
+		st.s.Close()
 	}
 	if st.emuLog != nil {
 		st.emuLog.Close()
@@ -357,9 +284,9 @@ func (st *stack) describe() {
 	c.Printf("fhirexport-local: everything is under %s/ (function logs: %s, emulator logs: %s)\n",
 		st.o.dir, st.o.logs, filepath.Join(st.o.dir, "emulators.log"))
 	c.Printf("  Healthcare API emulator  %s  store %s (%d patients, %d resources)\n", st.emu.URL, storeName, st.o.patients, st.seeded)
-	c.Printf("  Cloud Storage emulator   %s  buckets %s, %s in %s/\n", st.gcs.URL(), exportBucket, stateBucket, st.gcsRoot)
+	c.Printf("  Cloud Storage emulator   %s  buckets %s, %s in %s/\n", st.s.GCSURL, exportBucket, stateBucket, st.gcsRoot)
 	c.Printf("  Pub/Sub emulator         %s  %s → StartExport, %s → PollExport (every %s), %s,\n",
-		st.ps.Addr, short(requestsTopic), short(pollTopic), st.o.tick, short(eventsTopic))
+		st.s.PubSubAddr, short(requestsTopic), short(pollTopic), st.o.tick, short(eventsTopic))
 	c.Printf("                           %s (%s's notificationConfigs) → RecordChange\n", short(changesTopic), short(storeName))
 	c.Printf("  functions                %s/StartExport  %s/PollExport  %s/RecordChange\n", st.baseURL, st.baseURL, st.baseURL)
 	c.Printf("  exports run %s in %d steps (emulated); FHIREXPORT_MAX_RUNNING=%d\n", st.o.exportDuration, st.o.exportSteps, maxRunning)

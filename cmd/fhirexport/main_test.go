@@ -5,26 +5,20 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
 
-	"cloud.google.com/go/pubsub/v2"
-	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
 	"cloud.google.com/go/pubsub/v2/pstest"
-	"cloud.google.com/go/storage"
 	"github.com/fsouza/fake-gcs-server/fakestorage"
 	"github.com/google/go-cmp/cmp"
 	healthcare "google.golang.org/api/healthcare/v1"
-	"google.golang.org/api/option"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/export"
 	"github.com/fhirexport/fhirexport/healthcaretest"
+	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 
 const (
@@ -50,62 +44,35 @@ type stack struct {
 
 func newStack(t *testing.T) *stack {
 	t.Helper()
-	ctx := context.Background()
-	gcs, err := fakestorage.NewServerWithOptions(fakestorage.Options{Scheme: "http", Host: "127.0.0.1", Writer: io.Discard})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(gcs.Stop)
-	for _, b := range []string{"state", "exports"} {
-		gcs.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
-	}
-	st, err := storage.NewClient(ctx, option.WithEndpoint(gcs.URL()+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
 	clock := healthcaretest.NewFakeClock(time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
-	emu := healthcaretest.NewServer(t, healthcaretest.Options{Clock: clock, Storage: st, Logf: func(string, ...any) {}})
-	if err := emu.CreateDataset(location + "/datasets/d"); err != nil {
+	s := stacktest.New(t, stacktest.Options{
+		Buckets:    []string{"state", "exports"},
+		Topics:     []string{eventsTopic, requestsTopic},
+		Healthcare: healthcaretest.Options{Clock: clock},
+	})
+	if err := s.Healthcare.CreateDataset(location + "/datasets/d"); err != nil {
 		t.Fatal(err)
 	}
-	if err := emu.CreateFHIRStore(store, "R4"); err != nil {
+	if err := s.Healthcare.CreateFHIRStore(store, "R4"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := emu.Seed(store, 1, 3); err != nil {
+	if _, err := s.Healthcare.Seed(store, 1, 3); err != nil {
 		t.Fatal(err)
 	}
-	hc, err := emu.Service(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ps := pstest.NewServer()
-	t.Cleanup(func() { ps.Close() })
-	client, err := pubsub.NewClient(ctx, "test-project", option.WithEndpoint(ps.Addr), option.WithoutAuthentication(),
-		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { client.Close() })
-	for _, topic := range []string{eventsTopic, requestsTopic} {
-		if _, err := client.TopicAdminClient.CreateTopic(ctx, &pb.Topic{Name: topic}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	pub := events.NewPublisher(client, eventsTopic)
+	pub := events.NewPublisher(s.PubSub, eventsTopic)
 	t.Cleanup(pub.Stop)
 	policy, err := export.ParsePolicy(location+"/datasets/*/fhirStores/*", "gs://exports")
 	if err != nil {
 		t.Fatal(err)
 	}
 	return &stack{
-		gcs: gcs, emu: emu, clock: clock, ps: ps,
-		x: export.New(hc, export.NewState(st, "state", "fx"), pub, policy, nil),
+		gcs: s.GCS, emu: s.Healthcare, clock: clock, ps: s.Pstest,
+		x: export.New(s.HealthcareService, export.NewState(s.Storage, "state", "fx"), pub, policy, nil),
 		env: map[string]string{
 			"FHIREXPORT_STATE":               stateLoc,
-			"FHIREXPORT_HEALTHCARE_ENDPOINT": emu.URL,
-			"STORAGE_EMULATOR_HOST":          gcs.URL(),
-			"PUBSUB_EMULATOR_HOST":           ps.Addr,
+			"FHIREXPORT_HEALTHCARE_ENDPOINT": s.Healthcare.URL,
+			"STORAGE_EMULATOR_HOST":          s.GCSURL,
+			"PUBSUB_EMULATOR_HOST":           s.PubSubAddr,
 		},
 		now: time.Now().UTC().Truncate(time.Second),
 	}
