@@ -59,6 +59,7 @@ const (
 // env is the shared test environment, built once in TestMain: the functions
 // read their configuration once per instance, as in production.
 var env struct {
+	stack   *stacktest.Stack // Cloud Storage behind it keeps delete preconditions (RefusedDeletes)
 	baseURL string
 	emu     *healthcaretest.Server
 	clock   *healthcaretest.FakeClock
@@ -121,7 +122,7 @@ func run(m *testing.M) (int, error) {
 		return 0, err
 	}
 	defer s.Close()
-	env.gcs, env.storage, env.emu, env.hc, env.psAddr = s.GCS, s.Storage, s.Healthcare, s.HealthcareService, s.PubSubAddr
+	env.stack, env.gcs, env.storage, env.emu, env.hc, env.psAddr = s, s.GCS, s.Storage, s.Healthcare, s.HealthcareService, s.PubSubAddr
 
 	// Cloud Storage as the functions see it goes through a fault injector.
 	env.gcsFail = &gcsFaults{}

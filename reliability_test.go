@@ -150,36 +150,6 @@ func dropConn(w http.ResponseWriter) {
 	panic(http.ErrAbortHandler)
 }
 
-// deletePreconditions makes the Cloud Storage proxy enforce ifGenerationMatch
-// on deletes of state objects, which fake-gcs-server ignores (FIELD-NOTES):
-// without it, a late sweep's conditional delete removes the next run's lock.
-// Deletes and writes of the state bucket are serialized so that the check
-// and the delete are one step.
-type deletePreconditions struct {
-	mu      sync.Mutex
-	refused atomic.Int64
-}
-
-func (d *deletePreconditions) serve(w http.ResponseWriter, r *http.Request, next http.Handler) {
-	if !strings.Contains(r.URL.Path, "/b/"+stateBucket+"/") || (r.Method != http.MethodDelete && r.Method != http.MethodPost) {
-		next.ServeHTTP(w, r)
-		return
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if g := r.URL.Query().Get("ifGenerationMatch"); r.Method == http.MethodDelete && g != "" {
-		a, err := env.storage.Bucket(stateBucket).Object(objectName(r)).Attrs(r.Context())
-		if err == nil && fmt.Sprint(a.Generation) != g {
-			d.refused.Add(1)
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusPreconditionFailed)
-			io.WriteString(w, `{"error":{"code":412,"message":"At least one of the pre-conditions you specified did not hold."}}`)
-			return
-		}
-	}
-	next.ServeHTTP(w, r)
-}
-
 // --- random faults ---
 
 // chaos draws faults from one seeded source and counts what it injected.
@@ -369,13 +339,7 @@ func TestFaultInjection(t *testing.T) {
 		t.Cleanup(func() { env.emu.FailRate(m, 0, 0) })
 	}
 	gcsChaos, psChaos := newChaos(seed+1), newChaos(seed+2)
-	chaosHook, dp := gcsChaos.gcs(rate, 0.2), &deletePreconditions{}
-	gcsHook := func(w http.ResponseWriter, r *http.Request, next http.Handler) bool {
-		if !chaosHook(w, r, next) {
-			dp.serve(w, r, next)
-		}
-		return true
-	}
+	gcsHook, refusedBefore := gcsChaos.gcs(rate, 0.2), env.stack.RefusedDeletes()
 	env.gcsFail.around.Store(&gcsHook)
 	psHook := psChaos.publish(rate, 0.2)
 	env.psFault.extra.Store(&psHook)
@@ -528,7 +492,7 @@ func TestFaultInjection(t *testing.T) {
 	t.Logf("events: started %d (%d duplicates, %d runs without one), outcomes %d (%d duplicates)",
 		st.started, st.startedDup, st.noStarted, st.outcomes, st.outcomeDup)
 	t.Logf("starts released unstarted after their lease (code 4): %d", st.released)
-	t.Logf("cloud storage faults:%s; conditional deletes refused: %d", gcsChaos.summary(), dp.refused.Load())
+	t.Logf("cloud storage faults:%s; conditional deletes refused: %d", gcsChaos.summary(), env.stack.RefusedDeletes()-refusedBefore)
 	t.Logf("pub/sub faults:%s", psChaos.summary())
 }
 
@@ -943,13 +907,8 @@ func TestCrashRecovery(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts child processes")
 	}
-	hold, dp := &holder{}, &deletePreconditions{}
-	around := func(w http.ResponseWriter, r *http.Request, next http.Handler) bool {
-		if !hold.around(w, r, next) {
-			dp.serve(w, r, next)
-		}
-		return true
-	}
+	hold := &holder{}
+	around := hold.around
 	env.gcsFail.around.Store(&around)
 	t.Cleanup(func() { env.gcsFail.around.Store(nil) })
 	emuProxy := httputil.NewSingleHostReverseProxy(must(url.Parse(env.emu.URL)))

@@ -4,8 +4,6 @@ package export
 // holding one request of the Exporter at a chosen point.
 
 import (
-	"encoding/json"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -151,7 +149,7 @@ func TestRequeueRacesTheDequeuer(t *testing.T) {
 	held := holdRequest(func(r *http.Request) bool {
 		return r.Method == http.MethodDelete && strings.Contains(r.URL.Path, "fx/queue/")
 	})
-	w := newFrontedWorld(t, fronts{gcs: func(next http.Handler) http.Handler { return held.wrap(enforceDeletePreconditions(next)) }})
+	w := newFrontedWorld(t, fronts{gcs: held.wrap})
 	w.emu.SetExportTiming(time.Minute, 1)
 	w.x.MaxRunning = 1
 	first, second := w.store(t), w.store(t)
@@ -192,32 +190,3 @@ func TestRequeueRacesTheDequeuer(t *testing.T) {
 	}
 }
 
-// enforceDeletePreconditions answers 412 to a delete whose ifGenerationMatch
-// does not hold, which fake-gcs-server ignores (FIELD-NOTES). Writes are
-// serialized so that the check and the delete are one step.
-func enforceDeletePreconditions(next http.Handler) http.Handler {
-	var mu sync.Mutex
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodGet || r.Method == http.MethodHead {
-			next.ServeHTTP(w, r)
-			return
-		}
-		mu.Lock()
-		defer mu.Unlock()
-		if g := r.URL.Query().Get("ifGenerationMatch"); r.Method == http.MethodDelete && g != "" {
-			get := httptest.NewRequest(http.MethodGet, r.URL.Path, nil)
-			rec := httptest.NewRecorder()
-			next.ServeHTTP(rec, get)
-			var attrs struct {
-				Generation string `json:"generation"`
-			}
-			if rec.Code == http.StatusOK && json.Unmarshal(rec.Body.Bytes(), &attrs) == nil && attrs.Generation != g {
-				w.Header().Set("Content-Type", "application/json")
-				w.WriteHeader(http.StatusPreconditionFailed)
-				io.WriteString(w, `{"error":{"code":412,"message":"At least one of the pre-conditions you specified did not hold."}}`)
-				return
-			}
-		}
-		next.ServeHTTP(w, r)
-	})
-}

@@ -96,7 +96,9 @@ type Stack struct {
 	// HealthcareService is a Cloud Healthcare API client on Healthcare.URL.
 	HealthcareService *healthcare.Service
 
-	gcsSrv *http.Server // serves WrapGCS
+	gcsSrv *http.Server // serves fake-gcs-server behind preconditions and WrapGCS
+	gcsLn  net.Listener // closed by Close itself: Serve may not have taken it yet
+	pre    *preconditions
 }
 
 // Start starts fake-gcs-server, Pub/Sub and the Healthcare emulator, with
@@ -137,27 +139,22 @@ func (s *Stack) startGCS(ctx context.Context, opts Options) error {
 		log = io.Discard
 	}
 	var err error
-	if opts.WrapGCS == nil {
-		s.GCS, err = fakestorage.NewServerWithOptions(fakestorage.Options{
-			Scheme: "http", Host: "127.0.0.1", Port: uint16(opts.GCSPort), StorageRoot: opts.StorageRoot, Writer: log,
-		})
-		if err != nil {
-			return fmt.Errorf("cloud storage emulator: %w", err)
-		}
-		s.GCSURL = s.GCS.URL()
-	} else {
-		s.GCS, err = fakestorage.NewServerWithOptions(fakestorage.Options{NoListener: true, StorageRoot: opts.StorageRoot, Writer: log})
-		if err != nil {
-			return fmt.Errorf("cloud storage emulator: %w", err)
-		}
-		ln, err := net.Listen("tcp", hostPort(opts.GCSPort))
-		if err != nil {
-			return fmt.Errorf("cloud storage emulator: %w", err)
-		}
-		s.GCSURL = "http://" + ln.Addr().String()
-		s.gcsSrv = &http.Server{Handler: opts.WrapGCS(s.GCS.HTTPHandler())}
-		go s.gcsSrv.Serve(ln)
+	s.GCS, err = fakestorage.NewServerWithOptions(fakestorage.Options{NoListener: true, StorageRoot: opts.StorageRoot, Writer: log})
+	if err != nil {
+		return fmt.Errorf("cloud storage emulator: %w", err)
 	}
+	ln, err := net.Listen("tcp", hostPort(opts.GCSPort))
+	if err != nil {
+		return fmt.Errorf("cloud storage emulator: %w", err)
+	}
+	s.GCSURL = "http://" + ln.Addr().String()
+	s.pre = &preconditions{next: s.GCS.HTTPHandler()}
+	var h http.Handler = s.pre
+	if opts.WrapGCS != nil {
+		h = opts.WrapGCS(h)
+	}
+	s.gcsSrv, s.gcsLn = &http.Server{Handler: h}, ln
+	go s.gcsSrv.Serve(ln)
 	for _, b := range opts.Buckets {
 		s.GCS.CreateBucketWithOpts(fakestorage.CreateBucketOpts{Name: b})
 	}
@@ -225,10 +222,15 @@ func (s *Stack) Close() {
 	}
 	if s.gcsSrv != nil {
 		s.gcsSrv.Close()
+		s.gcsLn.Close()
 	}
 	if s.GCS != nil {
 		s.GCS.Stop()
 	}
 }
+
+// RefusedDeletes counts deletes answered 412 because their
+// ifGenerationMatch did not hold (fake-gcs-server alone would have deleted).
+func (s *Stack) RefusedDeletes() int64 { return s.pre.refused.Load() }
 
 func hostPort(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }

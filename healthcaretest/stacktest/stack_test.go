@@ -2,6 +2,7 @@ package stacktest
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/http"
 	"strconv"
@@ -13,6 +14,8 @@ import (
 	"cloud.google.com/go/pubsub/v2"
 	pb "cloud.google.com/go/pubsub/v2/apiv1/pubsubpb"
 	"cloud.google.com/go/pubsub/v2/pstest"
+	"cloud.google.com/go/storage"
+	"google.golang.org/api/googleapi"
 	healthcare "google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
@@ -143,9 +146,6 @@ func TestWrapGCS(t *testing.T) {
 			})
 		},
 	})
-	if s.GCSURL == s.GCS.URL() {
-		t.Fatalf("GCSURL %s is fake-gcs-server's own", s.GCSURL)
-	}
 	exportTo(t, s, "exports")
 	if got := objects(t, s, "exports"); len(got) != 1 || emulatorWrites.Load() != 1 {
 		t.Fatalf("exported objects %q, %d written through the wrapper; want one", got, emulatorWrites.Load())
@@ -156,6 +156,43 @@ func TestWrapGCS(t *testing.T) {
 	}
 	if seen.Load() != before+1 {
 		t.Errorf("the stack's Storage client: %d requests through the wrapper, want 1", seen.Load()-before)
+	}
+}
+
+// TestDeletePreconditions: a delete whose ifGenerationMatch no longer holds
+// is refused with 412 and deletes nothing, as on Cloud Storage
+// (fake-gcs-server alone deletes); one that holds deletes.
+func TestDeletePreconditions(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s := New(t, Options{Buckets: []string{"state"}})
+	o := s.Storage.Bucket("state").Object("dir/lock.json")
+	write := func(data string) int64 {
+		w := o.NewWriter(ctx)
+		w.Write([]byte(data))
+		if err := w.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return w.Attrs().Generation
+	}
+	old := write("first")
+	cur := write("second")
+	err := o.If(storage.Conditions{GenerationMatch: old}).Delete(ctx)
+	var ge *googleapi.Error
+	if !errors.As(err, &ge) || ge.Code != http.StatusPreconditionFailed {
+		t.Fatalf("delete at a stale generation: %v, want 412", err)
+	}
+	if _, err := o.Attrs(ctx); err != nil {
+		t.Fatalf("the refused delete removed the object: %v", err)
+	}
+	if n := s.RefusedDeletes(); n != 1 {
+		t.Errorf("RefusedDeletes = %d, want 1", n)
+	}
+	if err := o.If(storage.Conditions{GenerationMatch: cur}).Delete(ctx); err != nil {
+		t.Fatalf("delete at the current generation: %v", err)
+	}
+	if _, err := o.Attrs(ctx); !errors.Is(err, storage.ErrObjectNotExist) {
+		t.Errorf("after the delete: %v, want not found", err)
 	}
 }
 
