@@ -17,9 +17,12 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net/http"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,9 +31,14 @@ import (
 	"github.com/fhirexport/fhirexport/events"
 )
 
-var feedCases = flag.Int("feed.cases", 30, "random cases of TestFeedReplayReproducesStore")
+var (
+	feedCases      = flag.Int("feed.cases", 30, "random cases of TestFeedReplayReproducesStore")
+	feedFaultCases = flag.Int("feed.faultcases", 10, "random cases of TestFeedReplayUnderFaults")
+	feedFaultRate  = flag.Float64("feed.faultrate", 0.1, "TestFeedReplayUnderFaults: fraction of the Exporter's Cloud Storage requests that fail")
+)
 
 func TestFeedReplayReproducesStore(t *testing.T) {
+	t.Parallel()
 	w := newFeedWorld(t)
 	for c := 0; c < *feedCases; c++ {
 		seed := uint64(c)
@@ -38,6 +46,85 @@ func TestFeedReplayReproducesStore(t *testing.T) {
 			t.Fatalf("reproduce with: go test ./export -run 'TestFeedReplayReproducesStore/seed=%d$'", seed)
 		}
 	}
+}
+
+// TestFeedReplayUnderFaults is the same property with Cloud Storage failing
+// under RecordChange and the feed writes: a fraction of the Exporter's
+// requests answer 503, half of them after the request took effect (the
+// answer is lost). A failed call is made again, as Pub/Sub redelivers a
+// notification and the next sweep finalizes a run again.
+func TestFeedReplayUnderFaults(t *testing.T) {
+	t.Parallel()
+	for c := 0; c < *feedFaultCases; c++ {
+		seed := uint64(1000 + c)
+		faults := &storageFaults{rng: rand.New(rand.NewPCG(seed, 0xfa17)), rate: *feedFaultRate}
+		w := newFeedWorldFronted(t, faults.wrap)
+		if !t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { w.replayCase(t, seed) }) {
+			t.Fatalf("reproduce with: go test ./export -run 'TestFeedReplayUnderFaults/seed=%d$'", seed)
+		}
+		t.Logf("seed %d: %d requests, %d failed before taking effect, %d after; %d calls made again",
+			seed, faults.requests, faults.before, faults.after, w.again)
+		if faults.after == 0 {
+			t.Errorf("seed %d: no request failed after taking effect: the case tests less than it says", seed)
+		}
+	}
+}
+
+// storageFaults fails a seeded fraction of Cloud Storage requests with 503,
+// half of them after passing the request on. A fault starts an outage of up
+// to 8 requests, longer than the clients' own retries last, so calls fail:
+// either nothing gets through, or everything does and no answer comes back.
+type storageFaults struct {
+	mu                      sync.Mutex
+	rng                     *rand.Rand
+	rate                    float64
+	outage                  int  // requests still to fail
+	late                    bool // this outage loses answers (the requests take effect)
+	requests, before, after int
+}
+
+func (f *storageFaults) wrap(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		f.mu.Lock()
+		f.requests++
+		if f.outage == 0 && f.rng.Float64() < f.rate {
+			f.outage, f.late = 1+f.rng.IntN(8), f.rng.IntN(2) == 0
+		}
+		fail, late := f.outage > 0, f.late
+		if fail {
+			f.outage--
+		}
+		switch {
+		case fail && late:
+			f.after++
+		case fail:
+			f.before++
+		}
+		f.mu.Unlock()
+		if !fail {
+			next.ServeHTTP(w, r)
+			return
+		}
+		if late {
+			next.ServeHTTP(discard{http.Header{}}, r)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, `{"error":{"code":503,"message":"injected: backend unavailable"}}`)
+	})
+}
+
+// retry makes call again while it fails, as Pub/Sub and the next sweep do.
+func (w *feedWorld) retry(t *testing.T, what string, call func() error) {
+	t.Helper()
+	var err error
+	for range 30 {
+		if err = call(); err == nil {
+			return
+		}
+		w.again++
+	}
+	t.Fatalf("%s kept failing: %v", what, err)
 }
 
 // modelVersion is a resource's latest state in the model store.
@@ -107,9 +194,7 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 				rest = append(rest, q)
 				continue
 			}
-			if err := w.x.RecordChange(ctx, q.n); err != nil {
-				t.Fatalf("RecordChange: %v", err)
-			}
+			w.retry(t, "RecordChange", func() error { return w.x.RecordChange(ctx, q.n) })
 		}
 		queue = rest
 	}
@@ -168,10 +253,11 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 		if outcome == events.TypePartial {
 			meta.Counter.Failure = 1
 		}
-		res, err := w.x.writeFeed(ctx, *f, op, meta, outcome, p.cursor)
-		if err != nil {
-			t.Fatalf("writeFeed %s: %v", f.Operation, err)
-		}
+		var res feedResult
+		w.retry(t, "writeFeed "+f.Operation, func() (err error) {
+			res, err = w.x.writeFeed(ctx, *f, op, meta, outcome, p.cursor)
+			return err
+		})
 		if rng.IntN(5) == 0 {
 			// A crash before the manifest was written: the retry runs later,
 			// with more notifications in.
@@ -181,9 +267,10 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 			}
 			w.clock.Advance(time.Duration(rng.IntN(120)) * time.Second)
 			deliver(false)
-			if res, err = w.x.writeFeed(ctx, *f, op, meta, outcome, p.cursor); err != nil {
-				t.Fatalf("writeFeed retry %s: %v", f.Operation, err)
-			}
+			w.retry(t, "writeFeed again "+f.Operation, func() (err error) {
+				res, err = w.x.writeFeed(ctx, *f, op, meta, outcome, p.cursor)
+				return err
+			})
 		}
 		if outcome == events.TypeSucceeded {
 			if res.Cursor == nil {

@@ -22,6 +22,7 @@ import (
 
 	"cloud.google.com/go/storage"
 	"github.com/google/go-cmp/cmp"
+	"github.com/googleapis/gax-go/v2"
 	healthcare "google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
@@ -48,16 +49,36 @@ func (c *testClock) Advance(d time.Duration) {
 // feedWorld is fake-gcs-server, a storage client and an Exporter that needs
 // neither the Healthcare API nor Pub/Sub.
 type feedWorld struct {
-	x     *Exporter
-	st    *storage.Client
-	clock *testClock
+	x      *Exporter
+	st     *storage.Client
+	clock  *testClock
+	gcsURL string // the stack's Cloud Storage
+	again  int    // calls made again after a failure (feedWorld.retry)
 }
 
 func newFeedWorld(t *testing.T) *feedWorld {
 	t.Helper()
 	s := stacktest.New(t, stacktest.Options{Buckets: []string{"state", exportsBkt}})
 	clock := &testClock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)}
-	return &feedWorld{x: newFeedExporter(t, s.Storage, clock), st: s.Storage, clock: clock}
+	return &feedWorld{x: newFeedExporter(t, s.Storage, clock), st: s.Storage, clock: clock, gcsURL: s.GCSURL}
+}
+
+// newFeedWorldFronted is newFeedWorld with the Exporter's Cloud Storage
+// requests going through front (the test's own go directly). The client
+// retries with short waits: the faults are many, the clock is ours.
+func newFeedWorldFronted(t *testing.T, front func(http.Handler) http.Handler) *feedWorld {
+	t.Helper()
+	w := newFeedWorld(t)
+	srv := httptest.NewServer(front(proxyTo(t, w.gcsURL)))
+	t.Cleanup(srv.Close)
+	st, err := storage.NewClient(context.Background(), option.WithEndpoint(srv.URL+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.SetRetry(storage.WithBackoff(gax.Backoff{Initial: time.Millisecond, Max: 20 * time.Millisecond}))
+	t.Cleanup(func() { st.Close() })
+	w.x = newFeedExporter(t, st, w.clock)
+	return w
 }
 
 func newFeedExporter(t *testing.T, st *storage.Client, clock *testClock) *Exporter {

@@ -189,4 +189,3 @@ func TestRequeueRacesTheDequeuer(t *testing.T) {
 		}
 	}
 }
-
