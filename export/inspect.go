@@ -82,7 +82,8 @@ type Lock struct {
 	Slot        int               `json:"slot"`
 	FromQueue   bool              `json:"fromQueue,omitempty"`
 	// State is "starting" (no export call yet), "in doubt" (called, answer not
-	// recorded), "running" or "finalizing".
+	// recorded), "ending" (failed without an export, lock not yet released),
+	// "requeueing" (going back to the queue), "running" or "finalizing".
 	State      string    `json:"state"`
 	Started    time.Time `json:"started"`
 	Called     time.Time `json:"called,omitzero"`
@@ -673,6 +674,10 @@ func (in *Inspector) lockOf(p pendingRecord) *Lock {
 		l.State = "finalizing"
 	case p.Operation != "":
 		l.State = "running"
+	case p.Ending != nil:
+		l.State = "ending"
+	case p.Requeued != "":
+		l.State = "requeueing"
 	case !p.Called.IsZero():
 		l.State = "in doubt"
 	default:
