@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/fhirexport/fhirexport/events"
@@ -73,5 +75,62 @@ func TestRecordChangeForms(t *testing.T) {
 				t.Fatalf("tombstones after a deletion: %v", got)
 			}
 		})
+	}
+}
+
+// TestBigQueryDeletionsReachTheFeed: an incremental BigQuery pipeline with
+// deletedUriPrefix. A deletion notified between two runs reaches the second
+// run's deleted file, under the prefix, named by its manifest and counted in
+// its event; the first run (a full export) gets a manifest without output.
+func TestBigQueryDeletionsReachTheFeed(t *testing.T) {
+	t.Parallel()
+	store, _ := newStore(t, 2)
+	spec := specJSON(t, map[string]any{"fhirStore": store, "name": "bq-feed", "incremental": true,
+		"bigqueryDestination": map[string]any{"datasetUri": "bq://test-project.analytics",
+			"schemaConfig": map[string]any{"schemaType": "ANALYTICS_V2"}, "writeDisposition": "WRITE_APPEND"},
+		"deletedUriPrefix": "gs://" + exportBucket + "/fhir/deleted/{store}"})
+	run := func(id string) events.Data {
+		t.Helper()
+		if code := deliverPubSub(t, "StartExport", id, spec); code != http.StatusOK {
+			t.Fatalf("StartExport answered %d", code)
+		}
+		evs := pollUntil(t, byTrigger(id), 2)
+		if got := types(evs); !slices.Equal(got, []string{"started", "succeeded"}) {
+			t.Fatalf("events = %v", got)
+		}
+		return outcomes(evs)[0].Data
+	}
+	prefix := "gs://" + exportBucket + "/fhir/deleted/" + store[strings.LastIndex(store, "/")+1:] + "/"
+	first := run(newID("bqfeed"))
+	if !strings.HasPrefix(first.Manifest, prefix) || len(first.Outputs) != 0 {
+		t.Errorf("first run: manifest %q, outputs %v; want a manifest under %s without outputs", first.Manifest, first.Outputs, prefix)
+	}
+
+	body := specJSON(t, map[string]any{"subscription": "projects/test-project/subscriptions/push", "message": map[string]any{
+		"data": base64.StdEncoding.EncodeToString([]byte(store + "/fhir/Patient/gone")),
+		"attributes": map[string]string{"action": events.ActionDelete, "lastUpdatedTime": "Thu, 26 Nov 2026 01:02:03 UTC",
+			"payloadType": "NameOnly", "resourceType": "Patient", "storeName": store, "versionId": "MTY4"},
+		"messageId": newID("n"), "publishTime": "2026-11-26T01:02:03.456Z"}})
+	if code := post(t, "RecordChange", map[string]string{"Content-Type": "application/json"}, body); code != http.StatusOK {
+		t.Fatalf("RecordChange answered %d", code)
+	}
+
+	second := run(newID("bqfeed"))
+	if second.Deleted == nil || *second.Deleted != 1 || !strings.HasPrefix(second.Manifest, prefix) {
+		t.Fatalf("second run: deleted %v, manifest %q; want 1 under %s", second.Deleted, second.Manifest, prefix)
+	}
+	var m struct {
+		Output  []events.Output `json:"output"`
+		Deleted []events.Output `json:"deleted"`
+	}
+	if err := json.Unmarshal(readObject(t, exportBucket, strings.TrimPrefix(second.Manifest, "gs://"+exportBucket+"/")), &m); err != nil {
+		t.Fatal(err)
+	}
+	if len(m.Output) != 0 || len(m.Deleted) != 1 {
+		t.Fatalf("manifest output %v, deleted %v", m.Output, m.Deleted)
+	}
+	deleted := string(readObject(t, exportBucket, strings.TrimPrefix(m.Deleted[0].URL, "gs://"+exportBucket+"/")))
+	if !strings.Contains(deleted, `"method":"DELETE","url":"Patient/gone"`) || strings.Count(deleted, "\n") != 1 {
+		t.Errorf("deleted file:\n%s\nwant one DELETE of Patient/gone", deleted)
 	}
 }

@@ -221,6 +221,9 @@ type manifestExtension struct {
 	Counters    events.Counters   `json:"counters"`
 	LogsURL     string            `json:"logsUrl,omitempty"`
 	Trigger     events.TriggerRef `json:"trigger"`
+	// Destination is a BigQuery run's dataset: its output is there, not in
+	// this manifest's output list.
+	Destination string `json:"destination,omitempty"`
 	// Deletions is the pipeline's deletion cursor once this manifest is
 	// delivered: a retry after a crash returns it instead of listing again.
 	Deletions *deletionCursor `json:"deletions,omitempty"`
@@ -268,7 +271,11 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 	if outcome != events.TypeSucceeded && outcome != events.TypePartial {
 		return feedResult{}, nil
 	}
-	rest, ok := strings.CutPrefix(p.Destination, "gs://")
+	feedDir := p.Destination
+	if !strings.HasPrefix(feedDir, "gs://") {
+		feedDir = p.Feed // a BigQuery run's deletedUriPrefix: its manifest lists no output
+	}
+	rest, ok := strings.CutPrefix(feedDir, "gs://")
 	if !ok {
 		return feedResult{}, nil
 	}
@@ -311,6 +318,9 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 		Extension: manifestExtension{Operation: op.Name, Pipeline: p.Pipeline, Name: p.Name, Store: p.Store, Types: p.Types,
 			Since: p.Since, Incremental: p.Incremental, Outcome: strings.TrimPrefix(outcome, events.TypePrefix),
 			Counters: events.Counters{Success: c.Success, Failure: c.Failure, Pending: c.Pending}, LogsURL: meta.LogsUrl, Trigger: p.Trigger},
+	}
+	if feedDir != p.Destination {
+		m.Extension.Destination = p.Destination
 	}
 
 	if delivering {
@@ -357,7 +367,10 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 
 	if outcome == events.TypePartial {
 		name := base + ".error.ndjson"
-		if err := writeObject(ctx, bkt, name, errorOutcome(op.Name, c.Failure, meta.LogsUrl), "application/fhir+ndjson", storage.Conditions{}, nil); err != nil {
+		// Created once (the poller may create, not overwrite): a retry
+		// would write the same lines.
+		err := writeObject(ctx, bkt, name, errorOutcome(op.Name, c.Failure, meta.LogsUrl), "application/fhir+ndjson", storage.Conditions{DoesNotExist: true}, nil)
+		if err != nil && !errors.Is(err, ErrExists) {
 			return feedResult{}, err
 		}
 		m.Error = []events.Output{{Type: "OperationOutcome", URL: gsURL(name)}}

@@ -329,17 +329,7 @@ func TestWriteFeedDeletions(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	deletedIn := func(res feedResult) []string {
-		t.Helper()
-		var out []string
-		m := w.manifest(t, res.Manifest)
-		for _, d := range m.Deleted {
-			for _, b := range w.bundles(t, d.URL) {
-				out = append(out, b.Entry[0].Request.URL+"@"+b.Meta.LastUpdated)
-			}
-		}
-		return out
-	}
+	deletedIn := func(res feedResult) []string { return w.deletedIn(t, res) }
 
 	// First run: a full export, no deleted file; the cursor starts at its createTime.
 	ct1 := w.clock.Now()
@@ -548,4 +538,90 @@ func TestDeletionTime(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestWriteFeedBigQueryDeletedPrefix: an incremental BigQuery run with
+// deletedUriPrefix gets the feed a Cloud Storage run has beside its export:
+// a manifest (no output: the rows are in BigQuery, named in its extension)
+// and the deleted file, and its deletion cursor moves. Without the prefix a
+// BigQuery run writes no feed.
+func TestWriteFeedBigQueryDeletedPrefix(t *testing.T) {
+	t.Parallel()
+	w := newFeedWorld(t)
+	ctx := context.Background()
+	gone := deletion("Patient", "gone", w.clock.Now().Add(-time.Minute), 5*time.Millisecond, "1")
+	if err := w.x.RecordChange(ctx, gone); err != nil {
+		t.Fatal(err)
+	}
+	w.clock.Advance(time.Hour)
+
+	p, op, meta := feedRun("bq://p-1234.analytics", "op-bq", w.clock.Now(), nil, true, 0)
+	if res, err := w.x.writeFeed(ctx, p, op, meta, events.TypeSucceeded, nil); err != nil || res.Manifest != "" || res.Cursor != nil {
+		t.Fatalf("without deletedUriPrefix: %+v, %v; want no feed", res, err)
+	}
+	p.Feed = "gs://" + exportsBkt + "/bq-feed/s"
+	res, err := w.x.writeFeed(ctx, p, op, meta, events.TypeSucceeded, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := p.Feed + "/op-bq.manifest.json"; res.Manifest != want {
+		t.Errorf("manifest %q, want %q", res.Manifest, want)
+	}
+	m := w.manifest(t, res.Manifest)
+	if len(m.Output) != 0 || m.Extension.Destination != "bq://p-1234.analytics" || len(m.Deleted) != 1 || m.Deleted[0].URL != p.Feed+"/op-bq.deleted.ndjson" {
+		t.Errorf("manifest output %v, extension destination %q, deleted %v; want no output, the BigQuery dataset, the deleted file",
+			m.Output, m.Extension.Destination, m.Deleted)
+	}
+	if got := w.deletedIn(t, res); len(got) != 1 || !strings.HasPrefix(got[0], "Patient/gone@") {
+		t.Errorf("deleted %q, want Patient/gone", got)
+	}
+	if res.Cursor == nil {
+		t.Errorf("no deletion cursor: the next run would deliver the same deletions again")
+	}
+}
+
+// TestDeletedPrefixAllowList: deletedUriPrefix is a destination like any
+// other: expanded per run and refused, naming the field, outside
+// FHIREXPORT_ALLOWED_DESTINATIONS.
+func TestDeletedPrefixAllowList(t *testing.T) {
+	t.Parallel()
+	policy, err := ParsePolicy(testLocation+"/datasets/*/fhirStores/*", "bq://p-1234.analytics,gs://"+exportsBkt+"/ok")
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := New(nil, nil, nil, policy, nil)
+	for _, tc := range []struct{ prefix, want string }{
+		{"gs://" + exportsBkt + "/ok/{store}", "gs://" + exportsBkt + "/ok/s"},
+		{"gs://" + exportsBkt + "/elsewhere", ""},
+		{"gs://other-bucket/ok", ""},
+	} {
+		spec, err := ParseSpec([]byte(`{"fhirStore":"` + feedStore + `","incremental":true,"deletedUriPrefix":"` + tc.prefix + `",
+			"bigqueryDestination":{"datasetUri":"bq://p-1234.analytics","schemaConfig":{"schemaType":"ANALYTICS_V2"},"writeDisposition":"WRITE_APPEND"}}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		trig := events.Trigger{Source: "//test", ID: "t"}
+		r, err := x.newRun(trig, spec, RunKey(trig.Source, trig.ID), Logger(context.Background()))
+		var se *SpecError
+		switch {
+		case tc.want == "" && (!errors.As(err, &se) || se.Field != "deletedUriPrefix"):
+			t.Errorf("%s: %v, want refused naming deletedUriPrefix", tc.prefix, err)
+		case tc.want != "" && (err != nil || r.pending(time.Now()).Feed != tc.want):
+			t.Errorf("%s: %v, feed %q; want %s", tc.prefix, err, r.feed, tc.want)
+		}
+	}
+}
+
+// deletedIn lists "Type/id@deletionTime" of the deleted files a run's
+// manifest names.
+func (w *feedWorld) deletedIn(t *testing.T, res feedResult) []string {
+	t.Helper()
+	var out []string
+	m := w.manifest(t, res.Manifest)
+	for _, d := range m.Deleted {
+		for _, b := range w.bundles(t, d.URL) {
+			out = append(out, b.Entry[0].Request.URL+"@"+b.Meta.LastUpdated)
+		}
+	}
+	return out
 }

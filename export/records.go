@@ -62,6 +62,7 @@ type pendingRecord struct {
 	Name        string            `json:"name,omitempty"`
 	Labels      map[string]string `json:"labels,omitempty"`
 	Destination string            `json:"destination"`
+	Feed        string            `json:"feed,omitempty"` // gs:// prefix of the feed files of a BigQuery run (deletedUriPrefix, expanded)
 	Types       []string          `json:"types,omitempty"`
 	Since       string            `json:"since,omitempty"`
 	Incremental bool              `json:"incremental,omitempty"`

@@ -35,6 +35,11 @@ type Spec struct {
 	// Timeout is how long a run may take, as a Go duration ("90m", "6h");
 	// "" means DefaultTimeout. See TimeoutDuration.
 	Timeout string `json:"timeout,omitempty"`
+	// DeletedURIPrefix (incremental BigQuery pipelines only) is where each
+	// successful run's Bulk Data manifest and deleted file are written, as a
+	// Cloud Storage run writes them beside its export: BigQuery gets the
+	// upserts, the feed there the deletions. Placeholders as in uriPrefix.
+	DeletedURIPrefix string `json:"deletedUriPrefix,omitempty"`
 }
 
 // DefaultTimeout is how long a run may take when its spec sets no timeout.
@@ -241,6 +246,7 @@ var specFields = map[string]kind{
 	"name":                                                                     kString,
 	"labels":                                                                   kLabelMap,
 	"timeout":                                                                  kString,
+	"deletedUriPrefix":                                                         kString,
 }
 
 // fieldsUnder lists the accepted fields directly under an object path, for
@@ -623,7 +629,7 @@ func (s *Spec) Validate() error {
 	case s.GCSDestination != nil && s.BigQueryDestination != nil:
 		return specErr("bigqueryDestination", "exactly one of gcsDestination or bigqueryDestination", "both destinations given")
 	case s.GCSDestination != nil:
-		if err := validateURIPrefix(s.GCSDestination.URIPrefix); err != nil {
+		if err := validateURIPrefix("gcsDestination.uriPrefix", s.GCSDestination.URIPrefix); err != nil {
 			return err
 		}
 		if s.IsFleet() && !strings.Contains(s.GCSDestination.URIPrefix, "{store}") {
@@ -632,6 +638,15 @@ func (s *Spec) Validate() error {
 		}
 	default:
 		if err := s.validateBigQuery(); err != nil {
+			return err
+		}
+	}
+	if s.DeletedURIPrefix != "" {
+		if s.BigQueryDestination == nil || !s.Incremental {
+			return specErr("deletedUriPrefix", "only with bigqueryDestination and incremental: true",
+				"a Cloud Storage run writes its deleted file beside its export, and a full export has no deletions to deliver")
+		}
+		if err := validateURIPrefix("deletedUriPrefix", s.DeletedURIPrefix); err != nil {
 			return err
 		}
 	}
@@ -716,18 +731,18 @@ func ParseSince(v string) (time.Time, error) {
 // placeholders are the uriPrefix template names.
 var placeholders = []string{"{store}", "{dataset}", "{date}", "{time}", "{run}"}
 
-func validateURIPrefix(p string) error {
+func validateURIPrefix(field, p string) error {
 	const accepted = "gs://BUCKET/PATH with optional placeholders {store}, {dataset}, {date}, {time}, {run}"
-	if err := checkPrintable("gcsDestination.uriPrefix", p); err != nil {
+	if err := checkPrintable(field, p); err != nil {
 		return err
 	}
 	rest, ok := strings.CutPrefix(p, "gs://")
 	if !ok {
-		return specErr("gcsDestination.uriPrefix", accepted, "%q does not start with gs://", p)
+		return specErr(field, accepted, "%q does not start with gs://", p)
 	}
 	bucket, path, _ := strings.Cut(rest, "/")
 	if !validBucket(bucket) || strings.Contains(bucket, "..") {
-		return specErr("gcsDestination.uriPrefix", accepted, "%q is not a valid bucket name", bucket)
+		return specErr(field, accepted, "%q is not a valid bucket name", bucket)
 	}
 	path = strings.TrimSuffix(path, "/")
 	if path == "" {
@@ -738,20 +753,20 @@ func validateURIPrefix(p string) error {
 		stripped = strings.ReplaceAll(stripped, ph, "x")
 	}
 	if strings.ContainsAny(stripped, "{}") {
-		return specErr("gcsDestination.uriPrefix", accepted, "%q has an unknown placeholder", p)
+		return specErr(field, accepted, "%q has an unknown placeholder", p)
 	}
 	// '%' is legal in object names, but a percent-encoded path means two
 	// things to two readers; no export needs it.
 	if strings.ContainsFunc(path, func(r rune) bool { return r < 0x20 || r == 0x7f || r == '\\' || r == '%' }) {
-		return specErr("gcsDestination.uriPrefix", accepted+", without '%', '\\' or control characters", "%q has a percent sign, a backslash or a control character", p)
+		return specErr(field, accepted+", without '%', '\\' or control characters", "%q has a percent sign, a backslash or a control character", p)
 	}
 	for _, seg := range strings.Split(path, "/") {
 		if seg == "" || seg == "." || seg == ".." {
-			return specErr("gcsDestination.uriPrefix", accepted, "%q has an empty, '.' or '..' path segment", p)
+			return specErr(field, accepted, "%q has an empty, '.' or '..' path segment", p)
 		}
 	}
 	if len(p) > 900 {
-		return specErr("gcsDestination.uriPrefix", accepted, "longer than 900 characters")
+		return specErr(field, accepted, "longer than 900 characters")
 	}
 	return nil
 }

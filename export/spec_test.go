@@ -355,6 +355,14 @@ func TestSpecRules(t *testing.T) {
 		{"type with zero-width space", `{` + store + `,` + gcs + `,"_type":"Patient\u200b"}`, "_type"},
 		{"store with bidi override", `{"fhirStore":"projects/p-1234/locations/l/datasets/d/fhirStores/s\u202e",` + gcs + `}`, "fhirStore"},
 		{"since with NEL", `{` + store + `,` + gcs + `,"_since":"2026-01-01T00:00:00Z\u0085"}`, "_since"},
+
+		{"deleted prefix on incremental bq", `{` + store + `,` + bq(`,"writeDisposition":"WRITE_APPEND"`) + `,"incremental":true,"deletedUriPrefix":"gs://b-1/deleted/{store}"}`, valid},
+		{"deleted prefix on a bq fleet", `{` + fleet + `,` + bq(`,"writeDisposition":"WRITE_APPEND"`) + `,"incremental":true,"deletedUriPrefix":"gs://b-1/deleted"}`, valid},
+		{"deleted prefix on full bq", `{` + store + `,` + bq(`,"writeDisposition":"WRITE_APPEND"`) + `,"deletedUriPrefix":"gs://b-1/deleted"}`, "deletedUriPrefix"},
+		{"deleted prefix on gcs", `{` + store + `,` + gcs + `,"incremental":true,"deletedUriPrefix":"gs://b-1/deleted"}`, "deletedUriPrefix"},
+		{"deleted prefix not gs", `{` + store + `,` + bq(`,"writeDisposition":"WRITE_APPEND"`) + `,"incremental":true,"deletedUriPrefix":"s3://b-1/deleted"}`, "deletedUriPrefix"},
+		{"deleted prefix with dot-dot", `{` + store + `,` + bq(`,"writeDisposition":"WRITE_APPEND"`) + `,"incremental":true,"deletedUriPrefix":"gs://b-1/a/../b"}`, "deletedUriPrefix"},
+		{"deleted prefix with bidi override", `{` + store + `,` + bq(`,"writeDisposition":"WRITE_APPEND"`) + `,"incremental":true,"deletedUriPrefix":"gs://b-1/x\u202e"}`, "deletedUriPrefix"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

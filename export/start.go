@@ -82,6 +82,7 @@ type run struct {
 	spec     *Spec
 	pipeline string
 	dest     string
+	feed     string // the expanded deletedUriPrefix, if any
 	types    []string
 	log      *slog.Logger
 }
@@ -90,7 +91,7 @@ type run struct {
 func (r *run) pending(now time.Time) pendingRecord {
 	spec, _ := json.Marshal(r.spec)
 	return pendingRecord{Run: r.key, Trigger: r.ref, Pipeline: r.pipeline, Store: r.spec.FHIRStore, Name: r.spec.Name,
-		Labels: r.spec.Labels, Destination: r.dest, Types: r.types, Incremental: r.spec.Incremental,
+		Labels: r.spec.Labels, Destination: r.dest, Feed: r.feed, Types: r.types, Incremental: r.spec.Incremental,
 		Spec: spec, Timeout: r.spec.Timeout, Slot: -1, Locked: now, Started: now}
 }
 
@@ -178,6 +179,12 @@ func (x *Exporter) newRun(trig events.Trigger, spec *Spec, key string, log *slog
 			field = "bigqueryDestination.datasetUri"
 		}
 		return nil, specErr(field, "a destination inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list%s", r.dest, emptyHint(x.policy.destinations, "FHIREXPORT_ALLOWED_DESTINATIONS"))
+	}
+	if spec.DeletedURIPrefix != "" {
+		r.feed = ExpandURIPrefix(spec.DeletedURIPrefix, spec.FHIRStore, key[:16], triggerTime(trig, x.now))
+		if !x.policy.AllowDestination(r.feed) {
+			return nil, specErr("deletedUriPrefix", "a Cloud Storage prefix inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list%s", r.feed, emptyHint(x.policy.destinations, "FHIREXPORT_ALLOWED_DESTINATIONS"))
+		}
 	}
 	r.log = log.With("pipeline", r.pipeline, "run", key)
 	return r, nil
