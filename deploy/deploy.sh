@@ -409,6 +409,8 @@ EXPORT_ROLE=${ID_PREFIX}_exporter
 START_ROLE=${ID_PREFIX}_starter
 POLL_ROLE=${ID_PREFIX}_poller
 RECORD_ROLE=${ID_PREFIX}_recorder
+FEED_ROLE=${ID_PREFIX}_feed_writer
+LIST_ROLE=${ID_PREFIX}_output_lister
 OUTCOMES_METRIC=${ID_PREFIX}_outcomes
 WATERMARK_METRIC=${ID_PREFIX}_watermark_age
 # Permissions are split by the resource they are checked on, so that each role
@@ -419,12 +421,20 @@ EXPORT_PERMISSIONS=healthcare.fhirStores.export
 # StartExport lists a fleet's stores (fhirStores/*) and lists and reads the
 # dataset's operations to find an export whose answer was lost.
 START_PERMISSIONS=healthcare.fhirStores.list,healthcare.operations.get,healthcare.operations.list
-# PollExport reads the operations it recorded, by name, and cancels overdue
-# ones (the spec's timeout) and those an operator cancels.
-POLL_PERMISSIONS=healthcare.operations.cancel,healthcare.operations.get
+# PollExport reads the operations it recorded, by name, cancels overdue ones
+# (the spec's timeout) and those an operator cancels, and lists the dataset's
+# operations to resolve a start whose answer was lost or whose attempt died.
+POLL_PERMISSIONS=healthcare.operations.cancel,healthcare.operations.get,healthcare.operations.list
 # RecordChange only adds tombstones, reading what is there to stay idempotent:
 # no update, no delete.
 RECORD_PERMISSIONS=storage.objects.create,storage.objects.get,storage.objects.list
+# PollExport writes each run's feed files beside its export (manifest, deleted
+# and error files, each created once) and lists the export's objects: on the
+# export bucket, no update, no delete.
+FEED_PERMISSIONS=storage.objects.create,storage.objects.get,storage.objects.list
+# StartExport tells candidate operations of a lost answer apart by their
+# output: it only lists the export bucket, never reads an export.
+LIST_PERMISSIONS=storage.objects.list
 
 # --- Running or printing commands. ----------------------------------------------
 quote() {
@@ -582,6 +592,8 @@ role_apply "$EXPORT_ROLE" "fhirexport exporter" "Export FHIR stores (StartExport
 role_apply "$START_ROLE" "fhirexport starter" "List stores and export operations (StartExport)" "$START_PERMISSIONS"
 role_apply "$POLL_ROLE" "fhirexport poller" "Follow and cancel FHIR export operations (PollExport)" "$POLL_PERMISSIONS"
 role_apply "$RECORD_ROLE" "fhirexport recorder" "Add deletion tombstones to the state bucket (RecordChange)" "$RECORD_PERMISSIONS"
+role_apply "$FEED_ROLE" "fhirexport feed writer" "Write manifests and deleted files beside exports (PollExport)" "$FEED_PERMISSIONS"
+role_apply "$LIST_ROLE" "fhirexport output lister" "List export objects to resolve a lost export answer (StartExport)" "$LIST_PERMISSIONS"
 
 # --- 7. Healthcare API: each role on the narrowest resource the patterns allow. -
 # Exporting is granted on the store; listing stores and operations, which belong
@@ -620,8 +632,8 @@ for s in ${stores[@]+"${stores[@]}"}; do
   healthcare_grant "serviceAccount:$POLL_SA" "$POLL_ROLE" dataset "$s"
 done
 
-# --- 8. Events topic and state bucket: the only other things the functions touch.
-step "Events topic and state bucket access"
+# --- 8. Events topic, state and export buckets: the only other things the functions touch.
+step "Events topic, state and export bucket access"
 for sa in "$START_SA" "$POLL_SA"; do
   grant gcloud pubsub topics add-iam-policy-binding "$EVENTS_TOPIC" --project="$P" \
     --member="serviceAccount:$sa" --role=roles/pubsub.publisher
@@ -633,6 +645,11 @@ done
 # reach Cloud Logging through Cloud Run and need no role (as for the others).
 grant gcloud storage buckets add-iam-policy-binding "gs://$STATE_BUCKET" --project="$P" \
   --member="serviceAccount:$RECORD_SA" --role="projects/$P/roles/$RECORD_ROLE"
+# A deletedUriPrefix or destination in another bucket needs the same grants there.
+grant gcloud storage buckets add-iam-policy-binding "gs://$EXPORT_BUCKET" --project="$P" \
+  --member="serviceAccount:$POLL_SA" --role="projects/$P/roles/$FEED_ROLE"
+grant gcloud storage buckets add-iam-policy-binding "gs://$EXPORT_BUCKET" --project="$P" \
+  --member="serviceAccount:$START_SA" --role="projects/$P/roles/$LIST_ROLE"
 
 # --- 9. The Healthcare service agent writes the exports and the notifications. -
 step "Healthcare service agent access to the destinations and the changes topic"

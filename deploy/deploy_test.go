@@ -335,9 +335,13 @@ func expected(t *testing.T, projectNumber, recordURL string) []printed {
 		{"fhirexport_starter", "fhirexport starter", "List stores and export operations (StartExport)",
 			"healthcare.fhirStores.list,healthcare.operations.get,healthcare.operations.list"},
 		{"fhirexport_poller", "fhirexport poller", "Follow and cancel FHIR export operations (PollExport)",
-			"healthcare.operations.cancel,healthcare.operations.get"},
+			"healthcare.operations.cancel,healthcare.operations.get,healthcare.operations.list"},
 		{"fhirexport_recorder", "fhirexport recorder", "Add deletion tombstones to the state bucket (RecordChange)",
 			"storage.objects.create,storage.objects.get,storage.objects.list"},
+		{"fhirexport_feed_writer", "fhirexport feed writer", "Write manifests and deleted files beside exports (PollExport)",
+			"storage.objects.create,storage.objects.get,storage.objects.list"},
+		{"fhirexport_output_lister", "fhirexport output lister", "List export objects to resolve a lost export answer (StartExport)",
+			"storage.objects.list"},
 	} {
 		add("", "gcloud", "iam", "roles", "describe", r[0], p)
 		for _, verb := range []string{"create", "update"} {
@@ -361,6 +365,10 @@ func expected(t *testing.T, projectNumber, recordURL string) []printed {
 	}
 	add("", "gcloud", "storage", "buckets", "add-iam-policy-binding", "gs://my-project-fhirexport-state", p,
 		"--member=serviceAccount:"+recordSA, "--role=projects/my-project/roles/fhirexport_recorder")
+	add("", "gcloud", "storage", "buckets", "add-iam-policy-binding", "gs://my-project-fhir-exports", p,
+		"--member=serviceAccount:"+pollSA, "--role=projects/my-project/roles/fhirexport_feed_writer")
+	add("", "gcloud", "storage", "buckets", "add-iam-policy-binding", "gs://my-project-fhir-exports", p,
+		"--member=serviceAccount:"+startSA, "--role=projects/my-project/roles/fhirexport_output_lister")
 	add("", "gcloud", "pubsub", "topics", "add-iam-policy-binding", "fhirexport-changes", p,
 		"--member="+agent, "--role=roles/pubsub.publisher")
 	add("", "gcloud", "storage", "buckets", "add-iam-policy-binding", "gs://my-project-fhir-exports", p,
@@ -621,6 +629,8 @@ func checkLeastPrivilege(t *testing.T, calls [][]string) {
 		{"pubsub topics fhirexport-events", sa("fhirexport-poll"), "roles/pubsub.publisher"},
 		{"storage buckets gs://my-project-fhirexport-state", sa("fhirexport-poll"), "roles/storage.objectUser"},
 		{"storage buckets gs://my-project-fhirexport-state", sa("fhirexport-record"), "projects/my-project/roles/fhirexport_recorder"},
+		{"storage buckets gs://my-project-fhir-exports", sa("fhirexport-poll"), "projects/my-project/roles/fhirexport_feed_writer"},
+		{"storage buckets gs://my-project-fhir-exports", sa("fhirexport-start"), "projects/my-project/roles/fhirexport_output_lister"},
 		{"pubsub topics fhirexport-changes", agent, "roles/pubsub.publisher"},
 		{"storage buckets gs://my-project-fhir-exports", agent, "roles/storage.objectAdmin"},
 		{"bq dataset my-project.fhir_analytics", "sql", "GRANT `roles/bigquery.dataEditor` ON SCHEMA `my-project.fhir_analytics` TO \"" + agent + "\""},
