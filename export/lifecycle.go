@@ -445,7 +445,11 @@ func (x *Exporter) finishEnding(ctx context.Context, p pendingRecord, gen int64)
 	if err := x.pub.Publish(ctx, ev); err != nil {
 		return err
 	}
-	Logger(ctx).Info("export outcome", "event", "failed", "pipeline", p.Pipeline, "store", p.Store, "run", p.Run, "code", ev.Data.Error.Code)
+	var code int32
+	if ev.Data.Error != nil {
+		code = ev.Data.Error.Code
+	}
+	Logger(ctx).Info("export outcome", "event", "failed", "pipeline", p.Pipeline, "store", p.Store, "run", p.Run, "code", code)
 	x.release(ctx, p, gen)
 	return nil
 }
