@@ -562,7 +562,14 @@ func (d discard) WriteHeader(int)             {}
 // exported twice, and no slot is leaked.
 func TestDequeueCrash(t *testing.T) {
 	t.Parallel()
-	for n := int64(1); ; n++ {
+	crashEveryWrite(t, 40, dequeueCrash)
+}
+
+// crashEveryWrite runs crashAt for the 1st, 2nd, … write, each before and
+// after it takes effect, until a case reports it had fewer writes (every
+// crash point covered) or max is passed.
+func crashEveryWrite(t *testing.T, max int64, crashAt func(t *testing.T, n int64, after bool) (done bool)) {
+	for n := int64(1); n <= max; n++ {
 		last := false
 		for _, after := range []bool{false, true} {
 			name := fmt.Sprintf("write=%d/before", n)
@@ -570,7 +577,7 @@ func TestDequeueCrash(t *testing.T) {
 				name = fmt.Sprintf("write=%d/after", n)
 			}
 			ok := t.Run(name, func(t *testing.T) {
-				if dequeueCrash(t, n, after) {
+				if crashAt(t, n, after) {
 					last = true
 				}
 			})
@@ -578,7 +585,7 @@ func TestDequeueCrash(t *testing.T) {
 				return
 			}
 		}
-		if last || n > 40 {
+		if last {
 			return
 		}
 	}
@@ -639,26 +646,7 @@ func dequeueCrash(t *testing.T, n int64, after bool) (done bool) {
 // leaked.
 func TestFleetCrashMidExpansion(t *testing.T) {
 	t.Parallel()
-	for n := int64(1); n <= 200; n++ {
-		last := false
-		for _, after := range []bool{false, true} {
-			name := fmt.Sprintf("write=%d/before", n)
-			if after {
-				name = fmt.Sprintf("write=%d/after", n)
-			}
-			ok := t.Run(name, func(t *testing.T) {
-				if fleetCrash(t, n, after) {
-					last = true
-				}
-			})
-			if !ok {
-				return
-			}
-		}
-		if last {
-			return
-		}
-	}
+	crashEveryWrite(t, 200, fleetCrash)
 }
 
 func fleetCrash(t *testing.T, n int64, after bool) (done bool) {

@@ -4,6 +4,7 @@ package export
 // holding one request of the Exporter at a chosen point.
 
 import (
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -13,39 +14,6 @@ import (
 
 	"github.com/fhirexport/fhirexport/events"
 )
-
-// heldAnswer lets the first operations.list reach the emulator, then holds
-// its answer until release is closed: the caller acts on a listing older
-// than what happens meanwhile.
-type heldAnswer struct {
-	once    sync.Once
-	reached chan struct{}
-	release chan struct{}
-}
-
-func (h *heldAnswer) wrap(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodGet || !strings.HasSuffix(r.URL.Path, "/operations") {
-			next.ServeHTTP(w, r)
-			return
-		}
-		first := false
-		h.once.Do(func() { first = true })
-		if !first {
-			next.ServeHTTP(w, r)
-			return
-		}
-		rec := httptest.NewRecorder()
-		next.ServeHTTP(rec, r)
-		close(h.reached)
-		<-h.release
-		for k, v := range rec.Header() {
-			w.Header()[k] = v
-		}
-		w.WriteHeader(rec.Code)
-		_, _ = w.Write(rec.Body.Bytes())
-	})
-}
 
 // TestOrphanEndingRacesARedelivery: a start died before calling the API and
 // the sweep, after the lease, lists the dataset's operations to resolve it.
@@ -58,7 +26,11 @@ func (h *heldAnswer) wrap(next http.Handler) http.Handler {
 // generation it holds first, so it gives way to the redelivery.
 func TestOrphanEndingRacesARedelivery(t *testing.T) {
 	t.Parallel()
-	held := &heldAnswer{reached: make(chan struct{}), release: make(chan struct{})}
+	// The first operations.list reaches the emulator; its answer is held:
+	// the sweep acts on a listing older than what happens meanwhile.
+	held := holdRequest(true, func(r *http.Request) bool {
+		return r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/operations")
+	})
 	w := newFrontedWorld(t, fronts{hc: held.wrap})
 	w.emu.SetExportTiming(time.Minute, 1)
 	store := w.store(t)
@@ -111,17 +83,19 @@ func TestOrphanEndingRacesARedelivery(t *testing.T) {
 	}
 }
 
-// heldRequest holds the first request matching match before it reaches the
-// server until release is closed.
+// heldRequest holds the first request matching match until release is
+// closed: before it reaches the server, or (after) once the server has acted
+// on it, holding its answer.
 type heldRequest struct {
+	after   bool
 	match   func(*http.Request) bool
 	once    sync.Once
 	reached chan struct{}
 	release chan struct{}
 }
 
-func holdRequest(match func(*http.Request) bool) *heldRequest {
-	return &heldRequest{match: match, reached: make(chan struct{}), release: make(chan struct{})}
+func holdRequest(after bool, match func(*http.Request) bool) *heldRequest {
+	return &heldRequest{after: after, match: match, reached: make(chan struct{}), release: make(chan struct{})}
 }
 
 func (h *heldRequest) wrap(next http.Handler) http.Handler {
@@ -130,11 +104,22 @@ func (h *heldRequest) wrap(next http.Handler) http.Handler {
 		if h.match(r) {
 			h.once.Do(func() { first = true })
 		}
-		if first {
+		switch {
+		case !first:
+			next.ServeHTTP(w, r)
+		case h.after:
+			rec := httptest.NewRecorder()
+			next.ServeHTTP(rec, r)
 			close(h.reached)
 			<-h.release
+			maps.Copy(w.Header(), rec.Header())
+			w.WriteHeader(rec.Code)
+			_, _ = w.Write(rec.Body.Bytes())
+		default:
+			close(h.reached)
+			<-h.release
+			next.ServeHTTP(w, r)
 		}
-		next.ServeHTTP(w, r)
 	})
 }
 
@@ -146,7 +131,7 @@ func (h *heldRequest) wrap(next http.Handler) http.Handler {
 // the record, the slow removal fails, and the run is exported once.
 func TestRequeueRacesTheDequeuer(t *testing.T) {
 	t.Parallel()
-	held := holdRequest(func(r *http.Request) bool {
+	held := holdRequest(false, func(r *http.Request) bool {
 		return r.Method == http.MethodDelete && strings.Contains(r.URL.Path, "fx/queue/")
 	})
 	w := newFrontedWorld(t, fronts{gcs: held.wrap})
