@@ -345,16 +345,7 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 				// manifest, or runs concurrently after losing its lease):
 				// its lines are what this run delivers, with its cursor, so
 				// the manifest that wins always matches the file.
-				theirs, theirNext, rerr := readDeleted(ctx, bkt, name, given)
-				switch {
-				case errors.Is(rerr, errNoThrough): // written without its cursor (an older version): replace it
-					err = writeObject(ctx, bkt, name, lines.ndjson(), "application/fhir+ndjson", storage.Conditions{},
-						map[string]string{deletedThroughKey: next.Through.Format(time.RFC3339Nano)})
-				case rerr != nil:
-					err = rerr
-				default:
-					lines, next, err = theirs, theirNext, nil
-				}
+				lines, next, err = readDeleted(ctx, bkt, name, given)
 			}
 			if err != nil {
 				return feedResult{}, err
@@ -481,13 +472,12 @@ func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor
 // Through: with the keys of its lines, the cursor of what it delivers.
 const deletedThroughKey = "fhirexport-deletions-through"
 
-var errNoThrough = errors.New("deleted file has no " + deletedThroughKey)
 
 // readDeleted reads a deleted file an earlier attempt wrote and the cursor
 // it delivers: its Through, and as recent keys every key given before and
 // every key in it (more than collectDeletions keeps, all of them delivered,
-// so none is given twice and none skipped). Without the metadata it returns
-// the lines given with errNoThrough.
+// so none is given twice and none skipped). A file fhirexport cannot have
+// written (no cursor, a line that is not a deletion) is ErrCorrupt.
 func readDeleted(ctx context.Context, bkt *storage.BucketHandle, name string, given *deletionCursor) (deletedLines, *deletionCursor, error) {
 	o := bkt.Object(name)
 	attrs, err := o.Attrs(ctx)
@@ -506,7 +496,7 @@ func readDeleted(ctx context.Context, bkt *storage.BucketHandle, name string, gi
 	for sc.Scan() {
 		var b deletedBundle
 		if err := json.Unmarshal(sc.Bytes(), &b); err != nil || len(b.Entry) != 1 {
-			return nil, nil, fmt.Errorf("deleted file %s: a line is not a deletion Bundle: %v: %w", name, err, errTransient)
+			return nil, nil, fmt.Errorf("deleted file gs://%s/%s: %w: a line is not a deletion Bundle (%v)", bkt.BucketName(), name, ErrCorrupt, err)
 		}
 		lines = append(lines, b)
 	}
@@ -514,7 +504,7 @@ func readDeleted(ctx context.Context, bkt *storage.BucketHandle, name string, gi
 		return nil, nil, fmt.Errorf("read deleted file %s: %w", name, err)
 	}
 	if terr != nil {
-		return lines, nil, errNoThrough
+		return nil, nil, fmt.Errorf("deleted file gs://%s/%s: %w: its metadata %s is not a time", bkt.BucketName(), name, ErrCorrupt, deletedThroughKey)
 	}
 	next := &deletionCursor{Through: through.UTC()}
 	recent := map[string]bool{}
@@ -609,7 +599,7 @@ func readManifest(ctx context.Context, bkt *storage.BucketHandle, name string) (
 	}
 	var m bulkManifest
 	if err := json.Unmarshal(data, &m); err != nil {
-		return nil, fmt.Errorf("decode manifest %s: %w", name, err)
+		return nil, fmt.Errorf("manifest gs://%s/%s: %w: %v", bkt.BucketName(), name, ErrCorrupt, err)
 	}
 	return &m, nil
 }

@@ -625,3 +625,28 @@ func (w *feedWorld) deletedIn(t *testing.T, res feedResult) []string {
 	}
 	return out
 }
+
+// TestWriteFeedUnusableFiles: a manifest or deleted file under the run's
+// names that fhirexport cannot have written is ErrCorrupt, naming the object
+// (the poller reports the run without a feed instead of retrying forever).
+func TestWriteFeedUnusableFiles(t *testing.T) {
+	t.Parallel()
+	w := newFeedWorld(t)
+	ctx := context.Background()
+	if err := w.x.RecordChange(ctx, deletion("Patient", "gone", w.clock.Now(), 5*time.Millisecond, "1")); err != nil {
+		t.Fatal(err)
+	}
+	w.clock.Advance(time.Hour)
+	for _, tc := range []struct{ object, content string }{
+		{"bad/op-m.manifest.json", "not json"},
+		{"bad/op-d.deleted.ndjson", `{"resourceType":"Bundle"}` + "\n"},
+	} {
+		w.put(t, exportsBkt, tc.object, tc.content)
+		op := strings.TrimSuffix(strings.TrimPrefix(tc.object, "bad/"), tc.object[strings.Index(tc.object, "."):])
+		p, o, meta := feedRun("gs://"+exportsBkt+"/bad", op, w.clock.Now(), nil, true, 0)
+		_, err := w.x.writeFeed(ctx, p, o, meta, events.TypeSucceeded, nil)
+		if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "gs://"+exportsBkt+"/"+tc.object) {
+			t.Errorf("%s: %v; want ErrCorrupt naming the object", tc.object, err)
+		}
+	}
+}

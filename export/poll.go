@@ -404,10 +404,19 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 		}
 	}
 	feed, err := x.writeFeed(ctx, p, op, meta, ev.Type, cursor)
-	if errors.Is(err, ErrDeletionsExpired) {
+	switch {
+	case errors.Is(err, ErrDeletionsExpired):
 		ev = retype(ev, events.TypePartial, op.Name)
 		ev.Data.Error = &events.Error{Code: codeFailedPrecondition, Message: err.Error()}
 		feed, err = x.writeFeed(ctx, p, op, meta, events.TypePartial, cursor)
+	case errors.Is(err, ErrCorrupt):
+		// A feed file under this operation's name that fhirexport cannot
+		// have written: retrying would fail forever. Report the run without
+		// a feed, and do not move the watermark: the next run covers it.
+		log.Error("feed file unusable; the run is reported partial without a feed", "error", err.Error())
+		ev = retype(ev, events.TypePartial, op.Name)
+		ev.Data.Error = &events.Error{Code: codeInternal, Message: err.Error() + "; the run is reported without a feed and the watermark was not moved: delete that object, and the pipeline's next run delivers this window again"}
+		feed, err = feedResult{}, nil
 	}
 	if err != nil {
 		return err
