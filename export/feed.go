@@ -472,7 +472,6 @@ func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor
 // Through: with the keys of its lines, the cursor of what it delivers.
 const deletedThroughKey = "fhirexport-deletions-through"
 
-
 // readDeleted reads a deleted file an earlier attempt wrote and the cursor
 // it delivers: its Through, and as recent keys every key given before and
 // every key in it (more than collectDeletions keeps, all of them delivered,

@@ -360,6 +360,17 @@ func (x *Exporter) finalizeCorrupt(ctx context.Context, o stateObject, gen int64
 		Subject: op.Name, Time: x.now(), Data: events.Data{Operation: op.Name,
 			Error: &events.Error{Code: codeInternal, Message: fmt.Sprintf(
 				"the state object %s of this run is corrupt (%v); it was quarantined, the outcome of the operation could not be reported in full: check it with gcloud healthcare operations describe", name, cause)}}}
+	// The run the marker's metadata names ends with this event, so a late
+	// redelivery of its trigger re-publishes it instead of exporting again.
+	if run := o.Metadata["run"]; run != "" {
+		var rec runRecord
+		if _, err := x.state.read(ctx, runObject(run), &rec); err == nil && rec.Store != "" {
+			ev.Source, ev.Subject, ev.Data.Store, ev.Data.Pipeline, ev.Data.Trigger = SourceOf(rec.Store), rec.Trigger.ID, rec.Store, rec.Pipeline, rec.Trigger
+		}
+		if err := x.endRun(ctx, run, statusFailed, &ev, ""); err != nil {
+			return err
+		}
+	}
 	if err := x.pub.Publish(ctx, ev); err != nil {
 		return err
 	}
