@@ -357,7 +357,7 @@ func (x *Exporter) finalizeCorrupt(ctx context.Context, o stateObject, gen int64
 	name := "pending/" + o.Name
 	Logger(ctx).Error("pending marker is corrupt; reporting what is known and quarantining it", "object", name, "operation", op.Name, "error", cause.Error())
 	ev := events.Event{ID: eventID("failed", op.Name), Type: events.TypeFailed, Source: "//healthcare.googleapis.com/" + op.Name,
-		Subject: op.Name, Time: x.now(), Data: events.Data{Operation: op.Name,
+		Subject: op.Name, Time: x.now(), Data: events.Data{Operation: op.Name, Counters: countersOf(nil),
 			Error: &events.Error{Code: codeInternal, Message: fmt.Sprintf(
 				"the state object %s of this run is corrupt (%v); it was quarantined, the outcome of the operation could not be reported in full: check it with gcloud healthcare operations describe", name, cause)}}}
 	// The run the marker's metadata names ends with this event, so a late
@@ -555,15 +555,20 @@ func (x *Exporter) markDone(ctx context.Context, p pendingRecord, outcome string
 	return err
 }
 
+// countersOf is an operation's resource counters (zero when it has none).
+func countersOf(meta *healthcare.OperationMetadata) *events.Counters {
+	c := &events.Counters{}
+	if meta != nil && meta.Counter != nil {
+		c.Success, c.Failure, c.Pending = meta.Counter.Success, meta.Counter.Failure, meta.Counter.Pending
+	}
+	return c
+}
+
 // outcomeEvent classifies a finished operation: failed (an error), partial (no
 // error but counter.failure > 0) or succeeded.
 func outcomeEvent(p pendingRecord, op *healthcare.Operation, meta *healthcare.OperationMetadata) events.Event {
 	d := baseData(p)
-	c := meta.Counter
-	if c == nil {
-		c = &healthcare.ProgressCounter{}
-	}
-	d.Counters = &events.Counters{Success: c.Success, Failure: c.Failure, Pending: c.Pending}
+	d.Counters = countersOf(meta)
 	d.CreateTime, d.EndTime, d.LogsURL = meta.CreateTime, meta.EndTime, meta.LogsUrl
 	ct, err1 := time.Parse(time.RFC3339Nano, meta.CreateTime)
 	et, err2 := time.Parse(time.RFC3339Nano, meta.EndTime)
@@ -575,7 +580,7 @@ func outcomeEvent(p pendingRecord, op *healthcare.Operation, meta *healthcare.Op
 	case op.Error != nil:
 		typ = events.TypeFailed
 		d.Error = &events.Error{Code: int32(op.Error.Code), Message: op.Error.Message}
-	case c.Failure > 0:
+	case d.Counters.Failure > 0:
 		typ = events.TypePartial
 	}
 	at := et
