@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/santhosh-tekuri/jsonschema/v6"
+
+	"github.com/fhirexport/fhirexport/export"
 )
 
 // schemaBase is the $id prefix every schema in schemas/ shares; the compiler
@@ -152,9 +154,12 @@ func TestEventSchemasRejectWrongData(t *testing.T) {
 
 func TestSpecSchemaRejectsInvalidSpecs(t *testing.T) {
 	s := compileSchemas(t)["spec.schema.json"]
-	const store = `"fhirStore":"projects/p/locations/l/datasets/d/fhirStores/s"`
+	const store = `"fhirStore":"projects/my-project/locations/l/datasets/d/fhirStores/s"`
 	const gcs = `"gcsDestination":{"uriPrefix":"gs://bucket/x/{date}"}`
 	bq := func(extra string) string {
+		if !strings.Contains(extra, "schemaConfig") {
+			extra += `,"schemaConfig":{"schemaType":"ANALYTICS_V2"}`
+		}
 		return `"bigqueryDestination":{"datasetUri":"bq://my-project.ds"` + extra + `}`
 	}
 	valid := []struct{ name, spec string }{
@@ -163,13 +168,16 @@ func TestSpecSchemaRejectsInvalidSpecs(t *testing.T) {
 		{"incremental bq append", `{` + store + `,"incremental":true,` + bq(`,"writeDisposition":"WRITE_APPEND"`) + `}`},
 		{"incremental gcs", `{` + store + `,"incremental":true,` + gcs + `}`},
 		{"non-incremental truncate", `{` + store + `,` + bq(`,"writeDisposition":"WRITE_TRUNCATE","force":true`) + `}`},
-		{"expirationMs as number", `{` + store + `,` + bq(`,"schemaConfig":{"lastUpdatedPartitionConfig":{"type":"HOUR","expirationMs":86400000}}`) + `}`},
+		{"expirationMs as number", `{` + store + `,` + bq(`,"schemaConfig":{"schemaType":"ANALYTICS","lastUpdatedPartitionConfig":{"type":"HOUR","expirationMs":86400000}}`) + `}`},
 		{"since with offset", `{` + store + `,"_since":"2026-01-01T00:00:00+01:00",` + gcs + `}`},
 	}
 	for _, tc := range valid {
 		t.Run("valid/"+tc.name, func(t *testing.T) {
 			if err := s.Validate(decode(t, tc.spec)); err != nil {
 				t.Errorf("rejected a valid spec %s:\n%v", tc.spec, err)
+			}
+			if _, err := export.ParseSpec([]byte(tc.spec)); err != nil {
+				t.Errorf("the schema accepts %s, the function does not: %v", tc.spec, err)
 			}
 		})
 	}
@@ -199,6 +207,9 @@ func TestSpecSchemaRejectsInvalidSpecs(t *testing.T) {
 		{"name too long", `{` + store + `,"name":"` + strings.Repeat("a", 64) + `",` + gcs + `}`},
 		{"label not a string", `{` + store + `,"labels":{"n":1},` + gcs + `}`},
 		{"schemaType unknown", `{` + store + `,` + bq(`,"schemaConfig":{"schemaType":"ANALYTICS_V3"}`) + `}`},
+		{"schemaType lossless", `{` + store + `,` + bq(`,"schemaConfig":{"schemaType":"LOSSLESS"}`) + `}`},
+		{"no schemaConfig", `{` + store + `,"bigqueryDestination":{"datasetUri":"bq://my-project.ds"}}`},
+		{"schemaConfig without schemaType", `{` + store + `,` + bq(`,"schemaConfig":{}`) + `}`},
 		{"depth too deep", `{` + store + `,` + bq(`,"schemaConfig":{"recursiveStructureDepth":6}`) + `}`},
 		{"partition type unknown", `{` + store + `,` + bq(`,"schemaConfig":{"lastUpdatedPartitionConfig":{"type":"WEEK"}}`) + `}`},
 		{"partition without type", `{` + store + `,` + bq(`,"schemaConfig":{"lastUpdatedPartitionConfig":{"expirationMs":"0"}}`) + `}`},
@@ -214,6 +225,9 @@ func TestSpecSchemaRejectsInvalidSpecs(t *testing.T) {
 		t.Run("invalid/"+tc.name, func(t *testing.T) {
 			if err := s.Validate(decode(t, tc.spec)); err == nil {
 				t.Errorf("accepted an invalid spec %s", tc.spec)
+			}
+			if _, err := export.ParseSpec([]byte(tc.spec)); err == nil {
+				t.Errorf("the schema refuses %s, the function accepts it", tc.spec)
 			}
 		})
 	}

@@ -1,6 +1,10 @@
 package deploy
 
-import "testing"
+import (
+	"testing"
+
+	"github.com/fhirexport/fhirexport/export"
+)
 
 // TestSpecSchemaTimeoutFleetsAndPrintable keeps spec.schema.json in step with
 // the function's timeout, fleet and printable-character rules
@@ -8,12 +12,12 @@ import "testing"
 func TestSpecSchemaTimeoutFleetsAndPrintable(t *testing.T) {
 	s := compileSchemas(t)["spec.schema.json"]
 	const (
-		store = `"fhirStore":"projects/p/locations/l/datasets/d/fhirStores/s"`
-		fleet = `"fhirStore":"projects/p/locations/l/datasets/d/fhirStores/*"`
+		store = `"fhirStore":"projects/my-project/locations/l/datasets/d/fhirStores/s"`
+		fleet = `"fhirStore":"projects/my-project/locations/l/datasets/d/fhirStores/*"`
 		gcs   = `"gcsDestination":{"uriPrefix":"gs://bucket/x/{date}"}`
 	)
 	bq := func(extra string) string {
-		return `"bigqueryDestination":{"datasetUri":"bq://my-project.ds"` + extra + `}`
+		return `"bigqueryDestination":{"datasetUri":"bq://my-project.ds","schemaConfig":{"schemaType":"ANALYTICS_V2"}` + extra + `}`
 	}
 	tests := []struct {
 		name  string
@@ -32,9 +36,9 @@ func TestSpecSchemaTimeoutFleetsAndPrintable(t *testing.T) {
 		{"fleet bq empty", `{` + fleet + `,` + bq(`,"writeDisposition":"WRITE_EMPTY"`) + `}`, false},
 		{"fleet bq truncate", `{` + fleet + `,` + bq(`,"writeDisposition":"WRITE_TRUNCATE"`) + `}`, false},
 		{"fleet bq force", `{` + fleet + `,` + bq(`,"writeDisposition":"WRITE_APPEND","force":true`) + `}`, false},
-		{"wildcard dataset", `{"fhirStore":"projects/p/locations/l/datasets/*/fhirStores/*",` + gcs + `}`, false},
-		{"wildcard in a store id", `{"fhirStore":"projects/p/locations/l/datasets/d/fhirStores/s*",` + gcs + `}`, false},
-		{"store with bidi override", `{"fhirStore":"projects/p/locations/l/datasets/d/fhirStores/s\u202e",` + gcs + `}`, false},
+		{"wildcard dataset", `{"fhirStore":"projects/my-project/locations/l/datasets/*/fhirStores/*",` + gcs + `}`, false},
+		{"wildcard in a store id", `{"fhirStore":"projects/my-project/locations/l/datasets/d/fhirStores/s*",` + gcs + `}`, false},
+		{"store with bidi override", `{"fhirStore":"projects/my-project/locations/l/datasets/d/fhirStores/s\u202e",` + gcs + `}`, false},
 		{"label accented", `{` + store + `,` + gcs + `,"labels":{"team":"équipe données"}}`, true},
 		{"label bidi override", `{` + store + `,` + gcs + `,"labels":{"team":"a\u202eb"}}`, false},
 		{"label zero-width space", `{` + store + `,` + gcs + `,"labels":{"team":"a\u200bb"}}`, false},
@@ -54,6 +58,9 @@ func TestSpecSchemaTimeoutFleetsAndPrintable(t *testing.T) {
 			}
 			if !tc.valid && err == nil {
 				t.Errorf("accepted an invalid spec %s", tc.spec)
+			}
+			if _, perr := export.ParseSpec([]byte(tc.spec)); (perr == nil) != tc.valid {
+				t.Errorf("the function disagrees with the schema on %s: %v", tc.spec, perr)
 			}
 		})
 	}
