@@ -55,6 +55,7 @@ import (
 	"fmt"
 	"net"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/fhirexport/fhirexport/events"
@@ -328,7 +329,7 @@ func (x *Exporter) recordOperation(ctx context.Context, p pendingRecord, gen int
 		return fmt.Errorf("record operation %s: %w", op, err)
 	}
 	log.Info("export started", "since", p.Since, "destination", p.Destination, "adopted", adopted)
-	return x.pub.Publish(ctx, startedEvent(p))
+	return x.outcome(ctx, startedEvent(p), "run", p.Run)
 }
 
 // resolve settles a starting run whose export call may have reached the API
@@ -442,15 +443,30 @@ func (x *Exporter) finishEnding(ctx context.Context, p pendingRecord, gen int64)
 	if err := x.endRun(ctx, p.Run, statusFailed, &ev, ""); err != nil {
 		return err
 	}
+	if err := x.outcome(ctx, ev, "run", p.Run); err != nil {
+		return err
+	}
+	x.release(ctx, p, gen)
+	return nil
+}
+
+// outcome publishes an event a run reached and logs it as the one
+// "export outcome" line deploy.sh's metrics and alerts count (event,
+// pipeline, store, trigger, operation and error code from the event).
+// Re-publishing an event already reported goes through Publisher directly.
+func (x *Exporter) outcome(ctx context.Context, ev events.Event, attrs ...any) error {
 	if err := x.pub.Publish(ctx, ev); err != nil {
 		return err
 	}
-	var code int32
-	if ev.Data.Error != nil {
-		code = ev.Data.Error.Code
+	d := ev.Data
+	attrs = append(attrs, "event", strings.TrimPrefix(ev.Type, events.TypePrefix), "pipeline", d.Pipeline, "store", d.Store, "operation", d.Operation)
+	if d.Trigger.ID != "" {
+		attrs = append(attrs, "trigger", d.Trigger.ID)
 	}
-	Logger(ctx).Info("export outcome", "event", "failed", "pipeline", p.Pipeline, "store", p.Store, "run", p.Run, "code", code)
-	x.release(ctx, p, gen)
+	if d.Error != nil {
+		attrs = append(attrs, "code", d.Error.Code)
+	}
+	Logger(ctx).Info("export outcome", attrs...)
 	return nil
 }
 

@@ -111,6 +111,7 @@ func (x *Exporter) Poll(ctx context.Context) (SweepResult, error) {
 			addErr(err)
 		}
 	}
+	x.logWatermarkAges(ctx)
 	res.Running, res.Finished, res.Starting = int(c.running.Load()), int(c.finished.Load()), int(c.starting.Load())
 	res.Transient, res.Resolved = int(c.transient.Load()), int(c.resolved.Load())
 	log.Info("poll sweep", "pending", res.Pending, "running", res.Running, "finished", res.Finished,
@@ -371,7 +372,7 @@ func (x *Exporter) finalizeCorrupt(ctx context.Context, o stateObject, gen int64
 			return err
 		}
 	}
-	if err := x.pub.Publish(ctx, ev); err != nil {
+	if err := x.outcome(ctx, ev); err != nil {
 		return err
 	}
 	return x.state.quarantine(ctx, name, gen, cause.Error())
@@ -453,11 +454,9 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 		}
 		ev.Data.WatermarkAdvanced = &advanced
 	}
-	if err := x.pub.Publish(ctx, ev); err != nil {
+	if err := x.outcome(ctx, ev, "success", ev.Data.Counters.Success, "failure", ev.Data.Counters.Failure); err != nil {
 		return err
 	}
-	log.Info("export outcome", "event", strings.TrimPrefix(ev.Type, events.TypePrefix), "trigger", p.Trigger.ID,
-		"success", ev.Data.Counters.Success, "failure", ev.Data.Counters.Failure)
 	return x.markDone(ctx, p, ev.Type)
 }
 
@@ -511,9 +510,9 @@ func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, create
 			rec.Deletions = cursor
 		}
 		if gen == 0 {
-			_, err = x.state.create(ctx, watermarkObject(p.Pipeline), rec, nil)
+			_, err = x.state.create(ctx, watermarkObject(p.Pipeline), rec, watermarkMeta(rec))
 		} else {
-			_, err = x.state.update(ctx, watermarkObject(p.Pipeline), gen, rec, nil)
+			_, err = x.state.update(ctx, watermarkObject(p.Pipeline), gen, rec, watermarkMeta(rec))
 		}
 		if errors.Is(err, ErrExists) || errors.Is(err, ErrConflict) {
 			continue // someone moved it meanwhile: compare again
@@ -601,7 +600,9 @@ type watermarkSeen struct {
 	gen int64
 }
 
-// readWatermark reads a pipeline's watermark record; none is gen 0.
+// readWatermark reads a pipeline's watermark record; none is gen 0. A
+// watermark that is not a time is ErrCorrupt: it must not pass for "none",
+// which would re-export everything.
 func (x *Exporter) readWatermark(ctx context.Context, pipeline string) (watermarkSeen, error) {
 	var w watermarkSeen
 	gen, err := x.state.read(ctx, watermarkObject(pipeline), &w.rec)
@@ -609,5 +610,40 @@ func (x *Exporter) readWatermark(ctx context.Context, pipeline string) (watermar
 		return watermarkSeen{}, nil
 	}
 	w.gen = gen
+	if err == nil && w.rec.Watermark != "" {
+		if _, perr := time.Parse(time.RFC3339Nano, w.rec.Watermark); perr != nil {
+			err = fmt.Errorf("state %s: %w: watermark %q is not a time", watermarkObject(pipeline), ErrCorrupt, w.rec.Watermark)
+		}
+	}
 	return w, err
+}
+
+// logWatermarkAges logs, for every incremental pipeline, how long ago its
+// watermark's export began: the "watermark age" lines deploy.sh's metric and
+// its stale-pipeline alert read. One listing a sweep; the watermark comes from
+// the object's metadata (or, for one written before it was kept there, from
+// when the object last changed).
+func (x *Exporter) logWatermarkAges(ctx context.Context) {
+	log := Logger(ctx)
+	err := x.state.each(ctx, "watermarks", func(o stateObject) error {
+		pipeline, ok := strings.CutSuffix(o.Name, ".json")
+		if !ok || strings.Contains(pipeline, "/") {
+			return nil
+		}
+		at, err := time.Parse(time.RFC3339Nano, o.Metadata["watermark"])
+		if err != nil {
+			at = o.Updated
+		}
+		log.Info("watermark age", "pipeline", pipeline, "watermarkAgeSeconds", int64(x.now().Sub(at).Seconds()))
+		return nil
+	})
+	if err != nil {
+		log.Warn("could not list watermarks for their age", "error", err.Error())
+	}
+}
+
+// watermarkMeta is a watermark object's metadata: the watermark itself, so
+// a listing tells every pipeline's age.
+func watermarkMeta(rec watermarkRecord) map[string]string {
+	return map[string]string{"watermark": rec.Watermark}
 }

@@ -167,11 +167,10 @@ func (x *Exporter) queued(ctx context.Context, q queueRecord, reason string) err
 	if !q.NotBefore.IsZero() {
 		d.NotBefore = q.NotBefore.UTC().Format(time.RFC3339)
 	}
-	Logger(ctx).Info("export outcome", "event", "queued", "pipeline", q.Pipeline, "store", q.Store, "run", q.Run, "reason", reason)
-	return x.pub.Publish(ctx, events.Event{
-		ID: eventID("queued", q.Run, strconv.Itoa(q.Attempts)), Type: events.TypeQueued, Source: SourceOf(q.Store),
+	return x.outcome(ctx, events.Event{
+		ID: eventID("queued", q.Run, strconv.Itoa(q.Requeues)), Type: events.TypeQueued, Source: SourceOf(q.Store),
 		Subject: q.Trigger.ID, Time: x.now(), Data: d,
-	})
+	}, "run", q.Run, "reason", reason)
 }
 
 // coalesce merges a trigger into its pipeline's queued run: at most one
@@ -213,7 +212,7 @@ func (x *Exporter) coalesce(ctx context.Context, r *run) error {
 			return err
 		}
 		r.log.Info("trigger merged into the pipeline's queued run", "queuedRun", q.Run)
-		return x.pub.Publish(ctx, ev)
+		return x.outcome(ctx, ev, "queuedRun", q.Run)
 	}
 	return fmt.Errorf("queue of pipeline %s keeps changing; retry: %w", r.pipeline, errTransient)
 }
@@ -259,7 +258,7 @@ func (x *Exporter) finishRequeue(ctx context.Context, p pendingRecord, gen int64
 		if err := x.endRun(ctx, p.Run, statusCoalesced, &ev, cur); err != nil {
 			return err
 		}
-		if err := x.pub.Publish(ctx, ev); err != nil {
+		if err := x.outcome(ctx, ev, "queuedRun", cur); err != nil {
 			return err
 		}
 		x.release(ctx, p, gen)

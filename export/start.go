@@ -256,20 +256,11 @@ func (x *Exporter) incrementalSince(ctx context.Context, p pendingRecord, specSi
 // watermark is an error wrapping ErrCorrupt: it must not pass for "none",
 // which would re-export everything.
 func (x *Exporter) watermark(ctx context.Context, pipeline string) (string, error) {
-	var w watermarkRecord
-	_, err := x.state.read(ctx, watermarkObject(pipeline), &w)
-	if errors.Is(err, ErrNotFound) {
-		return "", nil
-	}
-	if err == nil {
-		if _, perr := time.Parse(time.RFC3339Nano, w.Watermark); perr != nil && w.Watermark != "" {
-			err = fmt.Errorf("state %s: %w: watermark %q is not a time", watermarkObject(pipeline), ErrCorrupt, w.Watermark)
-		}
-	}
+	w, err := x.readWatermark(ctx, pipeline)
 	if err != nil {
 		return "", fmt.Errorf("read watermark of pipeline %s: %w", pipeline, err)
 	}
-	return w.Watermark, nil
+	return w.rec.Watermark, nil
 }
 
 // reject reports a trigger (or one store of a fleet trigger) that can never
@@ -291,7 +282,7 @@ func (x *Exporter) reject(ctx context.Context, log *slog.Logger, trig events.Tri
 		}
 	}
 	log.Warn("trigger rejected", "field", field, "error", cause.Error())
-	return x.pub.Publish(ctx, events.Event{
+	return x.outcome(ctx, events.Event{
 		ID: eventID("rejected", trig.Source, trig.ID, store), Type: events.TypeRejected, Source: source,
 		Subject: trig.ID, Time: triggerTime(trig, x.now), Data: data,
 	})

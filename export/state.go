@@ -47,6 +47,7 @@ type stateObject struct {
 	Name       string // relative to the listed folder
 	Generation int64
 	Metadata   map[string]string
+	Updated    time.Time // when the object last changed
 }
 
 // create writes v to name only if name does not exist yet.
@@ -207,7 +208,7 @@ func (s *State) classify(name string, err error, cond storage.Conditions) error 
 // Stopping early: fn returns errStop.
 func (s *State) each(ctx context.Context, dir string, fn func(stateObject) error) error {
 	q := &storage.Query{Prefix: s.object(dir) + "/"}
-	if err := q.SetAttrSelection([]string{"Name", "Generation", "Metadata"}); err != nil {
+	if err := q.SetAttrSelection([]string{"Name", "Generation", "Metadata", "Updated"}); err != nil {
 		return fmt.Errorf("list state %s: %w", dir, err)
 	}
 	it := s.bkt.Objects(ctx, q)
@@ -219,7 +220,7 @@ func (s *State) each(ctx context.Context, dir string, fn func(stateObject) error
 		if err != nil {
 			return fmt.Errorf("list state gs://%s/%s: %w", s.bucket, q.Prefix, err)
 		}
-		if err := fn(stateObject{Name: a.Name[len(q.Prefix):], Generation: a.Generation, Metadata: a.Metadata}); err != nil {
+		if err := fn(stateObject{Name: a.Name[len(q.Prefix):], Generation: a.Generation, Metadata: a.Metadata, Updated: a.Updated}); err != nil {
 			if errors.Is(err, errStop) {
 				return nil
 			}

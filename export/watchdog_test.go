@@ -1,6 +1,10 @@
 package export
 
 import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -63,4 +67,43 @@ func TestWatchdog(t *testing.T) {
 	if got := len(w.emu.ExportRequests()) - before; got != 1 {
 		t.Errorf("exports after the watchdog freed the pipeline = %d, want 1", got)
 	}
+}
+
+// TestSweepLogsWatermarkAges: every sweep logs each incremental pipeline's
+// watermark age (now minus its last success's createTime), the line
+// deploy.sh's watermark-age metric and stale-pipeline alert read.
+func TestSweepLogsWatermarkAges(t *testing.T) {
+	t.Parallel()
+	w := newFrontedWorld(t, fronts{}) // the Exporter on the emulator's clock
+	store := w.store(t)
+	spec := map[string]any{"fhirStore": store, "name": "aged", "incremental": true,
+		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/aged"}}
+	w.start(t, spec)
+	for range 10 {
+		w.clock.Advance(time.Minute)
+		w.poll(t)
+	}
+	if w.busy(t, spec) {
+		t.Fatal("the run did not finish")
+	}
+	wm, err := w.x.state.GetWatermark(context.Background(), PipelineKey(mustSpec(t, spec)))
+	if err != nil || wm.Watermark == "" {
+		t.Fatalf("watermark %+v, %v", wm, err)
+	}
+	at, _ := time.Parse(time.RFC3339Nano, wm.Watermark)
+	w.clock.Advance(time.Hour)
+	var buf bytes.Buffer
+	if _, err := w.x.Poll(WithLogger(context.Background(), NewLogger(&buf, nil))); err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf(`"watermarkAgeSeconds":%d`, int64(w.clock.Now().Sub(at).Seconds()))
+	for _, line := range strings.Split(buf.String(), "\n") {
+		if strings.Contains(line, `"message":"watermark age"`) && strings.Contains(line, `"pipeline":"`+PipelineKey(mustSpec(t, spec))+`"`) {
+			if !strings.Contains(line, want) {
+				t.Errorf("logged %s, want %s", line, want)
+			}
+			return
+		}
+	}
+	t.Errorf("no watermark age line for the pipeline in:\n%s", buf.String())
 }

@@ -81,9 +81,9 @@ func (s *State) SetWatermark(ctx context.Context, pipeline, store, name, at stri
 	rec := watermarkRecord{Pipeline: pipeline, Store: store, Name: name, Watermark: t.UTC().Format(time.RFC3339Nano), Operation: "set by operator", Updated: now,
 		Deletions: cur.Deletions} // deletions already delivered stay delivered
 	if gen == 0 {
-		_, err = s.create(ctx, watermarkObject(pipeline), rec, nil)
+		_, err = s.create(ctx, watermarkObject(pipeline), rec, watermarkMeta(rec))
 	} else {
-		_, err = s.update(ctx, watermarkObject(pipeline), gen, rec, nil)
+		_, err = s.update(ctx, watermarkObject(pipeline), gen, rec, watermarkMeta(rec))
 	}
 	return err
 }
