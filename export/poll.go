@@ -261,7 +261,7 @@ func (x *Exporter) watchdog(ctx context.Context, o stateObject, opName string) {
 	log := Logger(ctx).With("operation", opName)
 	var p pendingRecord
 	gen, err := x.state.read(ctx, "pending/"+o.Name, &p)
-	if err != nil || p.Operation != opName {
+	if err != nil || p.Operation != opName || p.Cancelled != "" {
 		return
 	}
 	p.Cancelled = "timeout"
