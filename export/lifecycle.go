@@ -258,7 +258,7 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 		p.Started = x.now()
 		var err error
 		if gen, err = x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
-			return fmt.Errorf("renew the start lease of run %s: %w", p.Run, errTransient)
+			return fmt.Errorf("renew the start lease of run %s: %v: %w", p.Run, err, errTransient)
 		}
 		remaining = x.StartLease
 	}
@@ -348,7 +348,7 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 	}
 	gen, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p))
 	if err != nil {
-		return fmt.Errorf("resolve run %s: %w", p.Run, errTransient)
+		return fmt.Errorf("resolve run %s: %v: %w", p.Run, err, errTransient)
 	}
 	var rec runRecord
 	if _, err := x.state.read(ctx, runObject(p.Run), &rec); err == nil && (rec.Status == statusDone || rec.Status == statusFailed) {
@@ -400,7 +400,7 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 	// before calling the API again.
 	p.Called, p.Started = time.Time{}, x.now()
 	if gen, err = x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
-		return fmt.Errorf("resolve run %s: %w", p.Run, errTransient)
+		return fmt.Errorf("resolve run %s: %v: %w", p.Run, err, errTransient)
 	}
 	return x.export(ctx, &spec, p, gen)
 }

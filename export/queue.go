@@ -229,7 +229,7 @@ func (x *Exporter) requeue(ctx context.Context, p pendingRecord, gen int64, reas
 	}
 	gen, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p))
 	if err != nil {
-		return fmt.Errorf("queue run %s again: %w", p.Run, errTransient)
+		return fmt.Errorf("queue run %s again: %v: %w", p.Run, err, errTransient)
 	}
 	return x.finishRequeue(ctx, p, gen)
 }
@@ -345,14 +345,14 @@ func (x *Exporter) dequeue(ctx context.Context, free int) (int, error) {
 			break
 		}
 		ok, err := x.startQueued(ctx, w.pipeline)
+		if errors.Is(err, errNoSlot) {
+			break // another instance took the last free slot: not an error
+		}
 		if err != nil {
 			errs = append(errs, err)
 		}
 		if ok {
 			started++
-		}
-		if errors.Is(err, errNoSlot) {
-			break
 		}
 	}
 	return started, errors.Join(errs...)
