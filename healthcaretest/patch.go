@@ -1,6 +1,7 @@
 package healthcaretest
 
 import (
+	"bytes"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -122,14 +123,15 @@ func applyJSONPatch(doc, patch []byte) (map[string]any, *fhirError) {
 	if err := json.Unmarshal(patch, &ops); err != nil {
 		return nil, fhirErr(400, "structure", "invalid JSON Patch: %v", err)
 	}
+	// json.Number throughout, so numbers keep their text (1.50 stays 1.50).
 	var root any
-	if err := json.Unmarshal(doc, &root); err != nil {
+	if err := decodeNumbers(doc, &root); err != nil {
 		return nil, fhirErr(500, "exception", "stored resource: %v", err)
 	}
 	for i, op := range ops {
 		var val any
 		if len(op.Value) > 0 {
-			if err := json.Unmarshal(op.Value, &val); err != nil {
+			if err := decodeNumbers(op.Value, &val); err != nil {
 				return nil, fhirErr(400, "structure", "JSON Patch operation %d: invalid value: %v", i, err)
 			}
 		}
@@ -157,6 +159,8 @@ func applyJSONPatch(doc, patch []byte) (map[string]any, *fhirError) {
 			if v, err = pointerGet(root, op.From); err == "" {
 				if op.Op == "move" {
 					root, err = pointerRemove(root, op.From)
+				} else {
+					v = deepCopy(v) // the copy must not share maps or slices with its source
 				}
 				if err == "" {
 					root, err = pointerSet(root, op.Path, v, true)
@@ -173,10 +177,33 @@ func applyJSONPatch(doc, patch []byte) (map[string]any, *fhirError) {
 	if !ok {
 		return nil, fhirErr(400, "processing", "JSON Patch: the result is not a resource")
 	}
-	// Back to json.Number so stored numbers keep their text.
-	b, _ := json.Marshal(m)
-	out, _ := decodeJSONObject(b)
-	return out, nil
+	return m, nil
+}
+
+// decodeNumbers unmarshals JSON keeping numbers as json.Number.
+func decodeNumbers(b []byte, v any) error {
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.UseNumber()
+	return d.Decode(v)
+}
+
+// deepCopy copies decoded JSON (maps, slices and scalars).
+func deepCopy(v any) any {
+	switch t := v.(type) {
+	case map[string]any:
+		c := make(map[string]any, len(t))
+		for k, e := range t {
+			c[k] = deepCopy(e)
+		}
+		return c
+	case []any:
+		c := make([]any, len(t))
+		for i, e := range t {
+			c[i] = deepCopy(e)
+		}
+		return c
+	}
+	return v
 }
 
 func pointerTokens(p string) ([]string, string) {

@@ -203,3 +203,37 @@ func TestCapabilityStatement(t *testing.T) {
 		})
 	}
 }
+
+// TestJSONPatchKeepsNumbersAndCopies: a JSON Patch keeps the text of stored
+// numbers (1.50 stays 1.50, a 20-digit integer is not rounded) and a copied
+// value does not share its maps with the original.
+func TestJSONPatchKeepsNumbersAndCopies(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, nil)
+	base := e.srv.URL + "/v1/" + testStore + "/fhir/"
+	if status, _, m := fhirRaw(t, "PUT", base+"Patient/n1", `{"resourceType":"Patient","id":"n1","name":[{"given":["A"]}],"multipleBirthInteger":2}`); status != 201 {
+		t.Fatalf("create: %d %v", status, m)
+	}
+	patch := `[{"op":"copy","from":"/name/0","path":"/name/-"},{"op":"add","path":"/name/1/family","value":"B"},{"op":"replace","path":"/multipleBirthInteger","value":12345678901234567890}]`
+	if status, _, m := fhirRaw(t, "PATCH", base+"Patient/n1", patch, "Content-Type", "application/json-patch+json"); status != 200 {
+		t.Fatalf("patch: %d %v", status, m)
+	}
+	resp, err := http.Get(base + "Patient/n1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	raw, _ := io.ReadAll(resp.Body)
+	if !strings.Contains(string(raw), "12345678901234567890") {
+		t.Errorf("the patched integer lost its digits: %s", raw)
+	}
+	var p struct {
+		Name []map[string]any `json:"name"`
+	}
+	if err := json.Unmarshal(raw, &p); err != nil || len(p.Name) != 2 {
+		t.Fatalf("patched patient %s (%v)", raw, err)
+	}
+	if _, shared := p.Name[0]["family"]; shared || p.Name[1]["family"] != "B" {
+		t.Errorf("names after copy and add: %v; the copy must not change the original", p.Name)
+	}
+}
