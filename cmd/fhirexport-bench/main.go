@@ -717,7 +717,7 @@ func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers, po
 	getsBefore := countGets(emu.hc.Requests())
 	t0 = time.Now()
 	sem := make(chan struct{}, pollWorkers)
-	var gerr atomic.Value
+	gerr := make(chan error, 1) // the first error; atomic.Value panics on a second concrete type
 	for _, op := range ops {
 		sem <- struct{}{}
 		wg.Add(1)
@@ -725,14 +725,19 @@ func sweep(ctx context.Context, bins binaries, emu *emulators, runs, workers, po
 			defer wg.Done()
 			defer func() { <-sem }()
 			if _, err := hc.Projects.Locations.Datasets.Operations.Get(op).Context(ctx).Do(); err != nil {
-				gerr.Store(err)
+				select {
+				case gerr <- err:
+				default:
+				}
 			}
 		}()
 	}
 	wg.Wait()
 	raw := time.Since(t0)
-	if err, _ := gerr.Load().(error); err != nil {
+	select {
+	case err := <-gerr:
 		return err
+	default:
 	}
 	if got := countGets(emu.hc.Requests()) - getsBefore; got != runs {
 		return fmt.Errorf("baseline made %d gets for %d operations", got, runs)
