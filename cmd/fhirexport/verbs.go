@@ -357,7 +357,7 @@ apply). The run must have its spec stored.
 func (inv *invocation) rerun(ctx context.Context, args []string) error {
 	fs := inv.flagSet("rerun", rerunUsage)
 	topic := fs.String("topic", inv.getenv("FHIREXPORT_REQUESTS_TOPIC"), "the requests `TOPIC`, projects/P/topics/T or T with --project (default $FHIREXPORT_REQUESTS_TOPIC)")
-	id, err := oneArg(fs, args, "RUN")
+	id, err := oneArg(fs, args, "RUN|TRIGGER|OPERATION")
 	if err != nil {
 		return err
 	}
@@ -368,9 +368,12 @@ func (inv *invocation) rerun(ctx context.Context, args []string) error {
 		}
 		t = "projects/" + inv.project + "/topics/" + t
 	}
+	if t == "" {
+		return usagef("no requests topic: give --topic projects/P/topics/T (the topic StartExport is triggered from) or set FHIREXPORT_REQUESTS_TOPIC")
+	}
 	parts := strings.Split(t, "/")
 	if len(parts) != 4 || parts[0] != "projects" || parts[2] != "topics" || parts[1] == "" || parts[3] == "" {
-		return usagef("no requests topic: give --topic projects/P/topics/T (the topic StartExport is triggered from) or set FHIREXPORT_REQUESTS_TOPIC")
+		return usagef("requests topic %q is not projects/P/topics/T (--topic or FHIREXPORT_REQUESTS_TOPIC)", t)
 	}
 	in, _, err := inv.inspector(ctx, false)
 	if err != nil {
