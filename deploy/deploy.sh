@@ -235,9 +235,12 @@ fi
 if [[ -n $BUILD_SERVICE_ACCOUNT && ! $BUILD_SERVICE_ACCOUNT =~ $re_sa_email ]]; then
   bad "BUILD_SERVICE_ACCOUNT '$BUILD_SERVICE_ACCOUNT' is not a service account email"
 fi
-[[ $MAX_RUNNING =~ ^[1-9][0-9]{0,3}$ ]] || bad "MAX_RUNNING '$MAX_RUNNING' must be a positive integer"
-if [[ -n $POLL_WORKERS && ! $POLL_WORKERS =~ ^[1-9][0-9]{0,3}$ ]]; then
-  bad "POLL_WORKERS '$POLL_WORKERS' must be a positive integer"
+# The functions' own bounds (export/config.go): a value they refuse would fail every event.
+if [[ ! $MAX_RUNNING =~ ^[1-9][0-9]{0,3}$ ]] || ((10#$MAX_RUNNING > 1000)); then
+  bad "MAX_RUNNING '$MAX_RUNNING' must be an integer from 1 to 1000"
+fi
+if [[ -n $POLL_WORKERS ]] && { [[ ! $POLL_WORKERS =~ ^[1-9][0-9]{0,3}$ ]] || ((10#$POLL_WORKERS > 256)); }; then
+  bad "POLL_WORKERS '$POLL_WORKERS' must be an integer from 1 to 256"
 fi
 if [[ -n $NOTIFICATION_CHANNEL && ! $NOTIFICATION_CHANNEL =~ $re_channel ]]; then
   bad "NOTIFICATION_CHANNEL '$NOTIFICATION_CHANNEL' is not projects/P/notificationChannels/ID (the channel's full resource name)"
