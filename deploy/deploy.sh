@@ -331,7 +331,7 @@ json_string() {
 }
 
 check_spec() {
-  local var=$1 file=$2 store gcs bq
+  local var=$1 file=$2 store gcs bq deleted
   if [[ ! -f $file || ! -r $file ]]; then
     bad "$var '$file' is not a readable file (set $var= to skip this job)"
     return
@@ -342,6 +342,7 @@ check_spec() {
   store=$(json_string "$file" fhirStore)
   gcs=$(json_string "$file" uriPrefix)
   bq=$(json_string "$file" datasetUri)
+  deleted=$(json_string "$file" deletedUriPrefix)
   if [[ -z $store ]]; then
     bad "$var '$file' has no fhirStore"
   elif ! store_allowed "$store"; then
@@ -356,6 +357,9 @@ check_spec() {
     elif ! dest_allowed "$bq"; then
       bad "$var '$file': destination $bq is not in ALLOWED_DESTINATIONS"
     fi
+  fi
+  if [[ -n $deleted ]] && ! dest_allowed "$deleted"; then
+    bad "$var '$file': deletedUriPrefix $deleted is not in ALLOWED_DESTINATIONS"
   fi
   if [[ -z $gcs && -z $bq ]]; then
     bad "$var '$file' has neither gcsDestination.uriPrefix nor bigqueryDestination.datasetUri"

@@ -957,6 +957,16 @@ func TestBadValues(t *testing.T) {
 			t.Errorf("exit %d, stderr:\n%s", r.code, r.stderr)
 		}
 	})
+	t.Run("deletedUriPrefix not allowed", func(t *testing.T) {
+		t.Parallel()
+		body := `{"fhirStore":"projects/my-project/locations/us-central1/datasets/clinical/fhirStores/main","incremental":true,` +
+			`"bigqueryDestination":{"datasetUri":"bq://my-project.fhir_analytics","schemaConfig":{"schemaType":"ANALYTICS_V2"},"writeDisposition":"WRITE_APPEND"},` +
+			`"deletedUriPrefix":"gs://other-bucket/deleted"}`
+		r := runScript(t, newFake(t), with(baseEnv(), "HOURLY_SPEC", spec(t, body)), "--dry-run")
+		if r.code != 2 || !strings.Contains(r.stderr, "deletedUriPrefix gs://other-bucket/deleted is not in ALLOWED_DESTINATIONS") {
+			t.Errorf("exit %d, stderr:\n%s", r.code, r.stderr)
+		}
+	})
 	t.Run("all problems reported at once", func(t *testing.T) {
 		t.Parallel()
 		r := runScript(t, newFake(t), with(baseEnv(), "PROJECT_ID", "X", "REGION", "x", "START_MAX_INSTANCES", "-1"), "--dry-run")
