@@ -495,8 +495,8 @@ func TestCorruptState(t *testing.T) {
 		}
 		poll(t)
 	})
-	// Not fixed by issue 12: the corrupt claim is replaced by a fresh one and,
-	// the pipeline lock being gone, the run is exported a second time.
+	// A corrupt claim of a finished run (no lock names it any more) ends the
+	// run failed instead of replacing the claim, which would export again.
 	t.Run("garbage run record after finish exports nothing again", func(t *testing.T) {
 		store, id, spec := finished(t)
 		if code := deliverPubSub(t, "StartExport", id, spec); code != http.StatusOK {

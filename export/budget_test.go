@@ -589,6 +589,7 @@ func crashEveryWrite(t *testing.T, max int64, crashAt func(t *testing.T, n int64
 			return
 		}
 	}
+	t.Errorf("still more writes after %d: crash points past it were not tried (raise the bound)", max)
 }
 
 // dequeueCrash runs one crash case; it reports whether the sweep had fewer

@@ -27,8 +27,9 @@ is, the last outcome and when, what runs now and the running operation's
 progress (operations.get), and any queued follow-up.
 
 A lock "starting" has no operation yet; one older than the start lease (2m) is
-marked ORPHANED: its start attempt most likely died, and only a redelivery of
-its trigger takes it over.
+marked ORPHANED: its start attempt most likely died. A redelivery of its
+trigger takes it over, or else the next sweep resolves it (adopting an export
+operations.list finds, queueing it again, or reporting it failed, code 4).
 `
 
 func (inv *invocation) status(ctx context.Context, args []string) error {
