@@ -604,8 +604,8 @@ func TestDeletedPrefixAllowList(t *testing.T) {
 		r, err := x.newRun(trig, spec, RunKey(trig.Source, trig.ID), Logger(context.Background()))
 		var se *SpecError
 		switch {
-		case tc.want == "" && (!errors.As(err, &se) || se.Field != "deletedUriPrefix"):
-			t.Errorf("%s: %v, want refused naming deletedUriPrefix", tc.prefix, err)
+		case tc.want == "" && (!errors.As(err, &se) || se.Field != "deletedUriPrefix" || se.Code != codePermissionDenied):
+			t.Errorf("%s: %v, want refused as PERMISSION_DENIED naming deletedUriPrefix", tc.prefix, err)
 		case tc.want != "" && (err != nil || r.pending(time.Now()).Feed != tc.want):
 			t.Errorf("%s: %v, feed %q; want %s", tc.prefix, err, r.feed, tc.want)
 		}

@@ -190,6 +190,7 @@ type SpecError struct {
 	Field    string // JSON path of the field at fault, "" for the whole spec
 	Problem  string
 	Accepted string
+	Code     int32 // the google.rpc.Code the rejection reports; 0: INVALID_ARGUMENT
 }
 
 func (e *SpecError) Error() string {
@@ -210,6 +211,13 @@ func (e *SpecError) Error() string {
 
 func specErr(field, accepted, format string, args ...any) *SpecError {
 	return &SpecError{Field: field, Problem: fmt.Sprintf(format, args...), Accepted: accepted}
+}
+
+// deniedErr is a SpecError for a value outside an allow-list: PERMISSION_DENIED.
+func deniedErr(field, accepted, format string, args ...any) *SpecError {
+	e := specErr(field, accepted, format, args...)
+	e.Code = codePermissionDenied
+	return e
 }
 
 // The JSON kinds a spec field may have.

@@ -124,7 +124,7 @@ func (x *Exporter) Start(ctx context.Context, trig events.Trigger, decodeErr err
 func (x *Exporter) startFleet(ctx context.Context, trig events.Trigger, spec *Spec, log *slog.Logger) error {
 	dataset := spec.Dataset()
 	if !x.policy.AllowFleet(dataset) {
-		return x.reject(ctx, log, trig, spec, "", specErr("fhirStore", "a fleet whose stores FHIREXPORT_ALLOWED_STORES may match", "no store of %s is on the allow-list%s", dataset, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES")))
+		return x.reject(ctx, log, trig, spec, "", deniedErr("fhirStore", "a fleet whose stores FHIREXPORT_ALLOWED_STORES may match", "no store of %s is on the allow-list%s", dataset, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES")))
 	}
 	var stores []string
 	call := x.hc.Projects.Locations.Datasets.FhirStores.List(dataset).PageSize(1000)
@@ -137,7 +137,7 @@ func (x *Exporter) startFleet(ctx context.Context, trig events.Trigger, spec *Sp
 	if err != nil {
 		if Permanent(err) {
 			code, msg := statusOf(err)
-			return x.reject(ctx, log, trig, spec, "", &SpecError{Field: "fhirStore", Problem: fmt.Sprintf("listing the stores of %s failed (%d): %s", dataset, code, msg), Accepted: "a dataset fhirexport may list"})
+			return x.reject(ctx, log, trig, spec, "", &SpecError{Field: "fhirStore", Problem: fmt.Sprintf("listing the stores of %s failed (%d): %s", dataset, code, msg), Accepted: "a dataset fhirexport may list", Code: code})
 		}
 		return fmt.Errorf("list stores of %s: %w", dataset, err)
 	}
@@ -147,7 +147,7 @@ func (x *Exporter) startFleet(ctx context.Context, trig events.Trigger, spec *Sp
 		one := spec.ForStore(store)
 		slog := log.With("store", store)
 		if !x.policy.AllowStore(store) {
-			errs = append(errs, x.reject(ctx, slog, trig, one, store, specErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s; the fleet's other stores are exported", store, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES"))))
+			errs = append(errs, x.reject(ctx, slog, trig, one, store, deniedErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s; the fleet's other stores are exported", store, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES"))))
 			continue
 		}
 		r, err := x.newRun(trig, one, FleetRunKey(trig.Source, trig.ID, store), slog)
@@ -165,7 +165,7 @@ func (x *Exporter) startFleet(ctx context.Context, trig events.Trigger, spec *Sp
 func (x *Exporter) newRun(trig events.Trigger, spec *Spec, key string, log *slog.Logger) (*run, error) {
 	log = log.With("store", spec.FHIRStore)
 	if !x.policy.AllowStore(spec.FHIRStore) {
-		return nil, specErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s", spec.FHIRStore, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES"))
+		return nil, deniedErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s", spec.FHIRStore, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES"))
 	}
 	r := &run{key: key, trig: trig, ref: events.TriggerRef{Source: trig.Source, ID: trig.ID}, spec: spec, pipeline: PipelineKey(spec)}
 	r.types, _ = spec.Types()
@@ -178,12 +178,12 @@ func (x *Exporter) newRun(trig events.Trigger, spec *Spec, key string, log *slog
 		if spec.BigQueryDestination != nil {
 			field = "bigqueryDestination.datasetUri"
 		}
-		return nil, specErr(field, "a destination inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list%s", r.dest, emptyHint(x.policy.destinations, "FHIREXPORT_ALLOWED_DESTINATIONS"))
+		return nil, deniedErr(field, "a destination inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list%s", r.dest, emptyHint(x.policy.destinations, "FHIREXPORT_ALLOWED_DESTINATIONS"))
 	}
 	if spec.DeletedURIPrefix != "" {
 		r.feed = ExpandURIPrefix(spec.DeletedURIPrefix, spec.FHIRStore, key[:16], triggerTime(trig, x.now))
 		if !x.policy.AllowDestination(r.feed) {
-			return nil, specErr("deletedUriPrefix", "a Cloud Storage prefix inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list%s", r.feed, emptyHint(x.policy.destinations, "FHIREXPORT_ALLOWED_DESTINATIONS"))
+			return nil, deniedErr("deletedUriPrefix", "a Cloud Storage prefix inside FHIREXPORT_ALLOWED_DESTINATIONS", "%q is not on the allow-list%s", r.feed, emptyHint(x.policy.destinations, "FHIREXPORT_ALLOWED_DESTINATIONS"))
 		}
 	}
 	r.log = log.With("pipeline", r.pipeline, "run", key)
@@ -267,19 +267,19 @@ func (x *Exporter) watermark(ctx context.Context, pipeline string) (string, erro
 // succeed and acknowledges it.
 func (x *Exporter) reject(ctx context.Context, log *slog.Logger, trig events.Trigger, spec *Spec, store string, cause error) error {
 	var se *SpecError
-	field := ""
+	field, code := "", int32(codeInvalidArgument)
 	if errors.As(cause, &se) {
 		field = se.Field
+		if se.Code != 0 {
+			code = se.Code
+		}
 	}
 	ref := events.TriggerRef{Source: trig.Source, ID: trig.ID}
-	data := events.Data{Trigger: ref, Error: &events.Error{Code: codeInvalidArgument, Message: cause.Error(), Field: field}}
+	data := events.Data{Trigger: ref, Error: &events.Error{Code: code, Message: cause.Error(), Field: field}}
 	source := trig.Source
 	if spec != nil {
 		data.Store, data.Name, data.Labels, data.Incremental = spec.FHIRStore, spec.Name, spec.Labels, spec.Incremental
 		source = SourceOf(spec.FHIRStore)
-		if field == "fhirStore" || field == "gcsDestination.uriPrefix" || field == "bigqueryDestination.datasetUri" {
-			data.Error.Code = codePermissionDenied
-		}
 	}
 	log.Warn("trigger rejected", "field", field, "error", cause.Error())
 	return x.outcome(ctx, events.Event{
