@@ -174,3 +174,57 @@ func TestRequeueRacesTheDequeuer(t *testing.T) {
 		}
 	}
 }
+
+// TestCorruptQueueRecordEndsItsRun: a queue record that cannot be decoded is
+// moved aside, and the run its metadata names is reported failed (code 13,
+// telling how to start it again) instead of staying "queued" for good with
+// its trigger never answered.
+func TestCorruptQueueRecordEndsItsRun(t *testing.T) {
+	t.Parallel()
+	w := newFrontedWorld(t, fronts{})
+	w.emu.SetExportTiming(time.Minute, 1)
+	w.x.MaxRunning = 1
+	first, second := w.store(t), w.store(t)
+	spec := func(store string) map[string]any {
+		return map[string]any{"fhirStore": store, "name": "p", "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/cq/{store}"}}
+	}
+	w.deliver(t, w.newTrigger(t, spec(first)))
+	w.deliver(t, w.newTrigger(t, spec(second))) // queued for the budget
+	pipeline := PipelineKey(mustSpec(t, spec(second)))
+	q, _, err := w.x.readQueue(quiet, pipeline)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obj := w.storage.Bucket("state").Object("fx/" + queueObject(pipeline))
+	wr := obj.NewWriter(quiet)
+	wr.Metadata = queueMeta(q)
+	if _, err := wr.Write([]byte("{not json")); err != nil {
+		t.Fatal(err)
+	}
+	if err := wr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	w.drain(t, 2*time.Minute, 10)
+
+	evs := w.events(t)
+	if n := exportsByStore(w.emu)[second]; n != 0 {
+		t.Errorf("the corrupt queued run was exported %d times", n)
+	}
+	var failed []event
+	for _, e := range evs {
+		if e.typ == events.TypeFailed && e.data.Store == second {
+			failed = append(failed, e)
+		}
+	}
+	if len(failed) != 1 || failed[0].data.Error == nil || failed[0].data.Error.Code != codeInternal ||
+		!strings.Contains(failed[0].data.Error.Message, "fhirexport rerun "+q.Run) {
+		t.Fatalf("failed events of the corrupt queued run: %+v; want one, code 13, saying how to rerun it", failed)
+	}
+	var rec runRecord
+	if _, err := w.x.state.read(quiet, runObject(q.Run), &rec); err != nil || rec.Status != statusFailed {
+		t.Errorf("run record %+v (%v), want failed", rec, err)
+	}
+	if n := len(w.objects(t, "quarantine")); n == 0 {
+		t.Errorf("the corrupt queue record was not moved aside")
+	}
+}

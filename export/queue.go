@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"cloud.google.com/go/storage"
+
 	"github.com/fhirexport/fhirexport/events"
 )
 
@@ -104,12 +106,41 @@ func (x *Exporter) readQueue(ctx context.Context, pipeline string) (queueRecord,
 	gen, err := x.state.read(ctx, queueObject(pipeline), &q)
 	if errors.Is(err, ErrCorrupt) {
 		Logger(ctx).Error("queued run is corrupt; quarantined", "object", queueObject(pipeline), "error", err.Error())
+		if qerr := x.endCorruptQueued(ctx, queueObject(pipeline), err); qerr != nil {
+			return q, 0, qerr
+		}
 		if qerr := x.state.quarantine(ctx, queueObject(pipeline), gen, err.Error()); qerr != nil {
 			return q, 0, qerr
 		}
 		return q, 0, fmt.Errorf("state %s: %w", queueObject(pipeline), ErrNotFound)
 	}
 	return q, gen, err
+}
+
+// endCorruptQueued reports the run a corrupt queue record names (in its
+// metadata) failed, before the record is moved aside: otherwise the run would
+// stay "queued" for good, its trigger without an outcome.
+func (x *Exporter) endCorruptQueued(ctx context.Context, name string, cause error) error {
+	attrs, err := x.state.bkt.Object(x.state.object(name)).Attrs(ctx)
+	if err != nil {
+		return x.state.classify(name, err, storage.Conditions{})
+	}
+	run := attrs.Metadata["run"]
+	var rec runRecord
+	if run == "" {
+		return nil
+	}
+	if _, err := x.state.read(ctx, runObject(run), &rec); err != nil || rec.Status != statusQueued {
+		return nil // unknown, or not waiting on this record: nothing to end
+	}
+	ev := events.Event{ID: eventID("failed", run), Type: events.TypeFailed, Source: SourceOf(rec.Store), Subject: rec.Trigger.ID,
+		Time: x.now(), Data: events.Data{Store: rec.Store, Pipeline: rec.Pipeline, Trigger: rec.Trigger}}
+	ev.Data.Error = &events.Error{Code: codeInternal, Message: fmt.Sprintf(
+		"the queue record %s of this run is corrupt (%v); it was moved aside and the run was not started: start it again with fhirexport rerun %s", name, cause, run)}
+	if err := x.endRun(ctx, run, statusFailed, &ev, ""); err != nil {
+		return err
+	}
+	return x.outcome(ctx, ev, "run", run)
 }
 
 func queueMeta(q queueRecord) map[string]string {
