@@ -206,6 +206,7 @@ else
   state_path=${state_rest#"$STATE_BUCKET"}
   [[ $STATE_BUCKET =~ $re_bucket ]] || bad "STATE '$STATE' does not name a valid bucket ('$STATE_BUCKET')"
   [[ $state_path =~ $re_object_path ]] || bad "STATE '$STATE' has spaces, commas or quotes in its prefix"
+  [[ $state_path != *//* ]] || bad "STATE '$STATE' has an empty path segment ('//'); the functions refuse it"
 fi
 
 EXPORT_BUCKET=${EXPORT_BUCKET#gs://}
@@ -812,7 +813,12 @@ for s in ${notify[@]+"${notify[@]}"}; do
   token=$(gcloud auth print-access-token)
   [[ -n $token ]] || { printf 'deploy.sh: gcloud auth print-access-token printed nothing\n' >&2; exit 1; }
   (umask 077 && printf 'Authorization: Bearer %s\n' "$token" >"$AUTH_HEADER")
-  "${patch[@]}" >/dev/null
+  if ! "${patch[@]}" >"$WORK_DIR/patch-answer.json"; then
+    rm -f "$AUTH_HEADER"
+    printf 'deploy.sh: adding the notification config to %s failed; the API answered:\n%s\n' \
+      "$s" "$(cat "$WORK_DIR/patch-answer.json")" >&2
+    exit 1
+  fi
   rm -f "$AUTH_HEADER"
   printf '# %s now also notifies %s\n' "$s" "$CHANGES_TOPIC_NAME"
 done

@@ -892,6 +892,7 @@ func TestBadValues(t *testing.T) {
 		{"region", with(baseEnv(), "REGION", "us central"), nil, "REGION 'us central' is not a region"},
 		{"state without gs", with(baseEnv(), "STATE", "my-bucket/state"), nil, "STATE 'my-bucket/state' must start with gs://"},
 		{"state bad bucket", with(baseEnv(), "STATE", "gs://My_Bucket/state"), nil, "does not name a valid bucket"},
+		{"state empty segment", with(baseEnv(), "STATE", "gs://my-bucket/a//b"), nil, "has an empty path segment"},
 		{"state in export bucket", with(baseEnv(), "STATE", "gs://my-project-fhir-exports/state"), nil, "STATE must be in another bucket than EXPORT_BUCKET"},
 		{"export bucket with path", with(baseEnv(), "EXPORT_BUCKET", "gs://my-project-fhir-exports/x"), nil, "EXPORT_BUCKET"},
 		{"store not a store", with(baseEnv(), "ALLOWED_STORES", "projects/my-project/locations/l/datasets/d"), nil, "is not projects/P/locations/L/datasets/D/fhirStores/S"},
