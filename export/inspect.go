@@ -779,6 +779,9 @@ func readAll[T any](ctx context.Context, in *Inspector, dir string, since time.T
 			defer mu.Unlock()
 			switch {
 			case errors.Is(err, ErrNotFound):
+			case errors.Is(err, ErrCorrupt):
+				// One bad object must not hide everything else: name it and go on.
+				Logger(ctx).Warn("skipped a corrupt state object; inspect or delete it", "object", "gs://"+s.bucket+"/"+s.object(dir+"/"+o.name), "error", err.Error())
 			case err != nil:
 				errs = append(errs, err)
 			default:

@@ -1,9 +1,11 @@
 package export
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -314,5 +316,37 @@ func TestLockStates(t *testing.T) {
 		if l.State != tc.state || l.Orphaned != tc.orphaned {
 			t.Errorf("%s: state %q orphaned %v; want %q %v", name, l.State, l.Orphaned, tc.state, tc.orphaned)
 		}
+	}
+}
+
+// TestInspectorSkipsCorruptRecords: one run record that cannot be decoded
+// does not hide every other run from status and runs; it is named in a
+// warning instead.
+func TestInspectorSkipsCorruptRecords(t *testing.T) {
+	t.Parallel()
+	w, in, spec, done, running := inspectWorld(t)
+	wr := w.storage.Bucket("state").Object("fx/" + runObject("garbage")).NewWriter(context.Background())
+	wr.Write([]byte("{not json"))
+	if err := wr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	ctx := WithLogger(context.Background(), NewLogger(&buf, nil))
+	runs, err := in.Runs(ctx, RunFilter{Pipeline: PipelineKey(mustSpec(t, spec))})
+	if err != nil {
+		t.Fatalf("Runs with a corrupt record beside: %v", err)
+	}
+	var ids []string
+	for _, r := range runs {
+		ids = append(ids, r.ID)
+	}
+	if !slices.Contains(ids, done) || !slices.Contains(ids, running) {
+		t.Errorf("runs %v, want %s and %s", ids, done, running)
+	}
+	if _, err := in.Status(ctx, 0); err != nil {
+		t.Errorf("Status with a corrupt record beside: %v", err)
+	}
+	if !strings.Contains(buf.String(), "runs/garbage.json") {
+		t.Errorf("the corrupt record is not named:\n%s", buf.String())
 	}
 }
