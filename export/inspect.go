@@ -662,7 +662,7 @@ func (in *Inspector) lockOf(p pendingRecord) *Lock {
 		Started: p.Started, Called: p.Called, Operation: p.Operation, Adopted: p.Adopted, Finalizing: p.Finalizing,
 		Unobserved: p.Unobserved, Cancelled: p.Cancelled, Age: age(in.now().Sub(p.Started))}
 	switch {
-	case !p.Finalizing.IsZero():
+	case !p.Finalizing.IsZero(), p.Reported != nil:
 		l.State = "finalizing"
 	case p.Operation != "":
 		l.State = "running"

@@ -37,8 +37,11 @@ package export
 //	            for ExportResources operations since the call; one owned by this run
 //	            or one nobody owns: adopt it (operations/{op} DoesNotExist decides
 //	            races); none: export again; several: wait, then fail.
-//	finish      (poll.go) [feed files], watermark (CAS), outcome event, runs/{run} →
-//	            done, remove pending/{pipeline}, remove slots/{n}.
+//	finish      (poll.go) take the finalize lease (GenerationMatch), [feed files],
+//	            watermark (CAS), record the outcome event in pending/{pipeline}
+//	            (GenerationMatch: a finalizer whose lease ran out gives way), publish
+//	            it, runs/{run} → done, remove pending/{pipeline}, remove slots/{n}.
+//	            Whoever finds a recorded outcome publishes that one, unchanged.
 //	endEarly    mark pending/{pipeline} ending with the failed event (GenerationMatch:
 //	            whoever took the run over since decides instead), then runs/{run} →
 //	            failed with Final, the event, remove the lock, the slot. Whoever
@@ -82,6 +85,9 @@ func lockMeta(p pendingRecord) map[string]string {
 	}
 	if p.Ending != nil {
 		m["ending"] = "failed"
+	}
+	if p.Reported != nil {
+		m["reported"] = strings.TrimPrefix(p.Reported.Type, events.TypePrefix)
 	}
 	if !p.Redelivered.IsZero() {
 		m["redelivered"] = p.Redelivered.UTC().Format(time.RFC3339Nano)

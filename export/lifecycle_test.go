@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -226,5 +227,64 @@ func TestCorruptQueueRecordEndsItsRun(t *testing.T) {
 	}
 	if n := len(w.objects(t, "quarantine")); n == 0 {
 		t.Errorf("the corrupt queue record was not moved aside")
+	}
+}
+
+// TestStaleFinalizerAfterLaterRun: a sweep reporting a finished incremental
+// run is slow (held at reading the watermark) until its finalize lease runs
+// out. Another sweep reports the run, releases the pipeline, and the
+// pipeline's next run moves the watermark further on. The slow sweep then
+// went on with a watermark past its run's, and published the first run's
+// succeeded event again under the same id but with watermarkAdvanced false:
+// two different events for one id, which consumers deduplicating by id
+// cannot reconcile. A finalizer now records its outcome in the lock at the
+// generation its lease holds before publishing, so the stale one gives way.
+func TestStaleFinalizerAfterLaterRun(t *testing.T) {
+	t.Parallel()
+	var armed atomic.Bool
+	held := holdRequest(false, func(r *http.Request) bool {
+		return armed.Load() && r.Method == http.MethodGet && strings.Contains(r.URL.Path, "fx/watermarks/")
+	})
+	w := newFrontedWorld(t, fronts{gcs: held.wrap})
+	w.emu.SetExportTiming(time.Minute, 1)
+	store := w.store(t)
+	spec := map[string]any{"fhirStore": store, "name": "inc", "incremental": true,
+		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/stale"}}
+	w.deliver(t, w.newTrigger(t, spec))
+	w.clock.Advance(2 * time.Minute) // the first export is done
+
+	armed.Store(true)
+	swept := make(chan error, 1)
+	go func() {
+		_, err := w.x.Poll(quiet) // takes the finalize lease, then waits on the watermark
+		swept <- err
+	}()
+	<-held.reached
+
+	w.clock.Advance(3 * time.Minute) // past the slow sweep's finalize lease
+	if _, err := w.x.Poll(quiet); err != nil {
+		t.Fatalf("the second sweep: %v", err)
+	}
+	w.deliver(t, w.newTrigger(t, spec)) // the pipeline's next run
+	w.clock.Advance(2 * time.Minute)
+	if _, err := w.x.Poll(quiet); err != nil {
+		t.Fatalf("the sweep finishing the next run: %v", err)
+	}
+	close(held.release)
+	if err := <-swept; err != nil {
+		t.Logf("the slow sweep: %v", err)
+	}
+	w.drain(t, time.Minute, 10)
+
+	byID := map[string]string{}
+	for _, m := range w.ps.Messages() {
+		id := m.Attributes["ce-id"]
+		if prev, ok := byID[id]; ok && prev != string(m.Data) {
+			t.Errorf("event %s published twice with different data:\n%s\n%s", id, prev, m.Data)
+		}
+		byID[id] = string(m.Data)
+	}
+	if got := count(w.events(t), events.TypeSucceeded)[store]; got != 2 {
+		t.Errorf("succeeded events: %d, want 2 (one a run)", got)
 	}
 }

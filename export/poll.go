@@ -338,17 +338,44 @@ func (x *Exporter) finalize(ctx context.Context, o stateObject, op *healthcare.O
 		return err
 	}
 
-	if err := x.report(ctx, p, op, meta, problem); err != nil {
-		// Give up the lease so the next sweep retries at once.
-		p.Finalizing = time.Time{}
-		if _, uerr := x.state.update(ctx, name, gen, p, lockMeta(p)); uerr != nil {
-			log.Warn("could not release the finalize lease; it expires", "error", uerr.Error())
+	if p.Reported == nil {
+		// Decide the outcome (feed files, watermark) and record it in the
+		// lock at the generation this lease holds before publishing it: a
+		// sweep whose lease ran out meanwhile finds its record refused and
+		// gives way, instead of publishing an event of the same id decided
+		// on a later state (a watermark a later run moved on). Whoever finds
+		// a recorded outcome publishes that one.
+		ev, err := x.decide(ctx, p, op, meta, problem)
+		if err == nil {
+			p.Reported = &ev
+			gen, err = x.state.update(ctx, name, gen, p, lockMeta(p))
+			if errors.Is(err, ErrConflict) || errors.Is(err, ErrNotFound) {
+				log.Info("another sweep took this run's report over; giving way")
+				return nil
+			}
 		}
+		if err != nil {
+			p.Reported = nil
+			x.giveUpFinalizing(ctx, p, gen)
+			return err
+		}
+	}
+	if err := x.report(ctx, p); err != nil {
+		x.giveUpFinalizing(ctx, p, gen)
 		return err
 	}
 	x.release(ctx, p, gen)
 	log.Info("export finished")
 	return nil
+}
+
+// giveUpFinalizing gives up the finalize lease after a failure, so the next
+// sweep retries at once instead of after the lease.
+func (x *Exporter) giveUpFinalizing(ctx context.Context, p pendingRecord, gen int64) {
+	p.Finalizing = time.Time{}
+	if _, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
+		Logger(ctx).Warn("could not release the finalize lease; it expires", "pipeline", p.Pipeline, "error", err.Error())
+	}
 }
 
 // finalizeCorrupt reports what can be reported of a finished operation whose
@@ -378,10 +405,9 @@ func (x *Exporter) finalizeCorrupt(ctx context.Context, o stateObject, gen int64
 	return x.state.quarantine(ctx, name, gen, cause.Error())
 }
 
-// report advances the watermark after a fully successful incremental run,
-// publishes the outcome event and marks the run done.
-func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.Operation, meta *healthcare.OperationMetadata, problem string) error {
-	log := Logger(ctx).With("operation", p.Operation, "pipeline", p.Pipeline, "store", p.Store)
+// report publishes the outcome recorded in the lock (and the started event
+// of a run a sweep started or adopted), then marks the run done.
+func (x *Exporter) report(ctx context.Context, p pendingRecord) error {
 	if p.Adopted || p.FromQueue {
 		// A sweep started or adopted it: no redelivery re-publishes a started
 		// event whose publish failed, so this does (same id).
@@ -389,6 +415,17 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 			return err
 		}
 	}
+	ev := *p.Reported
+	if err := x.outcome(ctx, ev, "success", ev.Data.Counters.Success, "failure", ev.Data.Counters.Failure); err != nil {
+		return err
+	}
+	return x.markDone(ctx, p, ev.Type)
+}
+
+// decide makes a finished run's outcome event: it writes the feed files and,
+// after a fully successful incremental run, advances the watermark.
+func (x *Exporter) decide(ctx context.Context, p pendingRecord, op *healthcare.Operation, meta *healthcare.OperationMetadata, problem string) (events.Event, error) {
+	log := Logger(ctx).With("operation", p.Operation, "pipeline", p.Pipeline, "store", p.Store)
 	ev := outcomeEvent(p, op, meta)
 	switch {
 	case problem != "":
@@ -409,7 +446,7 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 	if p.Incremental {
 		w, err := x.readWatermark(ctx, p.Pipeline)
 		if err != nil && !errors.Is(err, ErrCorrupt) {
-			return err
+			return events.Event{}, err
 		}
 		if err == nil {
 			cursor, seen = w.rec.Deletions, &w
@@ -431,7 +468,7 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 		feed, err = feedResult{}, nil
 	}
 	if err != nil {
-		return err
+		return events.Event{}, err
 	}
 	ev.Data.Manifest, ev.Data.Outputs, ev.Data.Deleted = feed.Manifest, feed.Outputs, feed.Deleted
 	if p.Incremental {
@@ -445,7 +482,7 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 			case errors.Is(err, ErrCorrupt):
 				log.Error("watermark is corrupt; not moved. Incremental runs of this pipeline are held until it is reset", "error", err.Error())
 			case err != nil:
-				return err
+				return events.Event{}, err
 			}
 			advanced = moved
 			if moved {
@@ -454,10 +491,7 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord, op *healthcare.O
 		}
 		ev.Data.WatermarkAdvanced = &advanced
 	}
-	if err := x.outcome(ctx, ev, "success", ev.Data.Counters.Success, "failure", ev.Data.Counters.Failure); err != nil {
-		return err
-	}
-	return x.markDone(ctx, p, ev.Type)
+	return ev, nil
 }
 
 // retype changes an outcome event's type, and so its id.

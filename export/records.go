@@ -83,6 +83,7 @@ type pendingRecord struct {
 	Requeues    int               `json:"requeues,omitempty"`   // times this run was put back in the queue: which queue record is whose
 	Redelivered time.Time         `json:"redelivered,omitzero"` // last delivery of the trigger that found this start in flight: its trigger is alive
 	Ending      *events.Event     `json:"ending,omitempty"`     // set (with the failed event) once this start is being ended without an operation
+	Reported    *events.Event     `json:"reported,omitempty"`   // the outcome a finalizer decided, recorded under its lease before it is published
 }
 
 // queueRecord is a pipeline's next run (queue/{pipeline}.json): a run beyond
