@@ -50,6 +50,9 @@ package export
 //	            queue record, remove queue/{pipeline} (GenerationMatch), export. A
 //	            requeue rewrites the record it finds of its own run (Requeues), so a
 //	            dequeuer whose lease ran out before it removed the record leaves it.
+//	            A queue record written late (after its run was dequeued and ended)
+//	            never sets the run back to queued: its writer removes it, and a
+//	            trigger finding it does not merge into it.
 
 import (
 	"context"

@@ -4,6 +4,8 @@ package export
 // holding one request of the Exporter at a chosen point.
 
 import (
+	"bytes"
+	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -276,6 +278,132 @@ func TestStaleFinalizerAfterLaterRun(t *testing.T) {
 	}
 	w.drain(t, time.Minute, 10)
 
+	w.sameIDSameData(t)
+	if got := count(w.events(t), events.TypeSucceeded)[store]; got != 2 {
+		t.Errorf("succeeded events: %d, want 2 (one a run)", got)
+	}
+}
+
+// TestLateRequeueFinisher: a 429 puts a run back in the queue, and the
+// requeuer's create of the queue record is slow. A sweep finishes the
+// requeue meanwhile (every actor finding the lock marked does), the run is
+// dequeued, exported and reported; then the slow create lands. It used to
+// leave a queue record of the ended run, and its run record set back to
+// "queued": the next sweep exported the run a second time.
+func TestLateRequeueFinisher(t *testing.T) {
+	t.Parallel()
+	held := holdRequest(false, queueCreate)
+	w := newFrontedWorld(t, fronts{gcs: held.wrap})
+	w.emu.SetExportTiming(time.Minute, 1)
+	store := w.store(t)
+	trig := w.newTrigger(t, map[string]any{"fhirStore": store, "name": "p", "incremental": true,
+		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/late"}})
+	w.emu.FailNext("fhirStores.export", 1, 429)
+
+	started := make(chan error, 1)
+	go func() { started <- w.x.Start(quiet, trig, nil) }() // 429: marks the lock Requeued, its putBack create is held
+	<-held.reached
+
+	// Sweeps finish the requeue, dequeue the run, export it and report it.
+	w.clock.Advance(2 * time.Minute)
+	w.drain(t, time.Minute, 10)
+	t.Logf("after the first drain: exports %d, run record %s", len(w.emu.Exports()), runStatus(t, w, trig))
+
+	close(held.release) // the requeuer's create lands now
+	err := <-started
+	t.Logf("the late requeuer: %v; queue %v; run record %s", err, w.objects(t, "queue"), runStatus(t, w, trig))
+	w.drain(t, time.Minute, 10)
+
+	evs := w.events(t)
+	t.Logf("exports %d; succeeded %d; failed %d; queued %d", len(w.emu.Exports()),
+		count(evs, events.TypeSucceeded)[store], count(evs, events.TypeFailed)[store], count(evs, events.TypeQueued)[store])
+	if n, ok := len(w.emu.Exports()), count(evs, events.TypeSucceeded)[store]; n != 1 || ok != 1 {
+		t.Errorf("%d exports and %d succeeded events for one trigger, want 1 and 1", n, ok)
+	}
+	w.sameIDSameData(t)
+}
+
+func runStatus(t *testing.T, w *world, trig events.Trigger) string {
+	var rec runRecord
+	if _, err := w.x.state.read(quiet, runObject(RunKey(trig.Source, trig.ID)), &rec); err != nil {
+		return err.Error()
+	}
+	return rec.Status + " " + rec.Operation
+}
+
+// TestLateRequeueRecordAndTheNextTrigger: as TestLateRequeueFinisher, but
+// the slow create lands while the dequeued run is running; the run is
+// reported, and the pipeline's next trigger arrives before any dequeue
+// removes the stale record. That trigger used to be merged into the ended
+// run (rejected) and never exported.
+func TestLateRequeueRecordAndTheNextTrigger(t *testing.T) {
+	t.Parallel()
+	held := holdRequest(false, queueCreate)
+	w := newFrontedWorld(t, fronts{gcs: held.wrap})
+	w.emu.SetExportTiming(time.Minute, 1)
+	store := w.store(t)
+	spec := map[string]any{"fhirStore": store, "name": "p", "incremental": true,
+		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/late"}}
+	trig := w.newTrigger(t, spec)
+	w.emu.FailNext("fhirStores.export", 1, 429)
+
+	started := make(chan error, 1)
+	go func() { started <- w.x.Start(quiet, trig, nil) }()
+	<-held.reached
+	w.clock.Advance(2 * time.Minute)
+	if _, err := w.x.Poll(quiet); err != nil { // finishes the requeue, dequeues, exports
+		t.Log(err)
+	}
+	close(held.release)
+	t.Logf("late requeuer: %v; queue %v; run %s", <-started, w.objects(t, "queue"), runStatus(t, w, trig))
+
+	w.clock.Advance(2 * time.Minute)
+	objs, _ := w.x.state.list(quiet, "pending")
+	for _, o := range objs { // the finishing part of a sweep, before its dequeue
+		if err := w.x.sweepOne(quiet, o, &sweepCounters{}); err != nil {
+			t.Log(err)
+		}
+	}
+	t.Logf("after finalize: pending %v queue %v run %s", w.objects(t, "pending"), w.objects(t, "queue"), runStatus(t, w, trig))
+
+	next := w.newTrigger(t, spec)
+	w.deliver(t, next)
+	w.drain(t, time.Minute, 10)
+	evs := w.events(t)
+	t.Logf("exports %d; succeeded %d; rejected %d", len(w.emu.Exports()), count(evs, events.TypeSucceeded)[store], count(evs, events.TypeRejected)[store])
+	for _, e := range evs {
+		if e.typ == events.TypeRejected {
+			t.Errorf("rejected: trigger %s: %s", e.data.Trigger.ID, e.data.Error.Message)
+		}
+	}
+	if n, ok := len(w.emu.Exports()), count(evs, events.TypeSucceeded)[store]; n != 2 || ok != 2 {
+		t.Errorf("%d exports and %d succeeded events for two triggers, want 2 and 2", n, ok)
+	}
+	w.sameIDSameData(t)
+}
+
+// queueCreate matches the create (DoesNotExist) of a queue record.
+func queueCreate(r *http.Request) bool {
+	if r.Method != http.MethodPost || r.URL.Query().Get("ifGenerationMatch") != "0" {
+		return false
+	}
+	return bytes.Contains(peekBody(r), []byte(`"name":"fx/queue/`))
+}
+
+func peekBody(r *http.Request) []byte {
+	if r.Body == nil {
+		return nil
+	}
+	b, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	r.Body = io.NopCloser(bytes.NewReader(b))
+	return b
+}
+
+// sameIDSameData fails the test when two published events share a ce-id
+// but not their data: consumers deduplicating by id could not reconcile them.
+func (w *world) sameIDSameData(t *testing.T) {
+	t.Helper()
 	byID := map[string]string{}
 	for _, m := range w.ps.Messages() {
 		id := m.Attributes["ce-id"]
@@ -283,8 +411,5 @@ func TestStaleFinalizerAfterLaterRun(t *testing.T) {
 			t.Errorf("event %s published twice with different data:\n%s\n%s", id, prev, m.Data)
 		}
 		byID[id] = string(m.Data)
-	}
-	if got := count(w.events(t), events.TypeSucceeded)[store]; got != 2 {
-		t.Errorf("succeeded events: %d, want 2 (one a run)", got)
 	}
 }

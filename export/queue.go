@@ -154,7 +154,7 @@ func queueMeta(q queueRecord) map[string]string {
 // enqueue queues a claimed run as its pipeline's next run, or merges it into
 // the run already queued there.
 func (x *Exporter) enqueue(ctx context.Context, r *run, reason string) error {
-	q := queueRecord{pendingRecord: r.pending(x.now()), Enqueued: x.now()}
+	q := queueRecord{pendingRecord: r.pending(x.now()), Enqueued: x.now(), Reason: reason}
 	_, err := x.state.create(ctx, queueObject(r.pipeline), q, queueMeta(q))
 	if errors.Is(err, ErrExists) {
 		return x.coalesce(ctx, r)
@@ -162,11 +162,15 @@ func (x *Exporter) enqueue(ctx context.Context, r *run, reason string) error {
 	if err != nil {
 		return fmt.Errorf("queue run of pipeline %s: %w", r.pipeline, err)
 	}
-	return x.queued(ctx, q, reason)
+	return x.queueOrDrop(ctx, q)
 }
 
 // queued records a run as queued and reports it.
-func (x *Exporter) queued(ctx context.Context, q queueRecord, reason string) error {
+func (x *Exporter) queued(ctx context.Context, q queueRecord) error {
+	reason := q.Reason
+	if reason == "" {
+		reason = "busy" // a record from before queue records kept their reason
+	}
 	for {
 		var rec runRecord
 		gen, err := x.state.read(ctx, runObject(q.Run), &rec)
@@ -175,6 +179,9 @@ func (x *Exporter) queued(ctx context.Context, q queueRecord, reason string) err
 		}
 		if rec.Status == statusQueued {
 			break
+		}
+		if ended(rec.Status) { // a late requeue or coalesce: the run was dequeued and ended meanwhile
+			return errRunEnded
 		}
 		rec.Trigger, rec.Pipeline, rec.Store, rec.Status, rec.Spec = q.Trigger, q.Pipeline, q.Store, statusQueued, q.Spec
 		if rec.Claimed.IsZero() {
@@ -217,7 +224,15 @@ func (x *Exporter) coalesce(ctx context.Context, r *run) error {
 			return err
 		}
 		if q.Run == r.key { // our own queue record (a crash before the run record said so)
-			return x.queued(ctx, q, "busy")
+			return x.queueOrDrop(ctx, q)
+		}
+		var qrec runRecord
+		if _, err := x.state.read(ctx, runObject(q.Run), &qrec); err == nil && ended(qrec.Status) {
+			// A record put back late for a run that was dequeued and has ended: not a run to merge into.
+			if err := x.state.remove(ctx, queueObject(r.pipeline), gen); err != nil && !errors.Is(err, ErrConflict) {
+				return err
+			}
+			return x.admit(ctx, r)
 		}
 		if !slices.Contains(q.Coalesced, r.ref) {
 			q.Coalesced = append(q.Coalesced, r.ref)
@@ -269,7 +284,7 @@ func (x *Exporter) requeue(ctx context.Context, p pendingRecord, gen int64, reas
 // record and event, then the lock and the slot.
 func (x *Exporter) finishRequeue(ctx context.Context, p pendingRecord, gen int64) error {
 	reason := p.Requeued
-	q := queueRecord{pendingRecord: p, Enqueued: p.Started}
+	q := queueRecord{pendingRecord: p, Enqueued: p.Started, Reason: reason}
 	q.Operation, q.Called, q.Slot, q.FromQueue, q.Since, q.Requeued, q.Finalizing = "", time.Time{}, -1, false, "", "", time.Time{}
 	q.Requeues = p.Requeues + 1
 	if reason == "exhausted" {
@@ -295,11 +310,39 @@ func (x *Exporter) finishRequeue(ctx context.Context, p pendingRecord, gen int64
 		x.release(ctx, p, gen)
 		return nil
 	}
-	if err := x.queued(ctx, q, reason); err != nil {
+	if err := x.queueOrDrop(ctx, q); err != nil {
 		return err
 	}
 	x.release(ctx, p, gen)
 	return nil
+}
+
+// queueOrDrop records the run of a queue record just written as queued and
+// reports it; when the run has ended meanwhile (the write landed late,
+// after another actor put the run back and it was dequeued and finished),
+// it removes that stale record instead, so it neither runs the run again
+// nor swallows the pipeline's next trigger.
+func (x *Exporter) queueOrDrop(ctx context.Context, q queueRecord) error {
+	err := x.queued(ctx, q)
+	if !errors.Is(err, errRunEnded) {
+		return err
+	}
+	Logger(ctx).Warn("a late queue record of an ended run; removed", "run", q.Run, "pipeline", q.Pipeline)
+	if cur, qgen, rerr := x.readQueue(ctx, q.Pipeline); rerr == nil && cur.Run == q.Run && cur.Requeues == q.Requeues {
+		if err := x.state.remove(ctx, queueObject(q.Pipeline), qgen); err != nil {
+			Logger(ctx).Warn("could not remove a stale queue record; the sweep or the next trigger drops it", "run", q.Run, "error", err.Error())
+		}
+	}
+	return nil
+}
+
+// errRunEnded: a queue record names a run that has ended since (a requeue
+// or enqueue that landed late); it must not be queued again.
+var errRunEnded = errors.New("run ended")
+
+// ended reports a run record status no queue may bring back.
+func ended(status string) bool {
+	return status == statusDone || status == statusFailed || status == statusCoalesced
 }
 
 // putBack makes q its pipeline's queue record and returns the run the

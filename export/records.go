@@ -94,6 +94,7 @@ type queueRecord struct {
 	Enqueued  time.Time           `json:"enqueued"`            // oldest first
 	NotBefore time.Time           `json:"notBefore,omitzero"`  // backoff after 429 RESOURCE_EXHAUSTED
 	Coalesced []events.TriggerRef `json:"coalesced,omitempty"` // triggers merged into it
+	Reason    string              `json:"reason,omitempty"`    // why it waits (busy, budget, exhausted): its queued event's reason, the same on every re-publish
 }
 
 // slotRecord is one export slot (slots/{n}.json, n < FHIREXPORT_MAX_RUNNING),
