@@ -448,12 +448,14 @@ func (x *Exporter) endEarly(ctx context.Context, p pendingRecord, gen int64, cod
 // the event, so a late redelivery re-publishes it and starts nothing), the
 // event, then the lock and the slot.
 func (x *Exporter) finishEnding(ctx context.Context, p pendingRecord, gen int64) error {
-	ev := *p.Ending
-	if err := x.endRun(ctx, p.Run, statusFailed, &ev, ""); err != nil {
+	final, err := x.endRun(ctx, p.Run, statusFailed, p.Ending, "")
+	if err != nil {
 		return err
 	}
-	if err := x.outcome(ctx, ev, "run", p.Run); err != nil {
-		return err
+	if final != nil {
+		if err := x.outcome(ctx, *final, "run", p.Run); err != nil {
+			return err
+		}
 	}
 	x.release(ctx, p, gen)
 	return nil
@@ -479,17 +481,21 @@ func (x *Exporter) outcome(ctx context.Context, ev events.Event, attrs ...any) e
 	return nil
 }
 
-// endRun records a run's terminal status with its event (ev may be nil).
-func (x *Exporter) endRun(ctx context.Context, run, status string, ev *events.Event, into string) error {
+// endRun records a run's terminal status with its event, and returns the
+// event the run ended with, to publish: ev, or the event recorded when the
+// run had ended before (a repeat publishes that one, unchanged), or nil when
+// it ended without one (done: its finalizer published the outcome). An
+// actor acting on stale state so never reports a run that ended otherwise.
+func (x *Exporter) endRun(ctx context.Context, run, status string, ev *events.Event, into string) (*events.Event, error) {
 	for {
 		var rec runRecord
 		gen, err := x.state.read(ctx, runObject(run), &rec)
 		switch {
 		case errors.Is(err, ErrNotFound), errors.Is(err, ErrCorrupt):
 		case err != nil:
-			return fmt.Errorf("read run %s: %w", run, err)
-		case rec.Status == statusDone || rec.Status == statusFailed || rec.Status == statusCoalesced:
-			return nil
+			return nil, fmt.Errorf("read run %s: %w", run, err)
+		case ended(rec.Status):
+			return rec.Final, nil
 		}
 		rec.Status, rec.Final, rec.Into, rec.Ended = status, ev, into, x.now()
 		if gen == 0 {
@@ -501,9 +507,9 @@ func (x *Exporter) endRun(ctx context.Context, run, status string, ev *events.Ev
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("record %s run %s: %w", status, run, err)
+			return nil, fmt.Errorf("record %s run %s: %w", status, run, err)
 		}
-		return nil
+		return ev, nil
 	}
 }
 

@@ -413,3 +413,42 @@ func (w *world) sameIDSameData(t *testing.T) {
 		byID[id] = string(m.Data)
 	}
 }
+
+// TestStaleRequeueFinisherAfterItsRunEnded: a finisher of a requeue that
+// stalled until its run had been dequeued, exported and reported, and until
+// the pipeline had queued another run, found that run's queue record and
+// merged its own run into it: a rejected event for a trigger that had
+// already succeeded. A run's end is now recorded once (endRun), and an actor
+// finding it ended otherwise publishes nothing.
+func TestStaleRequeueFinisherAfterItsRunEnded(t *testing.T) {
+	t.Parallel()
+	w := newFrontedWorld(t, fronts{})
+	w.emu.SetExportTiming(time.Minute, 1)
+	w.x.MaxRunning = 1
+	a, b := w.store(t), w.store(t)
+	spec := func(store string) map[string]any {
+		return map[string]any{"fhirStore": store, "name": "p", "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/stalerq/{store}"}}
+	}
+	first := w.newTrigger(t, spec(a))
+	w.deliver(t, first)
+	var stale pendingRecord // the lock as the stalled finisher saw it, marked requeued
+	if _, err := w.x.state.read(quiet, pendingObject(PipelineKey(mustSpec(t, spec(a)))), &stale); err != nil {
+		t.Fatal(err)
+	}
+	stale.Requeued, stale.Operation = "exhausted", ""
+	w.drain(t, 2*time.Minute, 10)                              // the first run succeeds
+	w.deliver(t, w.newTrigger(t, spec(b)))                     // takes the only slot
+	w.deliver(t, w.newTrigger(t, spec(a)))                     // the pipeline's next run: queued for the budget
+	if err := w.x.finishRequeue(quiet, stale, 1); err != nil { // the stalled finisher wakes up
+		t.Logf("the stale finisher: %v", err)
+	}
+	evs := w.events(t)
+	for _, e := range evs {
+		if e.typ == events.TypeRejected && e.data.Trigger.ID == first.ID {
+			t.Errorf("trigger %s succeeded and was then reported rejected: %s", first.ID, e.data.Error.Message)
+		}
+	}
+	if got := count(evs, events.TypeSucceeded)[a]; got != 1 {
+		t.Errorf("succeeded events of store a: %d, want 1", got)
+	}
+}

@@ -395,9 +395,14 @@ func (x *Exporter) finalizeCorrupt(ctx context.Context, o stateObject, gen int64
 		if _, err := x.state.read(ctx, runObject(run), &rec); err == nil && rec.Store != "" {
 			ev.Source, ev.Subject, ev.Data.Store, ev.Data.Pipeline, ev.Data.Trigger = SourceOf(rec.Store), rec.Trigger.ID, rec.Store, rec.Pipeline, rec.Trigger
 		}
-		if err := x.endRun(ctx, run, statusFailed, &ev, ""); err != nil {
+		final, err := x.endRun(ctx, run, statusFailed, &ev, "")
+		if err != nil {
 			return err
 		}
+		if final == nil { // the run was reported before its marker broke
+			return x.state.quarantine(ctx, name, gen, cause.Error())
+		}
+		ev = *final
 	}
 	if err := x.outcome(ctx, ev); err != nil {
 		return err

@@ -137,10 +137,11 @@ func (x *Exporter) endCorruptQueued(ctx context.Context, name string, cause erro
 		Time: x.now(), Data: events.Data{Store: rec.Store, Pipeline: rec.Pipeline, Trigger: rec.Trigger}}
 	ev.Data.Error = &events.Error{Code: codeInternal, Message: fmt.Sprintf(
 		"the queue record %s of this run is corrupt (%v); it was moved aside and the run was not started: start it again with fhirexport rerun %s", name, cause, run)}
-	if err := x.endRun(ctx, run, statusFailed, &ev, ""); err != nil {
+	final, err := x.endRun(ctx, run, statusFailed, &ev, "")
+	if err != nil || final == nil {
 		return err
 	}
-	return x.outcome(ctx, ev, "run", run)
+	return x.outcome(ctx, *final, "run", run)
 }
 
 func queueMeta(q queueRecord) map[string]string {
@@ -254,11 +255,12 @@ func (x *Exporter) coalesce(ctx context.Context, r *run) error {
 					"pipeline %s already has a queued run (%s, trigger %s); this trigger was merged into it and starts nothing of its own",
 					r.pipeline, q.Run, q.Trigger.ID)}},
 		}
-		if err := x.endRun(ctx, r.key, statusCoalesced, &ev, q.Run); err != nil {
+		final, err := x.endRun(ctx, r.key, statusCoalesced, &ev, q.Run)
+		if err != nil || final == nil {
 			return err
 		}
-		r.log.Info("trigger merged into the pipeline's queued run", "queuedRun", q.Run)
-		return x.outcome(ctx, ev, "queuedRun", q.Run)
+		r.log.Info("trigger merged into the pipeline's queued run", "queuedRun", final.Data.QueuedRun)
+		return x.outcome(ctx, *final, "queuedRun", final.Data.QueuedRun)
 	}
 	return fmt.Errorf("queue of pipeline %s keeps changing; retry: %w", r.pipeline, errTransient)
 }
@@ -301,11 +303,14 @@ func (x *Exporter) finishRequeue(ctx context.Context, p pendingRecord, gen int64
 		}
 		ev.Data.QueuedRun = cur
 		ev.Data.Error = &events.Error{Code: codeAborted, Message: fmt.Sprintf("this run could not start (%s) and was merged into the pipeline's queued run %s", reason, cur)}
-		if err := x.endRun(ctx, p.Run, statusCoalesced, &ev, cur); err != nil {
+		final, err := x.endRun(ctx, p.Run, statusCoalesced, &ev, cur)
+		if err != nil {
 			return err
 		}
-		if err := x.outcome(ctx, ev, "queuedRun", cur); err != nil {
-			return err
+		if final != nil { // nil: the run ended otherwise meanwhile (a stale finisher)
+			if err := x.outcome(ctx, *final, "queuedRun", final.Data.QueuedRun); err != nil {
+				return err
+			}
 		}
 		x.release(ctx, p, gen)
 		return nil
