@@ -208,7 +208,7 @@ func (x *Exporter) admitFree(ctx context.Context, r *run) error {
 	} else if !errors.Is(err, ErrNotFound) {
 		return err
 	}
-	slot, ok, err := x.takeSlot(ctx, r.key, r.pipeline)
+	slot, ok, err := x.takeSlot(ctx, r.key, 0, r.pipeline)
 	if err != nil {
 		return err
 	}
@@ -223,7 +223,7 @@ func (x *Exporter) admitFree(ctx context.Context, r *run) error {
 	p.Slot = slot
 	gen, err := x.state.create(ctx, pendingObject(r.pipeline), p, lockMeta(p))
 	if err != nil {
-		x.freeSlot(ctx, slot, r.key)
+		x.freeSlot(ctx, slot, r.key, 0)
 		if errors.Is(err, ErrExists) {
 			return x.admit(ctx, r) // another run took the pipeline meanwhile
 		}
@@ -520,5 +520,5 @@ func (x *Exporter) release(ctx context.Context, p pendingRecord, gen int64) {
 		Logger(ctx).Warn("could not release pipeline lock; a later sweep resolves it", "pipeline", p.Pipeline, "run", p.Run, "trigger", p.Trigger.ID, "error", err.Error())
 		return
 	}
-	x.freeSlot(ctx, p.Slot, p.Run)
+	x.freeSlot(ctx, p.Slot, p.Run, p.Requeues)
 }

@@ -9,6 +9,7 @@ import (
 	"maps"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -450,5 +451,34 @@ func TestStaleRequeueFinisherAfterItsRunEnded(t *testing.T) {
 	}
 	if got := count(evs, events.TypeSucceeded)[a]; got != 1 {
 		t.Errorf("succeeded events of store a: %d, want 1", got)
+	}
+}
+
+// TestStaleReleaseKeepsTheNextAttemptsSlot: a release by an attempt whose
+// lock is gone (a requeue finished it, and the run was dequeued again) used
+// to free the slot the run's next attempt holds, by run alone: one more
+// export than FHIREXPORT_MAX_RUNNING could then start. A slot now names the
+// attempt that took it.
+func TestStaleReleaseKeepsTheNextAttemptsSlot(t *testing.T) {
+	t.Parallel()
+	w := newFrontedWorld(t, fronts{})
+	w.emu.SetExportTiming(time.Minute, 1)
+	w.x.MaxRunning = 1
+	store := w.store(t)
+	trig := w.newTrigger(t, map[string]any{"fhirStore": store, "name": "p", "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/slot"}})
+	w.emu.FailNext("fhirStores.export", 1, 429)
+	w.deliver(t, trig) // 429: back in the queue, attempt 1
+	w.clock.Advance(time.Hour)
+	if _, err := w.x.Poll(quiet); err != nil { // dequeued: attempt 1 takes the slot and exports
+		t.Fatal(err)
+	}
+	slots := w.objects(t, "slots")
+	if len(slots) != 1 {
+		t.Fatalf("slots %v, want one taken", slots)
+	}
+	n, _ := strconv.Atoi(strings.TrimSuffix(slots[0], ".json"))
+	w.x.freeSlot(quiet, n, RunKey(trig.Source, trig.ID), 0) // the first attempt's late release
+	if got := w.objects(t, "slots"); len(got) != 1 {
+		t.Errorf("slots after a stale release: %v, want the running attempt's kept", got)
 	}
 }

@@ -23,8 +23,9 @@ import (
 
 func slotObject(n int) string { return fmt.Sprintf("slots/%03d.json", n) }
 
-// takeSlot takes a free export slot for run; ok is false when all are taken.
-func (x *Exporter) takeSlot(ctx context.Context, run, pipeline string) (int, bool, error) {
+// takeSlot takes a free export slot for a run's attempt (its Requeues); ok is
+// false when all are taken.
+func (x *Exporter) takeSlot(ctx context.Context, run string, attempt int, pipeline string) (int, bool, error) {
 	used := map[string]bool{}
 	err := x.state.each(ctx, "slots", func(o stateObject) error { used[o.Name] = true; return nil })
 	if err != nil {
@@ -35,7 +36,7 @@ func (x *Exporter) takeSlot(ctx context.Context, run, pipeline string) (int, boo
 		if used[strings.TrimPrefix(name, "slots/")] {
 			continue
 		}
-		_, err := x.state.create(ctx, name, slotRecord{Run: run, Pipeline: pipeline, Taken: x.now()},
+		_, err := x.state.create(ctx, name, slotRecord{Run: run, Attempt: attempt, Pipeline: pipeline, Taken: x.now()},
 			map[string]string{"run": run, "pipeline": pipeline, "taken": x.now().UTC().Format(time.RFC3339Nano)})
 		if errors.Is(err, ErrExists) {
 			continue
@@ -48,14 +49,16 @@ func (x *Exporter) takeSlot(ctx context.Context, run, pipeline string) (int, boo
 	return -1, false, nil
 }
 
-// freeSlot removes slot n if run still holds it.
-func (x *Exporter) freeSlot(ctx context.Context, n int, run string) {
+// freeSlot removes slot n if this attempt of run still holds it: a stale
+// release of an earlier attempt (its lock already gone, and the run
+// dequeued again) must not free the slot the run holds now.
+func (x *Exporter) freeSlot(ctx context.Context, n int, run string, attempt int) {
 	if n < 0 {
 		return
 	}
 	var s slotRecord
 	gen, err := x.state.read(ctx, slotObject(n), &s)
-	if err != nil || s.Run != run {
+	if err != nil || s.Run != run || s.Attempt != attempt {
 		return
 	}
 	if err := x.state.remove(ctx, slotObject(n), gen); err != nil {
@@ -469,7 +472,7 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 		Logger(ctx).Warn("queued run already ended; its queue record removed", "run", q.Run, "status", rec.Status)
 		return false, x.state.remove(ctx, queueObject(pipeline), qgen)
 	}
-	slot, ok, err := x.takeSlot(ctx, q.Run, pipeline)
+	slot, ok, err := x.takeSlot(ctx, q.Run, q.Requeues, pipeline)
 	if err != nil {
 		return false, err
 	}
@@ -480,7 +483,7 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 	p.Slot, p.FromQueue, p.Locked, p.Started, p.Called, p.Operation = slot, true, x.now(), x.now(), time.Time{}, ""
 	gen, err := x.state.create(ctx, pendingObject(pipeline), p, lockMeta(p))
 	if err != nil {
-		x.freeSlot(ctx, slot, q.Run)
+		x.freeSlot(ctx, slot, q.Run, q.Requeues)
 		if errors.Is(err, ErrExists) {
 			return false, nil
 		}

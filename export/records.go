@@ -101,6 +101,7 @@ type queueRecord struct {
 // held from just before fhirStores.export until the outcome is reported.
 type slotRecord struct {
 	Run      string    `json:"run"`
+	Attempt  int       `json:"attempt,omitempty"` // the run's Requeues when it took the slot: a stale release of an earlier attempt leaves it
 	Pipeline string    `json:"pipeline"`
 	Taken    time.Time `json:"taken"`
 }
