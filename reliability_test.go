@@ -45,6 +45,7 @@ import (
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/export"
 	"github.com/fhirexport/fhirexport/healthcaretest"
+	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 
 var (
@@ -130,16 +131,6 @@ func objectName(r *http.Request) string {
 }
 
 // peekBody returns the request body and leaves it readable.
-func peekBody(r *http.Request) []byte {
-	if r.Body == nil {
-		return nil
-	}
-	b, _ := io.ReadAll(r.Body)
-	r.Body.Close()
-	r.Body = io.NopCloser(bytes.NewReader(b))
-	return b
-}
-
 func dropConn(w http.ResponseWriter) {
 	if hj, ok := w.(http.Hijacker); ok {
 		if c, _, err := hj.Hijack(); err == nil {
@@ -242,7 +233,7 @@ func recordsOperation(r *http.Request) bool {
 	if g := r.URL.Query().Get("ifGenerationMatch"); g == "" || g == "0" {
 		return false
 	}
-	return !bytes.Contains(peekBody(r), []byte(`"finalizing"`))
+	return !bytes.Contains(stacktest.PeekBody(r), []byte(`"finalizing"`))
 }
 
 // publish fails a fraction of Publish calls: mostly UNAVAILABLE, which the
@@ -866,7 +857,7 @@ func exportObject(suffix string, after bool) func(k runKeys) *holdPoint {
 }
 
 func withBody(s string) func(*http.Request) bool {
-	return func(r *http.Request) bool { return bytes.Contains(peekBody(r), []byte(s)) }
+	return func(r *http.Request) bool { return bytes.Contains(stacktest.PeekBody(r), []byte(s)) }
 }
 
 func creates(r *http.Request) bool { return r.URL.Query().Get("ifGenerationMatch") == "0" }

@@ -5,7 +5,6 @@ package export
 
 import (
 	"bytes"
-	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -17,6 +16,7 @@ import (
 	"time"
 
 	"github.com/fhirexport/fhirexport/events"
+	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 
 // TestOrphanEndingRacesARedelivery: a start died before calling the API and
@@ -308,28 +308,16 @@ func TestLateRequeueFinisher(t *testing.T) {
 	// Sweeps finish the requeue, dequeue the run, export it and report it.
 	w.clock.Advance(2 * time.Minute)
 	w.drain(t, time.Minute, 10)
-	t.Logf("after the first drain: exports %d, run record %s", len(w.emu.Exports()), runStatus(t, w, trig))
 
 	close(held.release) // the requeuer's create lands now
-	err := <-started
-	t.Logf("the late requeuer: %v; queue %v; run record %s", err, w.objects(t, "queue"), runStatus(t, w, trig))
+	<-started
 	w.drain(t, time.Minute, 10)
 
 	evs := w.events(t)
-	t.Logf("exports %d; succeeded %d; failed %d; queued %d", len(w.emu.Exports()),
-		count(evs, events.TypeSucceeded)[store], count(evs, events.TypeFailed)[store], count(evs, events.TypeQueued)[store])
 	if n, ok := len(w.emu.Exports()), count(evs, events.TypeSucceeded)[store]; n != 1 || ok != 1 {
 		t.Errorf("%d exports and %d succeeded events for one trigger, want 1 and 1", n, ok)
 	}
 	w.sameIDSameData(t)
-}
-
-func runStatus(t *testing.T, w *world, trig events.Trigger) string {
-	var rec runRecord
-	if _, err := w.x.state.read(quiet, runObject(RunKey(trig.Source, trig.ID)), &rec); err != nil {
-		return err.Error()
-	}
-	return rec.Status + " " + rec.Operation
 }
 
 // TestLateRequeueRecordAndTheNextTrigger: as TestLateRequeueFinisher, but
@@ -356,22 +344,22 @@ func TestLateRequeueRecordAndTheNextTrigger(t *testing.T) {
 		t.Log(err)
 	}
 	close(held.release)
-	t.Logf("late requeuer: %v; queue %v; run %s", <-started, w.objects(t, "queue"), runStatus(t, w, trig))
+	<-started
 
 	w.clock.Advance(2 * time.Minute)
-	objs, _ := w.x.state.list(quiet, "pending")
+	objs, err := w.x.state.list(quiet, "pending")
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, o := range objs { // the finishing part of a sweep, before its dequeue
 		if err := w.x.sweepOne(quiet, o, &sweepCounters{}); err != nil {
 			t.Log(err)
 		}
 	}
-	t.Logf("after finalize: pending %v queue %v run %s", w.objects(t, "pending"), w.objects(t, "queue"), runStatus(t, w, trig))
 
-	next := w.newTrigger(t, spec)
-	w.deliver(t, next)
+	w.deliver(t, w.newTrigger(t, spec)) // the pipeline's next trigger
 	w.drain(t, time.Minute, 10)
 	evs := w.events(t)
-	t.Logf("exports %d; succeeded %d; rejected %d", len(w.emu.Exports()), count(evs, events.TypeSucceeded)[store], count(evs, events.TypeRejected)[store])
 	for _, e := range evs {
 		if e.typ == events.TypeRejected {
 			t.Errorf("rejected: trigger %s: %s", e.data.Trigger.ID, e.data.Error.Message)
@@ -388,17 +376,7 @@ func queueCreate(r *http.Request) bool {
 	if r.Method != http.MethodPost || r.URL.Query().Get("ifGenerationMatch") != "0" {
 		return false
 	}
-	return bytes.Contains(peekBody(r), []byte(`"name":"fx/queue/`))
-}
-
-func peekBody(r *http.Request) []byte {
-	if r.Body == nil {
-		return nil
-	}
-	b, _ := io.ReadAll(r.Body)
-	r.Body.Close()
-	r.Body = io.NopCloser(bytes.NewReader(b))
-	return b
+	return bytes.Contains(stacktest.PeekBody(r), []byte(`"name":"fx/queue/`))
 }
 
 // sameIDSameData fails the test when two published events share a ce-id
@@ -437,9 +415,12 @@ func TestStaleRequeueFinisherAfterItsRunEnded(t *testing.T) {
 		t.Fatal(err)
 	}
 	stale.Requeued, stale.Operation = "exhausted", ""
-	w.drain(t, 2*time.Minute, 10)                              // the first run succeeds
-	w.deliver(t, w.newTrigger(t, spec(b)))                     // takes the only slot
-	w.deliver(t, w.newTrigger(t, spec(a)))                     // the pipeline's next run: queued for the budget
+	w.drain(t, 2*time.Minute, 10)          // the first run succeeds
+	w.deliver(t, w.newTrigger(t, spec(b))) // takes the only slot
+	w.deliver(t, w.newTrigger(t, spec(a))) // the pipeline's next run: queued for the budget
+	if q, _, err := w.x.readQueue(quiet, stale.Pipeline); err != nil || q.Run == stale.Run {
+		t.Fatalf("the pipeline's queue should hold its next run: %q, %v", q.Run, err)
+	}
 	if err := w.x.finishRequeue(quiet, stale, 1); err != nil { // the stalled finisher wakes up
 		t.Logf("the stale finisher: %v", err)
 	}
