@@ -18,6 +18,7 @@ package export
 //	starting ─answer lost─► in doubt ─resolve─► running (adopted) | starting (no operation: export again)
 //	starting, lease over, never redelivered ─sweep─► failed (code 4), or queued again when it came from the queue
 //	running ─past its timeout─► cancelled ─finish─► failed (code 4)
+//	          (operations.cancel asked again each sweep until the operation shows cancelRequested)
 //
 // Every transition below writes in an order that makes a crash at any point
 // repeat work instead of losing it or doing it twice:
@@ -46,6 +47,9 @@ package export
 //	            whoever took the run over since decides instead), then runs/{run} →
 //	            failed with Final, the event, remove the lock, the slot. Whoever
 //	            finds a lock marked ending only finishes the ending.
+//	cancel      (poll.go, watchdog) update pending/{pipeline} Cancelled (GenerationMatch),
+//	            then operations.cancel. Refused or lost: the mark stays, and each
+//	            sweep calls it again while the operation lacks cancelRequested.
 //	dequeue     (queue.go) create slots/{n}, create pending/{pipeline} from the
 //	            queue record, remove queue/{pipeline} (GenerationMatch), export. A
 //	            requeue rewrites the record it finds of its own run (Requeues), so a

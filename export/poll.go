@@ -194,7 +194,7 @@ func (x *Exporter) check(ctx context.Context, o stateObject, opName string) (boo
 	}
 	meta, problem := decodeMetadata(op.Metadata)
 	if !op.Done {
-		x.watchdog(ctx, o, opName)
+		x.watchdog(ctx, o, opName, meta)
 		c := meta.Counter
 		if c == nil {
 			c = &healthcare.ProgressCounter{}
@@ -242,10 +242,17 @@ func (x *Exporter) unobserved(ctx context.Context, o stateObject, opName string,
 	return true, x.finalize(ctx, o, op, &healthcare.OperationMetadata{}, "")
 }
 
-// watchdog cancels a running export past its timeout (once); the sweep that
-// sees it end reports it failed with DEADLINE_EXCEEDED.
-func (x *Exporter) watchdog(ctx context.Context, o stateObject, opName string) {
-	if o.Metadata["cancelled"] != "" {
+// watchdog cancels a running export past its timeout; the sweep that sees it
+// end reports it failed with DEADLINE_EXCEEDED. The lock is marked before
+// operations.cancel is called (so an end after a crash is still told as the
+// timeout), and the operation's own cancelRequested tells whether the call
+// went through: until it does, every sweep asks again (cancel is idempotent).
+func (x *Exporter) watchdog(ctx context.Context, o stateObject, opName string, meta *healthcare.OperationMetadata) {
+	if meta.CancelRequested {
+		return
+	}
+	if why := o.Metadata["cancelled"]; why != "" {
+		x.cancel(ctx, opName, why, true)
 		return
 	}
 	// Our own clock at both ends: the start attempt's time, not the
@@ -258,7 +265,6 @@ func (x *Exporter) watchdog(ctx context.Context, o stateObject, opName string) {
 	if x.now().Sub(begun) < timeout {
 		return
 	}
-	log := Logger(ctx).With("operation", opName)
 	var p pendingRecord
 	gen, err := x.state.read(ctx, "pending/"+o.Name, &p)
 	if err != nil || p.Operation != opName || p.Cancelled != "" {
@@ -268,11 +274,26 @@ func (x *Exporter) watchdog(ctx context.Context, o stateObject, opName string) {
 	if _, err := x.state.update(ctx, "pending/"+o.Name, gen, p, lockMeta(p)); err != nil {
 		return
 	}
-	if _, err := x.hc.Projects.Locations.Datasets.Operations.Cancel(opName, &healthcare.CancelOperationRequest{}).Context(ctx).Do(); err != nil {
-		log.Error("watchdog: operations.cancel failed; the run is reported when it ends", "error", err.Error())
-		return
+	if x.cancel(ctx, opName, p.Cancelled, false) {
+		Logger(ctx).With("operation", opName).Warn("watchdog: export still running past its timeout; cancelled", "timeout", timeout.String())
 	}
-	log.Warn("watchdog: export still running past its timeout; cancelled", "timeout", timeout.String())
+}
+
+// cancel asks the service to cancel an operation the lock marks cancelled
+// (why); a failed call is logged and retried by the next sweep.
+func (x *Exporter) cancel(ctx context.Context, opName, why string, retry bool) bool {
+	log := Logger(ctx).With("operation", opName, "cancelled", why)
+	callCtx, done := context.WithTimeout(ctx, 30*time.Second)
+	_, err := x.hc.Projects.Locations.Datasets.Operations.Cancel(opName, &healthcare.CancelOperationRequest{}).Context(callCtx).Do()
+	done()
+	if err != nil {
+		log.Error("watchdog: operations.cancel failed; the next sweep asks again", "error", err.Error())
+		return false
+	}
+	if retry {
+		log.Warn("watchdog: operations.cancel went through on a later sweep")
+	}
+	return true
 }
 
 // decodeMetadata reads OperationMetadata leniently: metadata that is not an

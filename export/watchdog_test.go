@@ -69,6 +69,77 @@ func TestWatchdog(t *testing.T) {
 	}
 }
 
+// TestWatchdogCancelRefused: operations.cancel answers 500 twice. The lock
+// was marked cancelled before the first call, and every later sweep skipped
+// the run: it was never ended. Now each sweep asks again until the service
+// has the cancel, and the run ends export.failed code 4 exactly once.
+func TestWatchdogCancelRefused(t *testing.T) {
+	t.Parallel()
+	w := newFrontedWorld(t, fronts{})
+	w.emu.SetExportTiming(time.Hour, 10)
+	store := w.store(t)
+	spec := map[string]any{"fhirStore": store, "timeout": "1m", "name": "wd",
+		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/wd/{run}"}}
+	w.deliver(t, w.newTrigger(t, spec))
+	w.emu.FailNext("operations.cancel", 2, 500)
+	for range 6 {
+		w.clock.Advance(time.Minute + time.Second)
+		w.poll(t)
+	}
+	if n := apiCalls(w, "operations.cancel"); n != 3 {
+		t.Errorf("operations.cancel calls = %d, want 3 (two refused, then asked again until it went through)", n)
+	}
+	var failed []event
+	for _, e := range w.events(t) {
+		switch e.typ {
+		case events.TypeFailed:
+			failed = append(failed, e)
+		case events.TypeSucceeded, events.TypePartial:
+			t.Errorf("a run past its timeout was reported %s", e.typ)
+		}
+	}
+	if len(failed) != 1 || failed[0].data.Error == nil || failed[0].data.Error.Code != codeDeadlineExceeded {
+		t.Fatalf("failed events = %+v, want one with code 4", failed)
+	}
+	if n := len(w.ps.Messages()) - len(w.events(t)); n != 0 {
+		t.Errorf("%d events published more than once", n)
+	}
+	if got := w.objects(t, "pending"); len(got) != 0 {
+		t.Errorf("pending after the watchdog = %v, want none", got)
+	}
+}
+
+// TestWatchdogRunFinishingAtItsTimeout: a run that finishes in the sweep
+// its timeout passes is reported succeeded, and nothing is cancelled.
+func TestWatchdogRunFinishingAtItsTimeout(t *testing.T) {
+	t.Parallel()
+	w := newFrontedWorld(t, fronts{})
+	w.emu.SetExportTiming(90*time.Second, 1)
+	store := w.store(t)
+	w.deliver(t, w.newTrigger(t, map[string]any{"fhirStore": store, "timeout": "1m", "name": "wd",
+		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/wd/{run}"}}))
+	w.clock.Advance(2 * time.Minute)
+	w.poll(t)
+	if n := apiCalls(w, "operations.cancel"); n != 0 {
+		t.Errorf("operations.cancel calls = %d, want 0", n)
+	}
+	if got := count(w.events(t), events.TypeSucceeded)[store]; got != 1 {
+		t.Errorf("succeeded events = %d, want 1", got)
+	}
+}
+
+// apiCalls counts the Healthcare API requests of one method the emulator
+// received, refused ones included.
+func apiCalls(w *world, method string) int {
+	n := 0
+	for _, r := range w.emu.Requests() {
+		if r.APIMethod == method {
+			n++
+		}
+	}
+	return n
+}
+
 // TestSweepLogsWatermarkAges: every sweep logs each incremental pipeline's
 // watermark age (now minus its last success's createTime), the line
 // deploy.sh's watermark-age metric and stale-pipeline alert read.
