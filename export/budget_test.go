@@ -877,3 +877,61 @@ func TestBudgetAboveTheAPILimit(t *testing.T) {
 		t.Errorf("slots still taken at the end: %v", left)
 	}
 }
+
+// TestBudgetLoweredWhileRunning: FHIREXPORT_MAX_RUNNING lowered from 4 to
+// 2 (a redeploy) while 4 exports run, two runs queued. The new revision did
+// not count slots numbered above its budget, so it started queued runs (and
+// new triggers) while 3 still ran. Now no run starts while the running count
+// is at or above the budget in force, whatever the slot numbers.
+func TestBudgetLoweredWhileRunning(t *testing.T) {
+	t.Parallel()
+	w := newFrontedWorld(t, fronts{})
+	w.x.MaxRunning = 4
+	var stores []string
+	trigger := func() string {
+		store := w.store(t)
+		stores = append(stores, store)
+		w.deliver(t, w.newTrigger(t, map[string]any{"fhirStore": store, "name": "p",
+			"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/low/{store}"}}))
+		return store
+	}
+	w.emu.SetExportTiming(10*time.Minute, 1) // the run in slot 0 ends first
+	trigger()
+	w.emu.SetExportTiming(time.Hour, 1)
+	for range 3 {
+		trigger()
+	}
+	w.emu.SetExportTiming(10*time.Minute, 1)
+	trigger()
+	trigger()
+	if n, q := len(w.emu.Exports()), len(w.objects(t, "queue")); n != 4 || q != 2 {
+		t.Fatalf("setup: %d exports, %d queued; want 4 and 2", n, q)
+	}
+
+	w.x.MaxRunning = 2 // the new revision
+	w.emu.ResetPeakRunningOperations()
+	w.clock.Advance(11 * time.Minute)
+	w.poll(t) // the run in slot 0 is reported; 3 still run
+	if n := len(w.emu.Exports()); n != 4 {
+		t.Errorf("exports after the first run ended = %d, want still 4 (3 run, the budget is 2)", n)
+	}
+	late := trigger() // a new trigger while 3 run: queued
+	if n := exportsByStore(w.emu)[late]; n != 0 {
+		t.Errorf("a trigger delivered while 3 exports run under a budget of 2 started its export")
+	}
+
+	w.drain(t, 5*time.Minute, 60)
+	if peak := w.emu.PeakRunningOperations(); peak > 2 {
+		t.Errorf("peak running exports after the budget was lowered to 2 = %d, want ≤ 2", peak)
+	}
+	evs := w.events(t)
+	got, succeeded := exportsByStore(w.emu), count(evs, events.TypeSucceeded)
+	for _, s := range stores {
+		if got[s] != 1 || succeeded[s] != 1 {
+			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, got[s], succeeded[s])
+		}
+	}
+	if left := w.objects(t, "slots"); len(left) != 0 {
+		t.Errorf("slots still taken at the end: %v", left)
+	}
+}

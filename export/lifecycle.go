@@ -24,7 +24,8 @@ package export
 // repeat work instead of losing it or doing it twice:
 //
 //	claim       create runs/{run} (DoesNotExist). Exists: resume by status.
-//	admit       read pending/{pipeline}; free: create slots/{n} (DoesNotExist), then
+//	admit       read pending/{pipeline}; free: list slots/, and while fewer are held
+//	            (any number) than MAX_RUNNING, create slots/{n} (DoesNotExist), then
 //	            create pending/{pipeline} (DoesNotExist). Crash between: the slot has no
 //	            lock and the sweep frees it after the start lease.
 //	enqueue     create queue/{pipeline} (DoesNotExist), then runs/{run} → queued, then

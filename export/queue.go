@@ -24,18 +24,31 @@ import (
 func slotObject(n int) string { return fmt.Sprintf("slots/%03d.json", n) }
 
 // takeSlot takes a free export slot for a run's attempt (its Requeues); ok is
-// false when all are taken.
+// false when the budget is used up. Every held slot counts, whatever its
+// number: after FHIREXPORT_MAX_RUNNING was lowered, slots numbered above it
+// still hold running exports. Of the numbers below the budget, only as many
+// of the lowest free ones as the budget leaves are tried, so takers that
+// listed the same slots race for the same objects instead of spilling into
+// the next free number.
 func (x *Exporter) takeSlot(ctx context.Context, run string, attempt int, pipeline string) (int, bool, error) {
-	used := map[string]bool{}
-	err := x.state.each(ctx, "slots", func(o stateObject) error { used[o.Name] = true; return nil })
+	budget := max(1, x.MaxRunning)
+	used := map[int]bool{}
+	err := x.state.each(ctx, "slots", func(o stateObject) error {
+		if n, ok := slotNumber(o.Name); ok {
+			used[n] = true
+		}
+		return nil
+	})
 	if err != nil {
 		return -1, false, err
 	}
-	for n := range max(1, x.MaxRunning) {
-		name := slotObject(n)
-		if used[strings.TrimPrefix(name, "slots/")] {
+	left := budget - len(used)
+	for n := 0; n < budget && left > 0; n++ {
+		if used[n] {
 			continue
 		}
+		left--
+		name := slotObject(n)
 		_, err := x.state.create(ctx, name, slotRecord{Run: run, Attempt: attempt, Pipeline: pipeline, Taken: x.now()},
 			map[string]string{"run": run, "pipeline": pipeline, "taken": x.now().UTC().Format(time.RFC3339Nano)})
 		if errors.Is(err, ErrExists) {
@@ -47,6 +60,15 @@ func (x *Exporter) takeSlot(ctx context.Context, run string, attempt int, pipeli
 		return n, true, nil
 	}
 	return -1, false, nil
+}
+
+// slotNumber is the slot a name under slots/ is, if it is one.
+func slotNumber(name string) (int, bool) {
+	n, err := strconv.Atoi(strings.TrimSuffix(name, ".json"))
+	if err != nil || n < 0 || slotObject(n) != "slots/"+name {
+		return 0, false
+	}
+	return n, true
 }
 
 // freeSlot removes slot n if this attempt of run still holds it: a stale
@@ -73,8 +95,8 @@ func (x *Exporter) freeSlot(ctx context.Context, n int, run string, attempt int)
 func (x *Exporter) reconcileSlots(ctx context.Context, confirmed map[string]bool) (free int, err error) {
 	taken := 0
 	err = x.state.each(ctx, "slots", func(o stateObject) error {
-		n, perr := strconv.Atoi(strings.TrimSuffix(o.Name, ".json"))
-		if perr != nil {
+		n, ok := slotNumber(o.Name)
+		if !ok {
 			Logger(ctx).Warn("unexpected object under slots/; ignored", "object", o.Name)
 			return nil
 		}
@@ -82,9 +104,8 @@ func (x *Exporter) reconcileSlots(ctx context.Context, confirmed map[string]bool
 		// (takeSlot goes by name): treat it as old, so the check below,
 		// finding no lock that names it, frees it.
 		at, _ := time.Parse(time.RFC3339Nano, o.Metadata["taken"])
-		if n >= max(1, x.MaxRunning) {
-			return nil // FHIREXPORT_MAX_RUNNING was lowered: this slot ends with its run
-		}
+		// Slots numbered at or above FHIREXPORT_MAX_RUNNING (it was lowered)
+		// count too: their exports still run.
 		taken++
 		if x.now().Sub(at) < x.StartLease || confirmed[o.Metadata["pipeline"]] {
 			return nil
