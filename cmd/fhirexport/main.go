@@ -19,7 +19,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -29,6 +28,7 @@ import (
 
 	"cloud.google.com/go/pubsub/v2"
 	"cloud.google.com/go/storage"
+	"github.com/spf13/cobra"
 	healthcare "google.golang.org/api/healthcare/v1"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
@@ -71,17 +71,22 @@ const (
 
 func (c config) run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	inv := &invocation{config: c, stdout: stdout, stderr: stderr}
-	err := inv.main(ctx, args)
 	defer inv.close()
+	root := inv.command()
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	cmd, err := root.ExecuteContextC(ctx)
+	if cmd == nil {
+		cmd = root
+	}
 	var ue usageError
 	switch {
 	case err == nil:
 		return exitOK
-	case errors.Is(err, flag.ErrHelp):
-		return exitOK
 	case errors.As(err, &ue):
 		fmt.Fprintf(stderr, "fhirexport: %v\n", err)
-		fmt.Fprintf(stderr, "Run 'fhirexport %s--help' for usage.\n", inv.path)
+		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
 		return exitUsage
 	default:
 		fmt.Fprintf(stderr, "fhirexport: %v\n", err)
@@ -94,7 +99,6 @@ func (c config) run(ctx context.Context, args []string, stdout, stderr io.Writer
 type invocation struct {
 	config
 	stdout, stderr io.Writer
-	path           string // the verbs so far, for help hints: "watermark set "
 
 	state    string
 	project  string
@@ -106,124 +110,104 @@ type invocation struct {
 	ps      *pubsub.Client
 }
 
-// globalFlags registers the global options on fs; every level has them, so
-// they may come before or after the verb.
-func (inv *invocation) globalFlags(fs *flag.FlagSet) {
-	fs.StringVar(&inv.state, "state", inv.state, "state location `gs://BUCKET/PREFIX` (default $FHIREXPORT_STATE)")
-	fs.StringVar(&inv.project, "project", inv.project, "Google Cloud `PROJECT` for a --topic given by its short name")
-	fs.StringVar(&inv.endpoint, "healthcare-endpoint", inv.endpoint, "Healthcare API base `URL`; http://… is an emulator, without auth (default $FHIREXPORT_HEALTHCARE_ENDPOINT)")
-	fs.BoolVar(&inv.json, "json", inv.json, "print JSON for scripts instead of a table")
-}
-
-// flagSet returns a flag set for a verb with the global options, printing
-// help to stdout.
-func (inv *invocation) flagSet(name, usage string) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	inv.globalFlags(fs)
-	fs.Usage = func() {
-		fmt.Fprint(inv.stdout, strings.TrimLeft(usage, "\n"))
-		if hasFlags(fs) {
-			fmt.Fprintln(inv.stdout, "\nFlags:")
-			fs.SetOutput(inv.stdout)
-			fs.PrintDefaults()
-			fs.SetOutput(io.Discard)
-		}
-	}
-	return fs
-}
-
-func hasFlags(fs *flag.FlagSet) bool {
-	n := 0
-	fs.VisitAll(func(*flag.Flag) { n++ })
-	return n > 0
-}
-
-// parse parses flags anywhere among args (gcloud style) and returns the
-// positional arguments. --help prints the usage and returns flag.ErrHelp.
-func parse(fs *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				fs.Usage()
-				return nil, err
-			}
-			return nil, usageError{err.Error()}
-		}
-		rest := fs.Args()
-		if len(rest) == 0 {
-			return pos, nil
-		}
-		// fs.Parse stops at the first positional argument, or after "--".
-		if len(args) > len(rest) && args[len(args)-len(rest)-1] == "--" {
-			return append(pos, rest...), nil
-		}
-		pos, args = append(pos, rest[0]), rest[1:]
-	}
-}
-
-const mainUsage = `
-fhirexport operates a fhirexport deployment through its state bucket and the
+const mainLong = `fhirexport operates a fhirexport deployment through its state bucket and the
 Healthcare and Pub/Sub APIs.
-
-Usage:
-  fhirexport VERB [ARGS] [--flags]
-
-Verbs:
-  status                      every pipeline: watermark, last outcome, running operation, queue
-  runs                        recent runs (--pipeline, --status, --since, --limit)
-  show RUN|TRIGGER|OPERATION  everything known about one run
-  cancel RUN|OPERATION        cancel a running export (operations.cancel)
-  rerun RUN                   publish a run's spec again as a new trigger
-  watermark show|set|reset    a pipeline's incremental watermark
 
 Against the local stack (cmd/fhirexport-local --serve) set STORAGE_EMULATOR_HOST,
 PUBSUB_EMULATOR_HOST and FHIREXPORT_HEALTHCARE_ENDPOINT as it prints; otherwise
 Application Default Credentials are used.
 
-Exit codes: 0 ok, 1 failure, 2 usage.
-Run 'fhirexport VERB --help' for a verb's flags.
-`
+Exit codes: 0 ok, 1 failure, 2 usage.`
 
-func (inv *invocation) main(ctx context.Context, args []string) error {
-	inv.state = inv.getenv("FHIREXPORT_STATE")
-	inv.endpoint = inv.getenv("FHIREXPORT_HEALTHCARE_ENDPOINT")
-	inv.project = inv.getenv("GOOGLE_CLOUD_PROJECT")
-	fs := inv.flagSet("fhirexport", mainUsage)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.Usage()
-			return err
-		}
-		return usageError{err.Error()}
-	}
-	args = fs.Args()
-	if len(args) == 0 {
-		return usagef("no verb given")
-	}
-	verb, rest := args[0], args[1:]
-	if verb == "help" {
-		if len(rest) == 0 {
-			fs.Usage()
+// command builds the command tree. A verb is a method returning its
+// *cobra.Command, in a file of its own, added to the list below.
+//
+// cobra rather than flag: it parses flags anywhere on the line, prints help
+// for every level (VERB --help, help VERB) once, answers an unknown flag with
+// one line, and gives shell completion (fhirexport completion bash|zsh|fish|
+// powershell), which the hand-written parser did not.
+func (inv *invocation) command() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "fhirexport",
+		Short: "Operate a fhirexport deployment",
+		Long:  mainLong,
+		// Bare "fhirexport" and an unknown verb are usage errors, not help
+		// with exit 0.
+		Args: cobra.ArbitraryArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return usagef("no verb given")
+			}
+			return usagef("unknown verb %q%s", args[0], suggest(cmd, args[0]))
+		},
+		PersistentPreRunE: func(cmd *cobra.Command, args []string) error {
+			inv.defaults(cmd)
 			return nil
+		},
+		SilenceErrors: true,
+		SilenceUsage:  true,
+	}
+	root.SuggestionsMinimumDistance = 2
+	// Verbs, as gcloud calls them; a verb with verbs under it (root,
+	// watermark) runs only to report a missing or unknown one, so its usage
+	// shows just "VERB".
+	root.SetUsageTemplate(strings.NewReplacer("Available Commands:", "Verbs:", "[command]", "VERB [ARGS] [flags]",
+		"{{if .Runnable}}", "{{if and .Runnable (not .HasAvailableSubCommands)}}").Replace(root.UsageTemplate()))
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err.Error()} })
+	pf := root.PersistentFlags()
+	// Defaults from the environment are filled in after parsing (defaults),
+	// so help shows each default once, by its variable's name.
+	pf.StringVar(&inv.state, "state", "", "state location `gs://BUCKET/PREFIX` (default $FHIREXPORT_STATE)")
+	pf.StringVar(&inv.project, "project", "", "Google Cloud `PROJECT` for a --topic given by its short name (default $GOOGLE_CLOUD_PROJECT)")
+	pf.StringVar(&inv.endpoint, "healthcare-endpoint", "", "Healthcare API base `URL`; http://… is an emulator, without auth (default $FHIREXPORT_HEALTHCARE_ENDPOINT)")
+	pf.BoolVar(&inv.json, "json", false, "print JSON for scripts instead of a table")
+	root.AddCommand(
+		inv.statusCmd(),
+		inv.runsCmd(),
+		inv.showCmd(),
+		inv.cancelCmd(),
+		inv.rerunCmd(),
+		inv.watermarkCmd(),
+	)
+	return root
+}
+
+// defaults fills the global options not given on the command line from the
+// environment.
+func (inv *invocation) defaults(cmd *cobra.Command) {
+	for name, env := range map[string]string{"state": "FHIREXPORT_STATE", "project": "GOOGLE_CLOUD_PROJECT", "healthcare-endpoint": "FHIREXPORT_HEALTHCARE_ENDPOINT"} {
+		if f := cmd.Flags().Lookup(name); f != nil && !f.Changed {
+			_ = f.Value.Set(inv.getenv(env))
 		}
-		verb, rest = rest[0], append(rest[1:], "--help")
 	}
-	verbs := map[string]func(context.Context, []string) error{
-		"status":    inv.status,
-		"runs":      inv.runs,
-		"show":      inv.show,
-		"cancel":    inv.cancel,
-		"rerun":     inv.rerun,
-		"watermark": inv.watermark,
+}
+
+// suggest names the verbs close to a mistyped one.
+func suggest(cmd *cobra.Command, verb string) string {
+	if s := cmd.SuggestionsFor(verb); len(s) > 0 {
+		return "; did you mean " + strings.Join(s, " or ") + "?"
 	}
-	f, ok := verbs[verb]
-	if !ok {
-		return usagef("unknown verb %q", verb)
+	return ""
+}
+
+// noArgs is cobra.NoArgs as a usage error naming the verb.
+func noArgs(hint string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return usagef("%s takes no arguments, got %q%s", cmd.Name(), args, hint)
+		}
+		return nil
 	}
-	inv.path = verb + " "
-	return f(ctx, rest)
+}
+
+// oneArg is cobra.ExactArgs(1) as a usage error saying what the argument is.
+func oneArg(what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != 1 {
+			return usagef("%s takes one argument, %s; got %d", cmd.Name(), what, len(args))
+		}
+		return nil
+	}
 }
 
 // inspector returns the state bucket's operator view; withHC adds the

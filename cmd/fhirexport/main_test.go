@@ -465,25 +465,67 @@ func TestWatermark(t *testing.T) {
 	s.fails(t, 2, "name one pipeline", "watermark", "show")
 	s.fails(t, 2, "go together", "watermark", "show", "--store", store)
 	s.fails(t, 2, "show, set or reset", "watermark", "move", key)
-	s.fails(t, 2, "flag provided but not defined", "watermark", "show", key, "--to", "2026-01-01T00:00:00Z")
+	s.fails(t, 2, "unknown flag: --to", "watermark", "show", key, "--to", "2026-01-01T00:00:00Z")
 }
 
 func TestUsage(t *testing.T) {
 	t.Parallel()
 	s := newStack(t)
 	for _, args := range [][]string{
-		{"--help"}, {"help"}, {"status", "--help"}, {"runs", "-h"}, {"show", "--help"}, {"cancel", "--help"},
-		{"rerun", "--help"}, {"watermark", "--help"}, {"watermark", "set", "--help"}, {"help", "runs"},
+		{"--help"}, {"-h"}, {"help"}, {"status", "--help"}, {"runs", "-h"}, {"show", "--help"}, {"cancel", "--help"},
+		{"rerun", "--help"}, {"watermark", "--help"}, {"watermark", "set", "--help"}, {"help", "runs"}, {"help", "watermark", "set"},
 	} {
 		out, errOut, code := s.fhirexport(args...)
-		if code != 0 || !strings.Contains(out, "Usage") || errOut != "" {
-			t.Errorf("fhirexport %s: exit %d, stdout %q, stderr %q; want usage on stdout, exit 0", args, code, out, errOut)
+		if code != 0 || strings.Count(out, "Usage:") != 1 || errOut != "" {
+			t.Errorf("fhirexport %s: exit %d, stderr %q, stdout:\n%s\nwant usage once on stdout, exit 0", args, code, errOut, out)
 		}
 	}
-	s.fails(t, 2, "no verb", []string{}...)
-	s.fails(t, 2, "unknown verb", "frobnicate")
-	s.fails(t, 2, "flag provided but not defined: -bogus", "status", "--bogus")
-	s.fails(t, 2, "Run 'fhirexport status --help'", "status", "extra")
+	// Each default is shown once, by the variable it comes from, even when
+	// the variable is set.
+	out := s.ok(t, "status", "--help")
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Count(line, "(default") > 1 || strings.Contains(line, stateLoc) {
+			t.Errorf("status --help shows a default twice or the environment's value:\n%s", line)
+		}
+	}
+	for _, want := range []string{"(default $FHIREXPORT_STATE)", "(default $FHIREXPORT_HEALTHCARE_ENDPOINT)", "(default 168h0m0s)"} {
+		if strings.Count(out, want) != 1 {
+			t.Errorf("status --help shows %q %d times, want once:\n%s", want, strings.Count(out, want), out)
+		}
+	}
+	if out := s.ok(t, "help", "watermark", "set"); !strings.Contains(out, "--to TIME") || !strings.Contains(out, "--force") {
+		t.Errorf("help watermark set lacks its flags:\n%s", out)
+	}
+	if out := s.ok(t, "--help"); !regexp.MustCompile(`(?m)^  status +every pipeline`).MatchString(out) || !strings.Contains(out, "completion") {
+		t.Errorf("fhirexport --help does not list the verbs and completion:\n%s", out)
+	}
+	// Shell completion, for free.
+	if out := s.ok(t, "completion", "bash"); !strings.Contains(out, "__start_fhirexport") {
+		t.Errorf("completion bash printed no completion script:\n%.300s", out)
+	}
+	if out := s.ok(t, "__complete", "watermark", ""); !strings.Contains(out, "reset") || !strings.Contains(out, "set") {
+		t.Errorf("completing 'watermark ' offers %q", out)
+	}
+
+	// A mistake prints the error and a one-line hint on stderr, no usage.
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{nil, "fhirexport: no verb given\nRun 'fhirexport --help' for usage.\n"},
+		{[]string{"frobnicate"}, "fhirexport: unknown verb \"frobnicate\"\nRun 'fhirexport --help' for usage.\n"},
+		{[]string{"statsu"}, "fhirexport: unknown verb \"statsu\"; did you mean status?\nRun 'fhirexport --help' for usage.\n"},
+		{[]string{"status", "--bogus"}, "fhirexport: unknown flag: --bogus\nRun 'fhirexport status --help' for usage.\n"},
+		{[]string{"--bogus", "status"}, "fhirexport: unknown flag: --bogus\nRun 'fhirexport --help' for usage.\n"},
+		{[]string{"watermark", "set", "k", "--bogus"}, "fhirexport: unknown flag: --bogus\nRun 'fhirexport watermark set --help' for usage.\n"},
+		{[]string{"status", "extra"}, "fhirexport: status takes no arguments, got [\"extra\"]\nRun 'fhirexport status --help' for usage.\n"},
+		{[]string{"runs", "--limit"}, "fhirexport: flag needs an argument: --limit\nRun 'fhirexport runs --help' for usage.\n"},
+	} {
+		out, errOut, code := s.fhirexport(tc.args...)
+		if code != 2 || out != "" || errOut != tc.want {
+			t.Errorf("fhirexport %q: exit %d, stdout %q, stderr:\n%s\nwant exit 2, nothing on stdout, stderr:\n%s", tc.args, code, out, errOut, tc.want)
+		}
+	}
 	s.fails(t, 2, "not a Cloud Storage location", "status", "--state", "/tmp/x")
 	s.fails(t, 2, "not a base URL", "status", "--healthcare-endpoint", "localhost:1")
 	delete(s.env, "FHIREXPORT_STATE")

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"slices"
 	"strings"
@@ -13,40 +12,39 @@ import (
 	"time"
 
 	"cloud.google.com/go/pubsub/v2"
+	"github.com/spf13/cobra"
 
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/export"
 )
 
-const statusUsage = `
-Usage: fhirexport status [--recent DURATION] [--json]
-
-Shows every pipeline the state bucket knows (from its watermarks, locks, queue
-and recent runs): its name, store and destination, its watermark and how old it
-is, the last outcome and when, what runs now and the running operation's
-progress (operations.get), and any queued follow-up.
+func (inv *invocation) statusCmd() *cobra.Command {
+	var recent time.Duration
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "every pipeline: watermark, last outcome, running operation, queue",
+		Long: `Shows every pipeline the state bucket knows (from its watermarks, locks, queue
+and recent runs): its name, store and destination (its latest run's), its
+watermark and how old it is, the last outcome and when, what runs now and the
+running operation's progress (operations.get), and any queued follow-up.
 
 A lock "starting" has no operation yet; one older than the start lease (2m) is
 marked ORPHANED: its start attempt most likely died. A redelivery of its
 trigger takes it over, or else the next sweep resolves it (adopting an export
-operations.list finds, queueing it again, or reporting it failed, code 4).
-`
+operations.list finds, queueing it again, or reporting it failed, code 4).`,
+		Args: noArgs(""),
+		RunE: func(cmd *cobra.Command, _ []string) error { return inv.status(cmd.Context(), recent) },
+	}
+	cmd.Flags().DurationVar(&recent, "recent", 7*24*time.Hour, "read runs written within this `DURATION` for the last outcome (0: all)")
+	return cmd
+}
 
-func (inv *invocation) status(ctx context.Context, args []string) error {
-	fs := inv.flagSet("status", statusUsage)
-	recent := fs.Duration("recent", 7*24*time.Hour, "read runs written within this `DURATION` for the last outcome (0: all)")
-	pos, err := parse(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) > 0 {
-		return usagef("status takes no arguments, got %q", pos)
-	}
+func (inv *invocation) status(ctx context.Context, recent time.Duration) error {
 	in, _, err := inv.inspector(ctx, true)
 	if err != nil {
 		return err
 	}
-	ps, err := in.Status(ctx, *recent)
+	ps, err := in.Status(ctx, recent)
 	if err != nil {
 		return err
 	}
@@ -143,35 +141,40 @@ func (inv *invocation) since(v string) string {
 	return human(inv.now().Sub(t))
 }
 
-const runsUsage = `
-Usage: fhirexport runs [--pipeline KEY] [--status STATUS] [--since DURATION|TIME] [--limit N] [--json]
-
-Lists runs, newest first. STATUS is one of claimed, running, queued, done,
-failed, skipped, coalesced.
-`
-
-func (inv *invocation) runs(ctx context.Context, args []string) error {
-	fs := inv.flagSet("runs", runsUsage)
-	pipeline := fs.String("pipeline", "", "only runs of this pipeline `KEY`")
-	status := fs.String("status", "", "only runs with this `STATUS`")
-	since := fs.String("since", "", "only runs claimed within a `DURATION` (24h) or since a TIME (RFC 3339)")
-	limit := fs.Int("limit", 50, "at most `N` runs (0: all)")
-	pos, err := parse(fs, args)
-	if err != nil {
-		return err
+func (inv *invocation) runsCmd() *cobra.Command {
+	var o runsOptions
+	cmd := &cobra.Command{
+		Use:   "runs",
+		Short: "recent runs (--pipeline, --status, --since, --limit)",
+		Long: `Lists runs, newest first. STATUS is running or one of claimed, queued, done,
+failed, skipped, coalesced.`,
+		Args: noArgs(" (filter with --pipeline)"),
+		RunE: func(cmd *cobra.Command, _ []string) error { return inv.runs(cmd.Context(), o) },
 	}
-	if len(pos) > 0 {
-		return usagef("runs takes no arguments, got %q (filter with --pipeline)", pos)
-	}
-	f := export.RunFilter{Pipeline: *pipeline, Status: *status, Limit: *limit}
+	f := cmd.Flags()
+	f.StringVar(&o.pipeline, "pipeline", "", "only runs of this pipeline `KEY`")
+	f.StringVar(&o.status, "status", "", "only runs with this `STATUS`")
+	f.StringVar(&o.since, "since", "", "only runs claimed within a `DURATION` (24h) or since a TIME (RFC 3339)")
+	f.IntVar(&o.limit, "limit", 50, "at most `N` runs (0: all)")
+	return cmd
+}
+
+type runsOptions struct {
+	pipeline, status, since string
+	limit                   int
+}
+
+func (inv *invocation) runs(ctx context.Context, o runsOptions) error {
+	f := export.RunFilter{Pipeline: o.pipeline, Status: o.status, Limit: o.limit}
 	if f.Status != "" && f.Status != "running" && !slices.Contains(export.RunStatuses, f.Status) {
 		return usagef("--status %q: want running or one of %s", f.Status, strings.Join(export.RunStatuses, ", "))
 	}
-	if *limit < 0 {
-		return usagef("--limit %d: want 0 (all) or more", *limit)
+	if o.limit < 0 {
+		return usagef("--limit %d: want 0 (all) or more", o.limit)
 	}
-	if *since != "" {
-		if f.Since, err = parseSince(*since, inv.now()); err != nil {
+	if o.since != "" {
+		var err error
+		if f.Since, err = parseSince(o.since, inv.now()); err != nil {
 			return err
 		}
 	}
@@ -217,22 +220,21 @@ func parseSince(v string, now time.Time) (time.Time, error) {
 	return time.Time{}, usagef("--since %q: want a duration such as 24h or a time such as 2026-01-01T00:00:00Z", v)
 }
 
-const showUsage = `
-Usage: fhirexport show RUN|TRIGGER|OPERATION [--json]
-
-Shows everything known about one run: its run record, its pipeline's lock or
+func (inv *invocation) showCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "show RUN|TRIGGER|OPERATION",
+		Short: "everything known about one run",
+		Long: `Shows everything known about one run: its run record, its pipeline's lock or
 queue record while it holds them, the started and final events stored with it,
 and the running operation's progress. A run is named by its run id, by the id
 of the trigger that claimed it (the Pub/Sub message id), or by its operation
-(projects/…/operations/ID).
-`
-
-func (inv *invocation) show(ctx context.Context, args []string) error {
-	fs := inv.flagSet("show", showUsage)
-	id, err := oneArg(fs, args, "RUN|TRIGGER|OPERATION")
-	if err != nil {
-		return err
+(projects/…/operations/ID).`,
+		Args: oneArg("RUN|TRIGGER|OPERATION"),
+		RunE: func(cmd *cobra.Command, args []string) error { return inv.show(cmd.Context(), args[0]) },
 	}
+}
+
+func (inv *invocation) show(ctx context.Context, id string) error {
 	in, _, err := inv.inspector(ctx, true)
 	if err != nil {
 		return err
@@ -312,21 +314,20 @@ func (inv *invocation) printDetail(d export.RunDetail) {
 	tw.Flush()
 }
 
-const cancelUsage = `
-Usage: fhirexport cancel RUN|OPERATION [--json]
-
-Cancels a running export with operations.cancel and records in its pipeline's
+func (inv *invocation) cancelCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "cancel RUN|OPERATION",
+		Short: "cancel a running export (operations.cancel)",
+		Long: `Cancels a running export with operations.cancel and records in its pipeline's
 lock that an operator asked. The next poll sweep reports the run as
 export.failed (code 1, CANCELLED) and frees the pipeline. A run that is not
-running (ended, queued, or still starting without an operation) is refused.
-`
-
-func (inv *invocation) cancel(ctx context.Context, args []string) error {
-	fs := inv.flagSet("cancel", cancelUsage)
-	id, err := oneArg(fs, args, "RUN|OPERATION")
-	if err != nil {
-		return err
+running (ended, queued, or still starting without an operation) is refused.`,
+		Args: oneArg("RUN|OPERATION"),
+		RunE: func(cmd *cobra.Command, args []string) error { return inv.cancel(cmd.Context(), args[0]) },
 	}
+}
+
+func (inv *invocation) cancel(ctx context.Context, id string) error {
 	in, _, err := inv.inspector(ctx, true)
 	if err != nil {
 		return err
@@ -347,22 +348,28 @@ func (inv *invocation) cancel(ctx context.Context, args []string) error {
 	return nil
 }
 
-const rerunUsage = `
-Usage: fhirexport rerun RUN|TRIGGER|OPERATION [--topic projects/P/topics/T] [--json]
-
-Publishes the spec a run ran with on the requests topic as a new message: a new
+func (inv *invocation) rerunCmd() *cobra.Command {
+	var topic string
+	cmd := &cobra.Command{
+		Use:   "rerun RUN|TRIGGER|OPERATION",
+		Short: "publish a run's spec again as a new trigger",
+		Long: `Publishes the spec a run ran with on the requests topic as a new message: a new
 trigger, started by the normal path (allow-lists, pipeline lock and queue
-apply). The run must have its spec stored.
-`
-
-func (inv *invocation) rerun(ctx context.Context, args []string) error {
-	fs := inv.flagSet("rerun", rerunUsage)
-	topic := fs.String("topic", inv.getenv("FHIREXPORT_REQUESTS_TOPIC"), "the requests `TOPIC`, projects/P/topics/T or T with --project (default $FHIREXPORT_REQUESTS_TOPIC)")
-	id, err := oneArg(fs, args, "RUN|TRIGGER|OPERATION")
-	if err != nil {
-		return err
+apply). The run must have its spec stored.`,
+		Args: oneArg("RUN|TRIGGER|OPERATION"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if !cmd.Flags().Changed("topic") {
+				topic = inv.getenv("FHIREXPORT_REQUESTS_TOPIC")
+			}
+			return inv.rerun(cmd.Context(), args[0], topic)
+		},
 	}
-	t := *topic
+	cmd.Flags().StringVar(&topic, "topic", "", "the requests `TOPIC`, projects/P/topics/T or T with --project (default $FHIREXPORT_REQUESTS_TOPIC)")
+	return cmd
+}
+
+func (inv *invocation) rerun(ctx context.Context, id, topic string) error {
+	t := topic
 	if t != "" && !strings.HasPrefix(t, "projects/") {
 		if inv.project == "" {
 			return usagef("--topic %q is a short name: give projects/P/topics/T or --project", t)
@@ -400,18 +407,6 @@ func (inv *invocation) rerun(ctx context.Context, args []string) error {
 	fmt.Fprintf(inv.stdout, "published the spec of run %s to %s as message %s.\n"+
 		"It is a new trigger; follow it with 'fhirexport show %s'.\n", d.Run.ID, t, msgID, msgID)
 	return nil
-}
-
-// oneArg parses a verb that takes exactly one positional argument.
-func oneArg(fs *flag.FlagSet, args []string, what string) (string, error) {
-	pos, err := parse(fs, args)
-	if err != nil {
-		return "", err
-	}
-	if len(pos) != 1 {
-		return "", usagef("%s takes one argument, %s; got %d", fs.Name(), what, len(pos))
-	}
-	return pos[0], nil
 }
 
 func (inv *invocation) printJSON(v any) error {

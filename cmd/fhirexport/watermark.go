@@ -4,77 +4,88 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"os"
 	"strings"
 	"text/tabwriter"
 
+	"github.com/spf13/cobra"
+
 	"github.com/fhirexport/fhirexport/export"
 )
 
-const watermarkUsage = `
-Usage:
-  fhirexport watermark show  PIPELINE | --store S --name N | --spec FILE
-  fhirexport watermark set   PIPELINE --to TIME [--force]
-  fhirexport watermark reset PIPELINE [--force]
-
-A pipeline's watermark is the server createTime of its last fully successful
+const watermarkLong = `A pipeline's watermark is the server createTime of its last fully successful
 incremental export; its next run exports what changed since. 'set' moves it,
 backwards too (to re-export a period); 'reset' removes it, so the next run
 exports everything (or from its spec's _since). Both refuse while a run of the
 pipeline is in progress, which would overwrite the change, unless --force.
 
 PIPELINE is a pipeline key as 'fhirexport status' lists it; --store with
---name derive the key of a named pipeline, --spec FILE that of any spec.
-`
+--name derive the key of a named pipeline, --spec FILE that of any spec.`
 
-func (inv *invocation) watermark(ctx context.Context, args []string) error {
-	// Global flags may come before the subcommand; its own flags after it.
-	fs := inv.flagSet("watermark", watermarkUsage)
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.Usage()
-			return err
+// watermarkOptions are the flags of watermark show, set and reset.
+type watermarkOptions struct {
+	store, name, spec, to string
+	force                 bool
+}
+
+func (inv *invocation) watermarkCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "watermark",
+		Short: "a pipeline's incremental watermark",
+		Long:  watermarkLong,
+		Example: `  fhirexport watermark show  PIPELINE | --store S --name N | --spec FILE
+  fhirexport watermark set   PIPELINE --to TIME [--force]
+  fhirexport watermark reset PIPELINE [--force]`,
+		Args: cobra.ArbitraryArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return usagef("watermark needs show, set or reset")
+			}
+			return usagef("watermark %s: want show, set or reset%s", args[0], suggest(cmd, args[0]))
+		},
+	}
+	for _, sub := range []struct{ name, short string }{
+		{"show", "show a pipeline's watermark"},
+		{"set", "move a pipeline's watermark, backwards too"},
+		{"reset", "remove a pipeline's watermark: the next run exports everything"},
+	} {
+		var o watermarkOptions
+		c := &cobra.Command{
+			Use:   sub.name + " PIPELINE",
+			Short: sub.short,
+			Long:  watermarkLong,
+			Args:  cobra.ArbitraryArgs, // pipelineKey checks them with the flags
+			RunE: func(cmd *cobra.Command, args []string) error {
+				return inv.watermark(cmd.Context(), sub.name, args, o)
+			},
 		}
-		return usageError{err.Error() + " (give the subcommand first: watermark show|set|reset)"}
+		f := c.Flags()
+		f.StringVar(&o.store, "store", "", "the pipeline's FHIR `STORE`, with --name")
+		f.StringVar(&o.name, "name", "", "the pipeline's `NAME` (the spec's name), with --store")
+		f.StringVar(&o.spec, "spec", "", "derive the pipeline from the spec in `FILE`")
+		if sub.name == "set" {
+			f.StringVar(&o.to, "to", "", "the new watermark, RFC 3339 `TIME` with a zone, e.g. 2026-01-01T00:00:00Z")
+		}
+		if sub.name != "show" {
+			f.BoolVar(&o.force, "force", false, "change it even while a run is in progress (that run may overwrite it)")
+		}
+		cmd.AddCommand(c)
 	}
-	if fs.NArg() == 0 {
-		return usagef("watermark needs show, set or reset")
-	}
-	sub, rest := fs.Arg(0), fs.Args()[1:]
-	switch sub {
-	case "show", "set", "reset":
-	default:
-		return usagef("watermark %s: want show, set or reset", sub)
-	}
-	inv.path += sub + " "
-	fs = inv.flagSet("watermark "+sub, watermarkUsage)
-	store := fs.String("store", "", "the pipeline's FHIR `STORE`, with --name")
-	name := fs.String("name", "", "the pipeline's `NAME` (the spec's name), with --store")
-	specFile := fs.String("spec", "", "derive the pipeline from the spec in `FILE`")
-	var to *string
-	var force *bool
-	if sub == "set" {
-		to = fs.String("to", "", "the new watermark, RFC 3339 `TIME` with a zone, e.g. 2026-01-01T00:00:00Z")
-	}
-	if sub != "show" {
-		force = fs.Bool("force", false, "change it even while a run is in progress (that run may overwrite it)")
-	}
-	pos, err := parse(fs, rest)
-	if err != nil {
-		return err
-	}
-	key, err := pipelineKey(pos, *store, *name, *specFile)
+	return cmd
+}
+
+func (inv *invocation) watermark(ctx context.Context, sub string, pos []string, o watermarkOptions) error {
+	key, err := pipelineKey(pos, o.store, o.name, o.spec)
 	if err != nil {
 		return err
 	}
 	if sub == "set" {
-		if *to == "" {
+		if o.to == "" {
 			return usagef("watermark set needs --to TIME")
 		}
-		if _, err := export.ParseSince(*to); err != nil {
-			return usagef("--to %q: want RFC 3339 to the second with a time zone, e.g. 2026-01-01T00:00:00Z", *to)
+		if _, err := export.ParseSince(o.to); err != nil {
+			return usagef("--to %q: want RFC 3339 to the second with a time zone, e.g. 2026-01-01T00:00:00Z", o.to)
 		}
 	}
 
@@ -121,9 +132,9 @@ func (inv *invocation) watermark(ctx context.Context, args []string) error {
 	old := p.Watermark
 	at := ""
 	if sub == "set" {
-		at = *to
+		at = o.to
 	}
-	if err := st.SetWatermark(ctx, key, p.Store, p.Name, at, *force, inv.now()); err != nil {
+	if err := st.SetWatermark(ctx, key, p.Store, p.Name, at, o.force, inv.now()); err != nil {
 		if errors.Is(err, export.ErrPipelineBusy) {
 			return fmt.Errorf("%w (--force overrides)", err)
 		}
