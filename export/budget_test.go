@@ -935,3 +935,57 @@ func TestBudgetLoweredWhileRunning(t *testing.T) {
 		t.Errorf("slots still taken at the end: %v", left)
 	}
 }
+
+// TestQueuedRunWhoseStoreIsGone: with a budget of 1, two runs wait behind a
+// running one; the store of the older was deleted meanwhile. The sweep that
+// frees the slot reports the older failed (code 5, NOT_FOUND) once, never
+// asks again, and gives the slot to the next queued run in the same sweep
+// (the failed start used to count as one of the sweep's starts: the slot
+// idled a tick).
+func TestQueuedRunWhoseStoreIsGone(t *testing.T) {
+	t.Parallel()
+	w := newFrontedWorld(t, fronts{})
+	w.emu.SetExportTiming(time.Minute, 1)
+	w.x.MaxRunning = 1
+	spec := func(store string) map[string]any {
+		return map[string]any{"fhirStore": store, "name": "p",
+			"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/gone/{store}"}}
+	}
+	first, gone, next := w.store(t), w.store(t), w.store(t)
+	for _, s := range []string{first, gone, next} {
+		w.deliver(t, w.newTrigger(t, spec(s)))
+		w.clock.Advance(time.Second) // queued oldest first: gone, then next
+	}
+	if _, err := w.x.hc.Projects.Locations.Datasets.FhirStores.Delete(gone).Do(); err != nil {
+		t.Fatal(err)
+	}
+
+	w.clock.Advance(2 * time.Minute) // the first run is done
+	w.poll(t)
+	if n := exportsByStore(w.emu)[next]; n != 1 {
+		t.Errorf("exports of the next queued run in the sweep that freed the slot = %d, want 1", n)
+	}
+	w.drain(t, 2*time.Minute, 10)
+
+	var failed []event
+	for _, e := range w.events(t) {
+		if e.typ == events.TypeFailed {
+			failed = append(failed, e)
+		}
+	}
+	if len(failed) != 1 || failed[0].data.Store != gone || failed[0].data.Error == nil || failed[0].data.Error.Code != 5 {
+		t.Errorf("failed events = %+v; want one, for the deleted store, code 5", failed)
+	}
+	asked := 0
+	for _, r := range w.emu.ExportRequests() {
+		if strings.Contains(r.Path, gone+":export") {
+			asked++
+		}
+	}
+	if asked != 1 {
+		t.Errorf("fhirStores.export requests for the deleted store = %d, want 1 (never retried)", asked)
+	}
+	if n := count(w.events(t), events.TypeSucceeded); n[first] != 1 || n[next] != 1 {
+		t.Errorf("succeeded events = %v; want one each for the other two stores", n)
+	}
+}

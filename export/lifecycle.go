@@ -53,6 +53,8 @@ package export
 //	            sweep calls it again while the operation lacks cancelRequested.
 //	dequeue     (queue.go) create slots/{n}, create pending/{pipeline} from the
 //	            queue record, remove queue/{pipeline} (GenerationMatch), export. A
+//	            start that ends (400/403/404) or is put back (429) frees its slot,
+//	            and the same sweep gives it to the next queued run. A
 //	            requeue rewrites the record it finds of its own run (Requeues), so a
 //	            dequeuer whose lease ran out before it removed the record leaves it.
 //	            A queue record written late (after its run was dequeued and ended)
@@ -245,22 +247,26 @@ func (x *Exporter) admitFree(ctx context.Context, r *run) error {
 		x.release(ctx, p, gen)
 		return x.resume(ctx, r, rec, 0)
 	}
-	return x.export(ctx, r.spec, p, gen)
+	_, err = x.export(ctx, r.spec, p, gen)
+	return err
 }
 
 // export calls fhirStores.export for a run holding its pipeline's lock at
-// generation gen, and records what became of the call.
-func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen int64) error {
+// generation gen, and records what became of the call. running reports
+// whether the run still holds its lock and slot afterwards (its export
+// started, or its answer is in doubt); it is false when the start was ended,
+// queued again or given back, so a dequeuing sweep can give the slot on.
+func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen int64) (running bool, err error) {
 	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "store", p.Store, "trigger", p.Trigger.ID)
 	p.Since = spec.Since
 	if p.Incremental {
 		since, err := x.incrementalSince(ctx, p, spec.Since)
 		if errors.Is(err, ErrCorrupt) {
-			return x.endEarly(ctx, p, gen, codeFailedPrecondition, fmt.Sprintf(
+			return false, x.endEarly(ctx, p, gen, codeFailedPrecondition, fmt.Sprintf(
 				"%v; incremental runs of this pipeline are held until an operator resets it (fhirexport watermark reset %s)", err, p.Pipeline))
 		}
 		if err != nil {
-			return x.giveBack(ctx, p, gen, err)
+			return false, x.giveBack(ctx, p, gen, err)
 		}
 		p.Since = since
 	}
@@ -272,7 +278,7 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 		p.Started = x.now()
 		var err error
 		if gen, err = x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
-			return fmt.Errorf("renew the start lease of run %s: %v: %w", p.Run, err, errTransient)
+			return true, fmt.Errorf("renew the start lease of run %s: %v: %w", p.Run, err, errTransient)
 		}
 		remaining = x.StartLease
 	}
@@ -281,17 +287,17 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 	cancel()
 	switch {
 	case err == nil:
-		return x.recordOperation(ctx, p, gen, op.Name, false)
+		return true, x.recordOperation(ctx, p, gen, op.Name, false)
 	case exhausted(err):
 		log.Warn("export refused with 429 RESOURCE_EXHAUSTED; queued with backoff", "attempts", p.Attempts+1)
-		return x.requeue(ctx, p, gen, "exhausted")
+		return false, x.requeue(ctx, p, gen, "exhausted")
 	case Permanent(err):
 		code, msg := statusOf(err)
 		log.Error("export refused by the Healthcare API", "code", code, "error", msg)
-		return x.endEarly(ctx, p, gen, code, msg)
+		return false, x.endEarly(ctx, p, gen, code, msg)
 	case notSent(err):
 		log.Warn("export call not sent; released for a retry", "error", err.Error())
-		return x.giveBack(ctx, p, gen, fmt.Errorf("export %s: %w", p.Store, err))
+		return false, x.giveBack(ctx, p, gen, fmt.Errorf("export %s: %w", p.Store, err))
 	}
 	// The request may have reached the API: never export again blindly.
 	log.Warn("export answer lost; the run is in doubt until operations.list resolves it", "error", err.Error())
@@ -299,7 +305,7 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 	if _, uerr := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); uerr != nil {
 		log.Warn("could not mark the run in doubt; the start lease covers it", "error", uerr.Error())
 	}
-	return fmt.Errorf("export %s: answer lost, in doubt: %w", p.Store, err)
+	return true, fmt.Errorf("export %s: answer lost, in doubt: %w", p.Store, err)
 }
 
 // giveBack undoes a start that failed before the API was called: a run from
@@ -416,7 +422,8 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 	if gen, err = x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
 		return fmt.Errorf("resolve run %s: %v: %w", p.Run, err, errTransient)
 	}
-	return x.export(ctx, &spec, p, gen)
+	_, err = x.export(ctx, &spec, p, gen)
+	return err
 }
 
 // sinceOf is the _since a run of p's spec sends now.

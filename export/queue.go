@@ -464,6 +464,8 @@ func (x *Exporter) dequeue(ctx context.Context, free int) (int, error) {
 var errNoSlot = errors.New("no export slot free")
 
 // startQueued moves one pipeline's queued run to starting and exports it.
+// ok reports a run that holds a slot now: one refused for good (404), queued
+// again (429) or ended leaves its slot to the next queued run.
 func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, error) {
 	q, qgen, err := x.readQueue(ctx, pipeline)
 	if errors.Is(err, ErrNotFound) {
@@ -533,8 +535,8 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 	}
 	var spec Spec
 	if err := json.Unmarshal(p.Spec, &spec); err != nil {
-		return true, x.endEarly(ctx, p, gen, codeInternal, "the queued run's spec is unreadable: "+err.Error())
+		return false, x.endEarly(ctx, p, gen, codeInternal, "the queued run's spec is unreadable: "+err.Error())
 	}
 	Logger(ctx).Info("starting a queued run", "run", p.Run, "pipeline", pipeline, "slot", slot)
-	return true, x.export(ctx, &spec, p, gen)
+	return x.export(ctx, &spec, p, gen)
 }
