@@ -173,13 +173,24 @@ re_bucket='^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$'
 re_object_path='^[^[:space:],'\''"]*$'
 re_bq='^([a-z][a-z0-9-]{4,28}[a-z0-9])\.([A-Za-z0-9_]+)$'
 re_store='^projects/([^/]+)/locations/([^/]+)/datasets/([^/]+)/fhirStores/([^/]+)$'
-re_segment='^(\*|[A-Za-z0-9._-]+)$'
 re_prefix='^[a-z]([a-z0-9-]{0,14}[a-z0-9])?$'
 re_tz='^[A-Za-z_]+(/[A-Za-z0-9_+-]+)*$'
 re_cron='^[^[:space:]]+( [^[:space:]]+){4}$'
 re_sa_email='^[a-z0-9-]+@[a-z0-9.-]+\.gserviceaccount\.com$'
 re_channel='^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/notificationChannels/[A-Za-z0-9_-]+$'
 re_age='^([1-9][0-9]{0,6})([smhd])$'
+
+# segment_ok SEG: SEG is '*' or a resource ID as the Healthcare API accepts
+# it, [\p{L}\p{N}_.-]{1,256}: letters and digits of any script (süd-klinik,
+# 病院-7). Every ASCII character but [A-Za-z0-9._-] is refused; non-ASCII
+# characters are left to the functions' own check, which follows the API's.
+segment_ok() {
+  local seg=$1 rest LC_ALL=C
+  [[ $seg == '*' ]] && return 0
+  [[ -n $seg && $seg != . && $seg != .. ]] || return 1
+  rest=${seg//[A-Za-z0-9._-]/}
+  [[ ! $rest =~ [[:print:][:space:][:cntrl:]] ]]
+}
 
 # split_list VALUE: the comma-separated items of VALUE, trimmed, one per line.
 split_list() {
@@ -265,7 +276,7 @@ for s in ${stores[@]+"${stores[@]}"}; do
   fi
   store_project=${BASH_REMATCH[1]}
   for seg in "${BASH_REMATCH[@]:1}"; do
-    [[ $seg =~ $re_segment ]] || bad "ALLOWED_STORES entry '$s': segment '$seg' must be a name or exactly '*'"
+    segment_ok "$seg" || bad "ALLOWED_STORES entry '$s': segment '$seg' must be a name or exactly '*'"
   done
   [[ $store_project == "$PROJECT_ID" ]] ||
     bad "ALLOWED_STORES entry '$s' is outside PROJECT_ID $PROJECT_ID (the functions' roles are granted in PROJECT_ID only)"

@@ -897,6 +897,8 @@ func TestBadValues(t *testing.T) {
 		{"export bucket with path", with(baseEnv(), "EXPORT_BUCKET", "gs://my-project-fhir-exports/x"), nil, "EXPORT_BUCKET"},
 		{"store not a store", with(baseEnv(), "ALLOWED_STORES", "projects/my-project/locations/l/datasets/d"), nil, "is not projects/P/locations/L/datasets/D/fhirStores/S"},
 		{"store partial wildcard", with(baseEnv(), "ALLOWED_STORES", "projects/my-project/locations/l/datasets/d/fhirStores/main*"), nil, "must be a name or exactly '*'"},
+		{"store id with a space", with(baseEnv(), "ALLOWED_STORES", "projects/my-project/locations/l/datasets/d/fhirStores/ma in"), nil, "must be a name or exactly '*'"},
+		{"store id with a symbol", with(baseEnv(), "ALLOWED_STORES", "projects/my-project/locations/l/datasets/d/fhirStores/süd+klinik"), nil, "must be a name or exactly '*'"},
 		{"store in another project", with(baseEnv(), "ALLOWED_STORES", "projects/other-project/locations/l/datasets/d/fhirStores/*"), nil, "is outside PROJECT_ID my-project"},
 		{"store any project", with(baseEnv(), "ALLOWED_STORES", "projects/*/locations/l/datasets/d/fhirStores/*"), nil, "is outside PROJECT_ID"},
 		{"stores empty list", with(baseEnv(), "ALLOWED_STORES", " , "), nil, "ALLOWED_STORES lists no store pattern"},
@@ -965,6 +967,16 @@ func TestBadValues(t *testing.T) {
 			`"deletedUriPrefix":"gs://other-bucket/deleted"}`
 		r := runScript(t, newFake(t), with(baseEnv(), "HOURLY_SPEC", spec(t, body)), "--dry-run")
 		if r.code != 2 || !strings.Contains(r.stderr, "deletedUriPrefix gs://other-bucket/deleted is not in ALLOWED_DESTINATIONS") {
+			t.Errorf("exit %d, stderr:\n%s", r.code, r.stderr)
+		}
+	})
+	t.Run("store ids of any script", func(t *testing.T) {
+		t.Parallel()
+		// The API's store IDs are [\p{L}\p{N}_\-.]{1,256}; so are the functions'.
+		stores := "projects/my-project/locations/us-central1/datasets/kliniken/fhirStores/süd-klinik," +
+			"projects/my-project/locations/us-central1/datasets/病院/fhirStores/病院-7"
+		r := runScript(t, newFake(t), with(baseEnv(), "ALLOWED_STORES", stores, "NOTIFY_STORES", "", "NIGHTLY_SPEC", "", "HOURLY_SPEC", ""), "--dry-run")
+		if r.code != 0 {
 			t.Errorf("exit %d, stderr:\n%s", r.code, r.stderr)
 		}
 	})

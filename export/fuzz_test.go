@@ -107,6 +107,11 @@ func knownFieldPath(se *SpecError) bool {
 	if _, ok := specFields[f]; ok {
 		return true
 	}
+	// A key holding a character that must not be logged is named escaped
+	// (name\u0000), so its field always shows a backslash.
+	if strings.HasPrefix(se.Problem, "a field name: ") {
+		return strings.Contains(f, `\`)
+	}
 	// An unknown field: Problem quotes the key, and what precedes it in Field
 	// must be the top level or a declared object.
 	quoted, ok := strings.CutPrefix(se.Problem, "unknown field ")

@@ -323,15 +323,17 @@ func walkObject(dec *json.Decoder, data []byte, path string) error {
 			return specErr(path, "a JSON object", "not valid JSON: %v", syntaxProblem(err, data))
 		}
 		key := tok.(string) // inside an object, a token in key position is a string
-		if err := checkPrintable(path, key); err != nil {
-			// Name the object, not the key: the key itself must not reach
-			// logs and events.
-			err.Problem = "a field name: " + err.Problem
-			return err
-		}
 		field := key
 		if path != "" {
 			field = path + "." + key
+		}
+		if err := checkPrintable(path, key); err != nil {
+			// Name the key escaped (name\u0000), never raw: the key itself
+			// must not reach logs and events, yet the user must see which
+			// field is at fault.
+			err.Field = printableName(field)
+			err.Problem = "a field name: " + err.Problem
+			return err
 		}
 		if seen[key] {
 			return specErr(field, "each field once", "the field appears more than once")
@@ -466,6 +468,39 @@ func checkPrintable(field, v string) *SpecError {
 	return nil
 }
 
+// printableName writes a field name so that it can be logged: every
+// character checkPrintable refuses is escaped as in JSON (NUL is \u0000,
+// U+202E is \u202e), a byte that is not UTF-8 as \xNN, and a backslash as
+// \\ so an escape cannot be forged; names longer than 100 characters are
+// cut with "…".
+func printableName(s string) string {
+	var b strings.Builder
+	n := 0
+	for i := 0; i < len(s); n++ {
+		if n == 100 {
+			b.WriteString("…")
+			break
+		}
+		r, w := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && w == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		case r == '\\':
+			b.WriteString(`\\`)
+		case r < 0x20 || r == 0x7f || unicode.In(r, unicode.Cc, unicode.Cf, unicode.Zl, unicode.Zp):
+			if r > 0xffff {
+				fmt.Fprintf(&b, `\U%08x`, r)
+			} else {
+				fmt.Fprintf(&b, `\u%04x`, r)
+			}
+		default:
+			b.WriteRune(r)
+		}
+		i += w
+	}
+	return b.String()
+}
+
 // Names are checked by hand rather than with regular expressions: the
 // bounded repeats the rules need ({1,256}, {2,254}) compile into large
 // programs, milliseconds of a cold start (issue 13). spec_test.go checks each
@@ -500,11 +535,21 @@ func validLocation(s string) bool {
 		every(s, func(c byte) bool { return isLowerOrDigit(c) || c == '-' })
 }
 
-// validResourceID is a dataset or store ID: [A-Za-z0-9_.-]{1,256}, but not
-// "." or "..", which would change the meaning of a path.
+// validResourceID is a dataset or store ID as the Healthcare API accepts it:
+// [\p{L}\p{N}_\-.]{1,256} (letters and digits of any script, so süd-klinik
+// and 病院-7 are store IDs), but not "." or "..", which would change the
+// meaning of a path. A fleet lists such stores; a single-store spec must
+// accept them too.
 func validResourceID(s string) bool {
-	return len(s) >= 1 && len(s) <= 256 && s != "." && s != ".." &&
-		every(s, func(c byte) bool { return isLetter(c) || isDigit(c) || c == '_' || c == '.' || c == '-' })
+	if s == "" || s == "." || s == ".." || !utf8.ValidString(s) || utf8.RuneCountInString(s) > 256 {
+		return false
+	}
+	for _, r := range s {
+		if !(unicode.IsLetter(r) || unicode.IsNumber(r) || r == '_' || r == '.' || r == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // validStoreName reports whether s is projects/P/locations/L/datasets/D/fhirStores/S,
@@ -613,7 +658,7 @@ func validTypeName(s string) bool {
 
 // Validate checks every field, returning the first problem as a *SpecError.
 func (s *Spec) Validate() error {
-	const storeAccepted = "projects/P/locations/L/datasets/D/fhirStores/S with IDs of letters, digits, '_', '-', '.', or a fleet: projects/P/locations/L/datasets/D/fhirStores/*"
+	const storeAccepted = "projects/P/locations/L/datasets/D/fhirStores/S with IDs of 1-256 letters and digits (any script), '_', '-', '.', or a fleet: projects/P/locations/L/datasets/D/fhirStores/*"
 	if s.FHIRStore == "" {
 		return specErr("fhirStore", storeAccepted, "required")
 	}
@@ -676,6 +721,7 @@ func (s *Spec) Validate() error {
 	}
 	for k, v := range s.Labels {
 		if err := checkPrintable("labels", k); err != nil {
+			err.Field = printableName("labels." + k)
 			err.Problem = "a label key: " + err.Problem
 			return err
 		}
