@@ -17,6 +17,9 @@ package export
 //	starting ─429─► queued (backoff)     starting ─400/403/404─► failed
 //	starting ─answer lost─► in doubt ─resolve─► running (adopted) | starting (no operation: export again)
 //	starting, lease over, never redelivered ─sweep─► failed (code 4), or queued again when it came from the queue
+//	running, lock corrupt ─rebuild (its records agree)─► running; otherwise its end is
+//	          reported failed (code 13) and the lock quarantined; triggers queue behind it
+//	pending/ object naming an operation no run owns ─sweep─► quarantined, no event
 //	running ─past its timeout─► cancelled ─finish─► failed (code 4)
 //	          (operations.cancel asked again each sweep until the operation shows cancelRequested)
 //
@@ -35,6 +38,9 @@ package export
 //	export      fhirStores.export; then create operations/{op} (ownership), then
 //	            update pending/{pipeline} with the operation (GenerationMatch), then the
 //	            started event. A lost answer sets Called and the run is in doubt.
+//	            operations/{op} keeps a copy of the lock: a lock found corrupt while
+//	            its export runs is rebuilt from it (recover.go, GenerationMatch) when
+//	            the lock's metadata, runs/{run} and operations/{op} agree.
 //	resolve     take the lock's lease (GenerationMatch), operations.list the dataset
 //	            for ExportResources operations since the call; one owned by this run
 //	            or one nobody owns: adopt it (operations/{op} DoesNotExist decides
@@ -161,10 +167,15 @@ func (x *Exporter) claim(ctx context.Context, r *run) (rec runRecord, gen int64,
 func (x *Exporter) admit(ctx context.Context, r *run) error {
 	deadline := x.now().Add(x.WaitForPeer)
 	for {
-		var held pendingRecord
-		gen, err := x.state.read(ctx, pendingObject(r.pipeline), &held)
+		held, gen, err := x.readLock(ctx, r.pipeline) // a corrupt lock of a running export is rebuilt
 		switch {
 		case errors.Is(err, ErrCorrupt):
+			if md, merr := x.lockMetadata(ctx, r.pipeline, gen); merr == nil && md["operation"] != "" {
+				// Its records do not vouch for it, but an export may run: no
+				// second one beside it. The sweep reports it when it ends.
+				r.log.Error("pipeline lock is corrupt and names an operation; queued behind it", "object", pendingObject(r.pipeline), "operation", md["operation"], "error", err.Error())
+				return x.enqueue(ctx, r, "busy")
+			}
 			r.log.Error("pipeline lock is corrupt; quarantined", "object", pendingObject(r.pipeline), "error", err.Error())
 			if err := x.state.quarantine(ctx, pendingObject(r.pipeline), gen, err.Error()); err != nil {
 				return err
@@ -334,6 +345,9 @@ func notSent(err error) bool {
 func (x *Exporter) recordOperation(ctx context.Context, p pendingRecord, gen int64, op string, adopted bool) error {
 	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "operation", op, "trigger", p.Trigger.ID, "store", p.Store)
 	own := opRecord{Operation: op, Run: p.Run, Pipeline: p.Pipeline, Store: p.Store, Recorded: x.now()}
+	lock := p
+	lock.Operation, lock.Adopted, lock.Called = op, adopted, time.Time{}
+	own.Lock = &lock
 	if _, err := x.state.create(ctx, opObject(op), own, map[string]string{"run": p.Run}); errors.Is(err, ErrExists) {
 		var cur opRecord
 		if _, rerr := x.state.read(ctx, opObject(op), &cur); rerr == nil && cur.Run != p.Run {

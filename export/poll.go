@@ -50,14 +50,15 @@ func (x *Exporter) Poll(ctx context.Context) (SweepResult, error) {
 		errs = append(errs, err)
 		mu.Unlock()
 	}
-	jobs := make(chan stateObject)
+	jobs := make(chan sweepJob)
 	var wg sync.WaitGroup
 	for range max(1, x.PollWorkers) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for o := range jobs {
-				if err := x.sweepOne(ctx, o, &c); err != nil {
+			for j := range jobs {
+				o := j.o
+				if err := x.sweepListed(ctx, j, &c); err != nil {
 					c.transient.Add(1)
 					log.Warn("poll: left for the next sweep", "object", "pending/"+o.Name, "operation", o.Metadata["operation"], "error", err.Error())
 					addErr(err)
@@ -75,7 +76,9 @@ func (x *Exporter) Poll(ctx context.Context) (SweepResult, error) {
 	confirmed := map[string]bool{}
 	var garbage []string
 	err := x.state.each(ctx, "pending", func(o stateObject) error {
-		if run, ok := slotRuns[strings.TrimSuffix(o.Name, ".json")]; ok && run == o.Metadata["run"] {
+		run, ok := slotRuns[strings.TrimSuffix(o.Name, ".json")]
+		slotted := ok && run == o.Metadata["run"]
+		if slotted {
 			confirmed[strings.TrimSuffix(o.Name, ".json")] = true
 		}
 		if !strings.HasSuffix(o.Name, ".json") || strings.Contains(o.Name, "/") || o.Metadata["run"] == "" {
@@ -89,7 +92,7 @@ func (x *Exporter) Poll(ctx context.Context) (SweepResult, error) {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case jobs <- o:
+		case jobs <- sweepJob{o, slotted}:
 			return nil
 		}
 	})
@@ -117,6 +120,25 @@ func (x *Exporter) Poll(ctx context.Context) (SweepResult, error) {
 	log.Info("poll sweep", "pending", res.Pending, "running", res.Running, "finished", res.Finished,
 		"starting", res.Starting, "resolved", res.Resolved, "dequeued", res.Dequeued, "transient", res.Transient, "garbage", res.Garbage)
 	return res, errors.Join(errs...)
+}
+
+// sweepJob is one listed pending object; slotted when an export slot names
+// its run (the listing confirms it is this deployment's).
+type sweepJob struct {
+	o       stateObject
+	slotted bool
+}
+
+// sweepListed handles one listed pending object. One naming an operation
+// while no export slot names its run is first asked whether it is this
+// deployment's at all (disowned).
+func (x *Exporter) sweepListed(ctx context.Context, j sweepJob, c *sweepCounters) error {
+	if op := j.o.Metadata["operation"]; op != "" && !j.slotted {
+		if gone, err := x.disowned(ctx, j.o, op); gone || err != nil {
+			return err
+		}
+	}
+	return x.sweepOne(ctx, j.o, c)
 }
 
 // sweepOne handles one pending object: a starting lock, or a running export.
@@ -218,8 +240,7 @@ func (x *Exporter) unobserved(ctx context.Context, o stateObject, opName string,
 	log := Logger(ctx).With("operation", opName, "pipeline", strings.TrimSuffix(o.Name, ".json"))
 	since, err := time.Parse(time.RFC3339Nano, o.Metadata["unobserved"])
 	if err != nil {
-		var p pendingRecord
-		gen, err := x.state.read(ctx, "pending/"+o.Name, &p)
+		p, gen, err := x.readLock(ctx, strings.TrimSuffix(o.Name, ".json"))
 		if err != nil {
 			return false, err
 		}
@@ -265,8 +286,7 @@ func (x *Exporter) watchdog(ctx context.Context, o stateObject, opName string, m
 	if x.now().Sub(begun) < timeout {
 		return
 	}
-	var p pendingRecord
-	gen, err := x.state.read(ctx, "pending/"+o.Name, &p)
+	p, gen, err := x.readLock(ctx, strings.TrimSuffix(o.Name, ".json"))
 	if err != nil || p.Operation != opName || p.Cancelled != "" {
 		return
 	}
@@ -323,8 +343,7 @@ func decodeMetadata(raw []byte) (*healthcare.OperationMetadata, string) {
 // run record, then the pending marker and the slot.
 func (x *Exporter) finalize(ctx context.Context, o stateObject, op *healthcare.Operation, meta *healthcare.OperationMetadata, problem string) error {
 	name := "pending/" + o.Name
-	var p pendingRecord
-	gen, err := x.state.read(ctx, name, &p)
+	p, gen, err := x.readLock(ctx, strings.TrimSuffix(o.Name, ".json")) // a corrupt lock its records vouch for is rebuilt
 	switch {
 	case errors.Is(err, ErrNotFound):
 		return nil // another sweep finished it

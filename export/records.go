@@ -19,7 +19,7 @@ import (
 //	pending/{pipeline}.json   pendingRecord: the pipeline's lock and its running operation
 //	queue/{pipeline}.json     queueRecord: the pipeline's next run, waiting for a slot or the lock
 //	slots/{n}.json            slotRecord: one of FHIREXPORT_MAX_RUNNING export slots
-//	operations/{op}.json      opRecord: every operation fhirexport started, by digest of its name
+//	operations/{op}.json      opRecord: every operation fhirexport started, by digest of its name, with a copy of its lock
 //	watermarks/{pipeline}.json watermarkRecord: the watermark and the deletion cursor
 //	tombstones/{store}/…      tombstoneRecord: deletions seen in the store's change notifications
 //	quarantine/…              corrupt state objects, moved aside with the reason
@@ -115,6 +115,9 @@ type opRecord struct {
 	Pipeline  string    `json:"pipeline"`
 	Store     string    `json:"store"`
 	Recorded  time.Time `json:"recorded"`
+	// Lock is the pipeline lock as it was when the operation was recorded:
+	// what rebuilds the lock should it be found corrupt (recover.go).
+	Lock *pendingRecord `json:"lock,omitempty"`
 }
 
 // watermarkRecord is a pipeline's watermark (watermarks/{pipeline}.json): the
