@@ -104,8 +104,9 @@ func deletionTime(n events.Notification) time.Time {
 // RecordChange handles one FHIR store change notification. A DeleteResource
 // of an allowed store becomes a durable tombstone; every other action returns
 // at once without any state I/O (a busy store sends one notification per
-// write). A store not on the allow-list is logged and ignored. It returns an
-// error only when Pub/Sub should redeliver (the state bucket failed).
+// write). A store not on the allow-list, and a deletion the API cannot have
+// sent (notification.go), are logged and ignored. It returns an error only
+// when Pub/Sub should redeliver (the state bucket failed).
 func (x *Exporter) RecordChange(ctx context.Context, n events.Notification) error {
 	if n.Action != events.ActionDelete {
 		return nil
@@ -115,9 +116,18 @@ func (x *Exporter) RecordChange(ctx context.Context, n events.Notification) erro
 		log.Warn("deletion notification from a store not on FHIREXPORT_ALLOWED_STORES; ignored")
 		return nil
 	}
+	if err := checkNotification(n); err != nil {
+		log.Warn("deletion notification the Healthcare API cannot have sent; acknowledged, not recorded", "error", err.Error())
+		return nil
+	}
 	now := x.now().UTC()
 	key := tombstoneKey(n)
-	rec := tombstoneRecord{Store: n.Store, Type: n.ResourceType, ID: n.ID, Deleted: deletionTime(n), LastUpdated: n.LastUpdated.UTC(),
+	deleted, believed := tombstoneTime(n, now)
+	if !believed {
+		log.Warn("deletion notification's lastUpdatedTime is later than its publish time or our clock; the earlier of those is recorded as the deletion time",
+			"lastUpdatedTime", n.LastUpdated.UTC().Format(time.RFC3339), "publishTime", n.PublishTime.UTC().Format(time.RFC3339Nano))
+	}
+	rec := tombstoneRecord{Store: n.Store, Type: n.ResourceType, ID: n.ID, Deleted: deleted, LastUpdated: n.LastUpdated.UTC(),
 		VersionID: n.VersionID, Recorded: now, MessageID: n.MessageID}
 	name := tombstoneDir(n.Store) + "/" + now.Format(recordedLayout) + "-" + key + ".json"
 	// The metadata lets writeFeed deliver tombstones from a listing alone.
