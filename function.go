@@ -148,5 +148,8 @@ func newExporter(ctx context.Context, lookup func(string) (string, bool)) (*expo
 	state := export.NewState(st, cfg.StateBucket, cfg.StatePrefix)
 	x := export.New(hc, state, events.NewPublisher(ps, cfg.EventsTopic), cfg.Policy, nil)
 	x.MaxRunning, x.PollWorkers = cfg.MaxRunning, cfg.PollWorkers
+	if h := cfg.StorageEmulator; h != "" {
+		x.FileURL = export.EmulatorFileURL(h) // manifests name files a client here can fetch
+	}
 	return x, nil
 }

@@ -69,6 +69,7 @@ var env struct {
 	psAddr  string        // the Pub/Sub emulator in use
 	psFault *publishFault // nil with the official emulator
 	gcsFail *gcsFaults
+	gcsURL  string // Cloud Storage as the functions see it (STORAGE_EMULATOR_HOST)
 	logs    *syncBuffer
 
 	mu     sync.Mutex
@@ -130,6 +131,7 @@ func run(m *testing.M) (int, error) {
 	proxy := httputil.NewSingleHostReverseProxy(target)
 	gcsFront := mustListen()
 	go http.Serve(gcsFront, env.gcsFail.wrap(proxy))
+	env.gcsURL = "http://" + gcsFront.Addr().String()
 
 	go subscribeEvents(ctx, s.PubSub)
 
@@ -144,7 +146,7 @@ func run(m *testing.M) (int, error) {
 		// The budget has tests of its own (budget_test.go); elsewhere it must not queue.
 		"FHIREXPORT_MAX_RUNNING": "1000",
 		"PUBSUB_EMULATOR_HOST":   env.psAddr,
-		"STORAGE_EMULATOR_HOST":  "http://" + gcsFront.Addr().String(),
+		"STORAGE_EMULATOR_HOST":  env.gcsURL,
 	}
 	instance.lookup = func(k string) (string, bool) { v, ok := vars[k]; return v, ok }
 
@@ -594,6 +596,22 @@ func listObjects(t *testing.T, bucket, prefix string) []string {
 	}
 }
 
+// fetchFile GETs a manifest's url as a Bulk Data client does: it must be
+// served as application/fhir+ndjson.
+func fetchFile(t *testing.T, u string) []byte {
+	t.Helper()
+	resp, err := http.Get(u)
+	if err != nil {
+		t.Fatalf("GET %s: %v", u, err)
+	}
+	defer resp.Body.Close()
+	data := must(io.ReadAll(resp.Body))
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "application/fhir+ndjson" {
+		t.Fatalf("GET %s: %s, Content-Type %q; want 200 and application/fhir+ndjson", u, resp.Status, resp.Header.Get("Content-Type"))
+	}
+	return data
+}
+
 func readObject(t *testing.T, bucket, name string) []byte {
 	t.Helper()
 	r, err := env.storage.Bucket(bucket).Object(name).NewReader(context.Background())
@@ -702,12 +720,22 @@ func TestGCSExportEndToEnd(t *testing.T) {
 	if err := json.Unmarshal(readObject(t, exportBucket, want[0]), &manifest); err != nil {
 		t.Fatalf("manifest: %v", err)
 	}
-	wantOut := []struct{ Type, URL string }{{"Observation", "gs://" + exportBucket + "/" + want[1]}, {"Patient", "gs://" + exportBucket + "/" + want[2]}}
+	// Its urls are ones a Bulk Data client GETs (here, from the storage
+	// emulator the functions use); the event keeps the gs:// names.
+	fileURL := export.EmulatorFileURL(env.gcsURL)
+	wantOut := []struct{ Type, URL string }{{"Observation", fileURL(exportBucket, want[1])}, {"Patient", fileURL(exportBucket, want[2])}}
 	if !slices.Equal(manifest.Output, wantOut) || !manifest.RequiresAccessToken || manifest.TransactionTime != done.CreateTime {
 		t.Errorf("manifest = %+v, want outputs %v, requiresAccessToken, transactionTime %s", manifest, wantOut, done.CreateTime)
 	}
-	if done.Manifest != "gs://"+exportBucket+"/"+want[0] || len(done.Outputs) != 2 || done.Outputs[0].URL != wantOut[0].URL || done.Outputs[1].URL != wantOut[1].URL {
-		t.Errorf("event manifest %q, outputs %+v; want %s and the manifest's outputs", done.Manifest, done.Outputs, want[0])
+	for i, o := range manifest.Output {
+		if got := fetchFile(t, o.URL); !bytes.Equal(got, readObject(t, exportBucket, want[i+1])) {
+			t.Errorf("GET %s does not serve the object %s", o.URL, want[i+1])
+		}
+	}
+	gsOut := []string{"gs://" + exportBucket + "/" + want[1], "gs://" + exportBucket + "/" + want[2]}
+	if done.Manifest != "gs://"+exportBucket+"/"+want[0] || done.ManifestURL != fileURL(exportBucket, want[0]) ||
+		len(done.Outputs) != 2 || done.Outputs[0].URL != gsOut[0] || done.Outputs[1].URL != gsOut[1] {
+		t.Errorf("event manifest %q (%s), outputs %+v; want %s and the objects' gs:// names", done.Manifest, done.ManifestURL, done.Outputs, want[0])
 	}
 	objs = objs[1:]
 	var lines int64

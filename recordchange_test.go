@@ -129,7 +129,7 @@ func TestBigQueryDeletionsReachTheFeed(t *testing.T) {
 	if len(m.Output) != 0 || len(m.Deleted) != 1 {
 		t.Fatalf("manifest output %v, deleted %v", m.Output, m.Deleted)
 	}
-	deleted := string(readObject(t, exportBucket, strings.TrimPrefix(m.Deleted[0].URL, "gs://"+exportBucket+"/")))
+	deleted := string(fetchFile(t, m.Deleted[0].URL))
 	if !strings.Contains(deleted, `"method":"DELETE","url":"Patient/gone"`) || strings.Count(deleted, "\n") != 1 {
 		t.Errorf("deleted file:\n%s\nwant one DELETE of Patient/gone", deleted)
 	}

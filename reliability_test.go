@@ -646,17 +646,22 @@ func checkManifest(t *testing.T, id string, out events.Data) {
 	}
 	defer r.Close()
 	var m struct {
-		TransactionTime string          `json:"transactionTime"`
-		Output          []events.Output `json:"output"`
+		TransactionTime string `json:"transactionTime"`
+		Extension       struct {
+			GCS struct {
+				Output []events.Output `json:"output"`
+			} `json:"gcs"`
+		} `json:"extension"`
 	}
 	if err := json.NewDecoder(r).Decode(&m); err != nil {
 		t.Errorf("trigger %s: manifest %s: %v", id, want, err)
 		return
 	}
-	sameOutputs := slices.EqualFunc(m.Output, out.Outputs, func(a, b events.Output) bool { return a.Type == b.Type && a.URL == b.URL })
+	// The event's outputs are the gs:// names of the manifest's.
+	sameOutputs := slices.EqualFunc(m.Extension.GCS.Output, out.Outputs, func(a, b events.Output) bool { return a.Type == b.Type && a.URL == b.URL })
 	if !sameTime(m.TransactionTime, out.CreateTime) || !sameOutputs {
 		t.Errorf("trigger %s: manifest %s has transactionTime %s and outputs %v; the event says %s and %v",
-			id, want, m.TransactionTime, m.Output, out.CreateTime, out.Outputs)
+			id, want, m.TransactionTime, m.Extension.GCS.Output, out.CreateTime, out.Outputs)
 	}
 }
 

@@ -62,10 +62,14 @@ type Data struct {
 	Reason    string `json:"reason,omitempty"`
 	NotBefore string `json:"notBefore,omitempty"`
 	// QueuedRun names the queued run a coalesced trigger was merged into.
-	QueuedRun string   `json:"queuedRun,omitempty"`
-	Manifest  string   `json:"manifest,omitempty"` // gs:// URL of the run's Bulk Data manifest
-	Outputs   []Output `json:"outputs,omitempty"`
-	Deleted   *int64   `json:"deleted,omitempty"` // resources in the run's deleted file (incremental runs)
+	QueuedRun string `json:"queuedRun,omitempty"`
+	Manifest  string `json:"manifest,omitempty"` // gs:// URL of the run's Bulk Data manifest
+	// ManifestURL is the manifest's URL for a Bulk Data client: the one its
+	// own urls are in (https://storage.googleapis.com/…, or the storage
+	// emulator's).
+	ManifestURL string   `json:"manifestUrl,omitempty"`
+	Outputs     []Output `json:"outputs,omitempty"` // gs:// URLs, as the manifest's extension.gcs.output
+	Deleted     *int64   `json:"deleted,omitempty"` // resources in the run's deleted file (incremental runs)
 }
 
 // Output is one file a run wrote, as listed in its manifest.

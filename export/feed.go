@@ -198,9 +198,10 @@ func (x *Exporter) tombstones(ctx context.Context, store string, from time.Time)
 // feedResult is what writeFeed wrote, for the outcome event and the
 // pipeline's watermark record.
 type feedResult struct {
-	Manifest string          // gs:// URL of the manifest; "" when none was written
-	Outputs  []events.Output // the export's files, sorted by type
-	Deleted  *int64          // resources in the deleted file; nil unless an incremental run succeeded
+	Manifest    string          // gs:// URL of the manifest; "" when none was written
+	ManifestURL string          // the manifest's URL for a Bulk Data client (Exporter.FileURL)
+	Outputs     []events.Output // the export's files as gs:// URLs, sorted by type
+	Deleted     *int64          // resources in the deleted file; nil unless an incremental run succeeded
 	// Cursor is the pipeline's deletion cursor after this run, to be saved
 	// with its watermark; nil: leave the stored cursor as it is.
 	Cursor *deletionCursor
@@ -208,7 +209,10 @@ type feedResult struct {
 
 // bulkManifest is an HL7 FHIR Bulk Data manifest
 // (https://hl7.org/fhir/uv/bulkdata/export.html#response---complete-status).
-// Everything of ours is under extension.
+// Every url in output, deleted and error is one a Bulk Data client can GET
+// (Exporter.FileURL: "The files SHALL be accessible to the client at the URLs
+// advertised"). Everything of ours is under extension, the gs:// names of the
+// same files included.
 type bulkManifest struct {
 	TransactionTime     string            `json:"transactionTime"`
 	Request             string            `json:"request"`
@@ -237,6 +241,54 @@ type manifestExtension struct {
 	// Deletions is the pipeline's deletion cursor once this manifest is
 	// delivered: a retry after a crash returns it instead of listing again.
 	Deletions *deletionCursor `json:"deletions,omitempty"`
+	// GCS lists the manifest's files again as gs:// URLs, for Google-native
+	// tools (BigQuery loads, gcloud storage); the events carry these.
+	// Absent from manifests written before the urls became fetchable, whose
+	// urls are the gs:// ones.
+	GCS *gcsFiles `json:"gcs,omitempty"`
+}
+
+// gcsFiles are a manifest's files as gs:// URLs.
+type gcsFiles struct {
+	Manifest string          `json:"manifest"`
+	Output   []events.Output `json:"output"`
+	Deleted  []events.Output `json:"deleted"`
+	Error    []events.Output `json:"error"`
+}
+
+// CloudStorageURL is the URL a Bulk Data client GETs for a Cloud Storage
+// object with a Google OAuth bearer token (requiresAccessToken: true):
+// https://storage.googleapis.com/BUCKET/OBJECT, Cloud Storage's XML API, the
+// object name path-escaped segment by segment.
+func CloudStorageURL(bucket, object string) string {
+	segs := strings.Split(object, "/")
+	for i, s := range segs {
+		segs[i] = url.PathEscape(s)
+	}
+	return "https://storage.googleapis.com/" + url.PathEscape(bucket) + "/" + strings.Join(segs, "/")
+}
+
+// EmulatorFileURL returns the FileURL for a Cloud Storage emulator at base
+// (STORAGE_EMULATOR_HOST, with or without http://): the JSON API's media
+// URL, BASE/storage/v1/b/BUCKET/o/OBJECT?alt=media, the object name escaped
+// whole. fake-gcs-server serves it on any host; its /BUCKET/OBJECT form it
+// serves only when the request's Host is its PublicHost.
+func EmulatorFileURL(base string) func(bucket, object string) string {
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
+	}
+	base = strings.TrimRight(base, "/")
+	return func(bucket, object string) string {
+		return base + "/storage/v1/b/" + url.PathEscape(bucket) + "/o/" + url.PathEscape(object) + "?alt=media"
+	}
+}
+
+// fileURL is the URL the manifest gives a Bulk Data client for an object.
+func (x *Exporter) fileURL(bucket, object string) string {
+	if x.FileURL != nil {
+		return x.FileURL(bucket, object)
+	}
+	return CloudStorageURL(bucket, object)
 }
 
 // deletedBundle is one line of a deleted file: a FHIR transaction Bundle with
@@ -296,14 +348,23 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 	opID := op.Name[strings.LastIndex(op.Name, "/")+1:]
 	base := dir + opID
 	gsURL := func(name string) string { return "gs://" + bucket + "/" + name }
+	// fetchable turns the gs:// form of a file list into the one for clients.
+	fetchable := func(files []events.Output) []events.Output {
+		out := make([]events.Output, len(files))
+		for i, f := range files {
+			f.URL = x.fileURL(bucket, strings.TrimPrefix(f.URL, "gs://"+bucket+"/"))
+			out[i] = f
+		}
+		return out
+	}
 	bkt := x.state.client.Bucket(bucket)
 	delivering := p.Incremental && outcome == events.TypeSucceeded
-	res := feedResult{Manifest: gsURL(base + ".manifest.json")}
+	res := feedResult{Manifest: gsURL(base + ".manifest.json"), ManifestURL: x.fileURL(bucket, base+".manifest.json")}
 
 	if m, err := readManifest(ctx, bkt, base+".manifest.json"); err != nil {
 		return feedResult{}, err
 	} else if m != nil {
-		return m.result(res.Manifest, delivering), nil
+		return m.result(res, delivering), nil
 	}
 
 	if delivering && cursor != nil {
@@ -322,12 +383,13 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 	if c == nil {
 		c = &healthcare.ProgressCounter{}
 	}
+	gcs := &gcsFiles{Manifest: res.Manifest, Output: outputs, Deleted: []events.Output{}, Error: []events.Output{}}
 	m := bulkManifest{
 		TransactionTime: normalizeTime(meta.CreateTime), Request: exportRequestURL(p), RequiresAccessToken: true,
-		Output: outputs, Deleted: []events.Output{}, Error: []events.Output{},
 		Extension: manifestExtension{Operation: op.Name, Pipeline: p.Pipeline, Name: p.Name, Store: p.Store, Types: p.Types,
 			Since: p.Since, Incremental: p.Incremental, Outcome: strings.TrimPrefix(outcome, events.TypePrefix),
-			Counters: events.Counters{Success: c.Success, Failure: c.Failure, Pending: c.Pending}, LogsURL: meta.LogsUrl, Trigger: p.Trigger},
+			Counters: events.Counters{Success: c.Success, Failure: c.Failure, Pending: c.Pending}, LogsURL: meta.LogsUrl, Trigger: p.Trigger,
+			GCS: gcs},
 	}
 	if feedDir != p.Destination {
 		m.Extension.Destination = p.Destination
@@ -361,7 +423,7 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 				return feedResult{}, err
 			}
 			n := int64(len(lines))
-			m.Deleted = []events.Output{{Type: "Bundle", URL: gsURL(name), Count: &n}}
+			gcs.Deleted = []events.Output{{Type: "Bundle", URL: gsURL(name), Count: &n}}
 		}
 		m.Extension.Deletions = next
 	}
@@ -374,8 +436,9 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 		if err != nil && !errors.Is(err, ErrExists) {
 			return feedResult{}, err
 		}
-		m.Error = []events.Output{{Type: "OperationOutcome", URL: gsURL(name)}}
+		gcs.Error = []events.Output{{Type: "OperationOutcome", URL: gsURL(name)}}
 	}
+	m.Output, m.Deleted, m.Error = fetchable(gcs.Output), fetchable(gcs.Deleted), fetchable(gcs.Error)
 
 	data, err := json.MarshalIndent(m, "", "  ")
 	if err != nil {
@@ -388,17 +451,20 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 		if err != nil || prev == nil {
 			return feedResult{}, fmt.Errorf("manifest of %s written concurrently but unreadable: %v: %w", op.Name, err, errTransient)
 		}
-		return prev.result(res.Manifest, delivering), nil
+		return prev.result(res, delivering), nil
 	case err != nil:
 		return feedResult{}, err
 	}
 	Logger(ctx).Info("feed written", "operation", op.Name, "manifest", res.Manifest, "outputs", len(outputs), "deleted", m.deletedCount())
-	return m.result(res.Manifest, delivering), nil
+	return m.result(res, delivering), nil
 }
 
-// result is the feedResult a manifest describes.
-func (m *bulkManifest) result(manifestURL string, delivering bool) feedResult {
-	r := feedResult{Manifest: manifestURL, Outputs: m.Output}
+// result is the feedResult a manifest describes; r names the manifest.
+func (m *bulkManifest) result(r feedResult, delivering bool) feedResult {
+	r.Outputs = m.Output
+	if m.Extension.GCS != nil {
+		r.Outputs = m.Extension.GCS.Output
+	}
 	if delivering {
 		n := m.deletedCount()
 		r.Deleted, r.Cursor = &n, m.Extension.Deletions
@@ -561,21 +627,11 @@ func listOutputs(ctx context.Context, bkt *storage.BucketHandle, prefix string, 
 	return out, nil
 }
 
-// exportRequestURL is the manifest's request: the IG wants the kick-off URL;
-// ours is the fhirStores.export call, with the Bulk Data parameters it used.
+// exportRequestURL is the manifest's request: the IG wants the kick-off URL,
+// and for a POST "this URL will not include the request parameters". Ours is
+// the fhirStores.export call, a POST; its _type and _since are in extension.
 func exportRequestURL(p pendingRecord) string {
-	q := url.Values{}
-	if len(p.Types) > 0 {
-		q.Set("_type", strings.Join(p.Types, ","))
-	}
-	if p.Since != "" {
-		q.Set("_since", p.Since)
-	}
-	u := "https://healthcare.googleapis.com/v1/" + p.Store + ":export"
-	if len(q) > 0 {
-		u += "?" + q.Encode()
-	}
-	return u
+	return "https://healthcare.googleapis.com/v1/" + p.Store + ":export"
 }
 
 // errorOutcome is the error file of a partial run: one OperationOutcome. The

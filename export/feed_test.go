@@ -60,7 +60,9 @@ func newFeedWorld(t *testing.T) *feedWorld {
 	t.Helper()
 	s := stacktest.New(t, stacktest.Options{Buckets: []string{"state", exportsBkt}})
 	clock := &testClock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)}
-	return &feedWorld{x: newFeedExporter(t, s.Storage, clock), st: s.Storage, clock: clock, gcsURL: s.GCSURL}
+	x := newFeedExporter(t, s.Storage, clock)
+	x.FileURL = EmulatorFileURL(s.GCSURL)
+	return &feedWorld{x: x, st: s.Storage, clock: clock, gcsURL: s.GCSURL}
 }
 
 // newFeedWorldFronted is newFeedWorld with the Exporter's Cloud Storage
@@ -78,6 +80,7 @@ func newFeedWorldFronted(t *testing.T, front func(http.Handler) http.Handler) *f
 	st.SetRetry(storage.WithBackoff(gax.Backoff{Initial: time.Millisecond, Max: 20 * time.Millisecond}))
 	t.Cleanup(func() { st.Close() })
 	w.x = newFeedExporter(t, st, w.clock)
+	w.x.FileURL = EmulatorFileURL(w.gcsURL) // a client fetches from the storage itself
 	return w
 }
 
@@ -114,8 +117,15 @@ func (w *feedWorld) objects(t *testing.T, bucket, prefix string) []string {
 	}
 }
 
+// read returns an object's content: a gs:// URL through the storage client,
+// any other URL as a Bulk Data client fetches a manifest's url, with GET,
+// and then it must be served as application/fhir+ndjson (or
+// application/json, for a manifest).
 func (w *feedWorld) read(t *testing.T, gsURL string) []byte {
 	t.Helper()
+	if !strings.HasPrefix(gsURL, "gs://") {
+		return fetch(t, gsURL)
+	}
 	bucket, name, _ := strings.Cut(strings.TrimPrefix(gsURL, "gs://"), "/")
 	r, err := w.st.Bucket(bucket).Object(name).NewReader(context.Background())
 	if err != nil {
@@ -129,9 +139,32 @@ func (w *feedWorld) read(t *testing.T, gsURL string) []byte {
 	return data
 }
 
+// fetch GETs a manifest's url as a Bulk Data client does.
+func fetch(t *testing.T, u string) []byte {
+	t.Helper()
+	resp, err := http.Get(u)
+	if err != nil {
+		t.Fatalf("GET %s: %v", u, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("GET %s: %v", u, err)
+	}
+	want := "application/fhir+ndjson"
+	if strings.Contains(u, ".manifest.json") {
+		want = "application/json"
+	}
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != want {
+		t.Fatalf("GET %s: %s, Content-Type %q; want 200 and %s: %s", u, resp.Status, resp.Header.Get("Content-Type"), want, data)
+	}
+	return data
+}
+
 func (w *feedWorld) put(t *testing.T, bucket, name, data string) {
 	t.Helper()
 	wr := w.st.Bucket(bucket).Object(name).NewWriter(context.Background())
+	wr.ContentType = "application/fhir+ndjson" // as the export writes its files
 	if _, err := io.WriteString(wr, data); err != nil {
 		t.Fatal(err)
 	}
@@ -252,30 +285,40 @@ func TestWriteFeedManifest(t *testing.T) {
 		t.Fatal(err)
 	}
 	base := "gs://" + exportsBkt + "/m/op-1"
-	wantRes := feedResult{Manifest: base + ".manifest.json", Outputs: []events.Output{
+	web := w.gcsURL + "/storage/v1/b/" + exportsBkt + "/o/m%2Fop-1"
+	wantRes := feedResult{Manifest: base + ".manifest.json", ManifestURL: web + ".manifest.json?alt=media", Outputs: []events.Output{
 		{Type: "Observation", URL: base + "_Observation"}, {Type: "Patient", URL: base + "_Patient"}}}
 	if diff := cmp.Diff(wantRes, res, cmp.AllowUnexported(deletionCursor{})); diff != "" {
 		t.Errorf("result (-want +got):\n%s", diff)
 	}
 	var got map[string]any
-	if err := json.Unmarshal(w.read(t, res.Manifest), &got); err != nil {
+	if err := json.Unmarshal(w.read(t, res.ManifestURL), &got); err != nil {
 		t.Fatal(err)
 	}
 	want := map[string]any{
 		"transactionTime":     "2026-11-26T09:00:00.123456Z",
-		"request":             "https://healthcare.googleapis.com/v1/" + feedStore + ":export?_since=2026-11-25T00%3A00%3A00Z&_type=Patient%2CObservation",
+		"request":             "https://healthcare.googleapis.com/v1/" + feedStore + ":export",
 		"requiresAccessToken": true,
 		"output": []any{
-			map[string]any{"type": "Observation", "url": base + "_Observation"},
-			map[string]any{"type": "Patient", "url": base + "_Patient"},
+			map[string]any{"type": "Observation", "url": web + "_Observation?alt=media"},
+			map[string]any{"type": "Patient", "url": web + "_Patient?alt=media"},
 		},
 		"deleted": []any{},
-		"error":   []any{map[string]any{"type": "OperationOutcome", "url": base + ".error.ndjson"}},
+		"error":   []any{map[string]any{"type": "OperationOutcome", "url": web + ".error.ndjson?alt=media"}},
 		"extension": map[string]any{
 			"operation": op.Name, "pipeline": "n-pipe", "name": "pipe", "store": feedStore,
 			"types": []any{"Patient", "Observation"}, "since": "2026-11-25T00:00:00Z", "outcome": "partial",
 			"counters": map[string]any{"success": 10.0, "failure": 2.0, "pending": 0.0},
 			"logsUrl":  meta.LogsUrl, "trigger": map[string]any{"source": "//test", "id": "t-op-1"},
+			"gcs": map[string]any{
+				"manifest": base + ".manifest.json",
+				"output": []any{
+					map[string]any{"type": "Observation", "url": base + "_Observation"},
+					map[string]any{"type": "Patient", "url": base + "_Patient"},
+				},
+				"deleted": []any{},
+				"error":   []any{map[string]any{"type": "OperationOutcome", "url": base + ".error.ndjson"}},
+			},
 		},
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
@@ -285,7 +328,7 @@ func TestWriteFeedManifest(t *testing.T) {
 		ResourceType string `json:"resourceType"`
 		Issue        []struct{ Severity, Code, Diagnostics string }
 	}
-	if err := json.Unmarshal(w.read(t, base+".error.ndjson"), &oo); err != nil {
+	if err := json.Unmarshal(w.read(t, web+".error.ndjson?alt=media"), &oo); err != nil {
 		t.Fatal(err)
 	}
 	if oo.ResourceType != "OperationOutcome" || len(oo.Issue) != 1 || !strings.Contains(oo.Issue[0].Diagnostics, "2 resources failed") ||
@@ -370,8 +413,9 @@ func TestWriteFeedDeletions(t *testing.T) {
 		t.Errorf("deleted count %v, want 2", res.Deleted)
 	}
 	m := w.manifest(t, res.Manifest)
-	if len(m.Deleted) != 1 || m.Deleted[0].Type != "Bundle" || m.Deleted[0].URL != dest+"/op-2.deleted.ndjson" {
-		t.Fatalf("manifest deleted = %+v", m.Deleted)
+	if len(m.Deleted) != 1 || m.Deleted[0].Type != "Bundle" || m.Deleted[0].URL != w.x.fileURL(exportsBkt, "d/op-2.deleted.ndjson") ||
+		len(m.Extension.GCS.Deleted) != 1 || m.Extension.GCS.Deleted[0].URL != dest+"/op-2.deleted.ndjson" {
+		t.Fatalf("manifest deleted = %+v, extension.gcs.deleted %+v", m.Deleted, m.Extension.GCS.Deleted)
 	}
 	firstLine, _, _ := strings.Cut(string(w.read(t, m.Deleted[0].URL)), "\n")
 	wantLine := `{"resourceType":"Bundle","id":"` + tombstoneKey(d1) + `","meta":{"lastUpdated":"` + deletionTime(d1).Format(time.RFC3339Nano) +
@@ -568,7 +612,7 @@ func TestWriteFeedBigQueryDeletedPrefix(t *testing.T) {
 		t.Errorf("manifest %q, want %q", res.Manifest, want)
 	}
 	m := w.manifest(t, res.Manifest)
-	if len(m.Output) != 0 || m.Extension.Destination != "bq://p-1234.analytics" || len(m.Deleted) != 1 || m.Deleted[0].URL != p.Feed+"/op-bq.deleted.ndjson" {
+	if len(m.Output) != 0 || m.Extension.Destination != "bq://p-1234.analytics" || len(m.Deleted) != 1 || m.Deleted[0].URL != w.x.fileURL(exportsBkt, "bq-feed/s/op-bq.deleted.ndjson") {
 		t.Errorf("manifest output %v, extension destination %q, deleted %v; want no output, the BigQuery dataset, the deleted file",
 			m.Output, m.Extension.Destination, m.Deleted)
 	}
@@ -647,6 +691,30 @@ func TestWriteFeedUnusableFiles(t *testing.T) {
 		_, err := w.x.writeFeed(ctx, p, o, meta, events.TypeSucceeded, nil)
 		if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "gs://"+exportsBkt+"/"+tc.object) {
 			t.Errorf("%s: %v; want ErrCorrupt naming the object", tc.object, err)
+		}
+	}
+}
+
+// TestFileURLs: a manifest's urls are ones a Bulk Data client GETs: Cloud
+// Storage's XML API URL, the object name escaped per segment, and the
+// emulator's JSON API media URL, which serves the object whatever its name.
+func TestFileURLs(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct{ object, want string }{
+		{"fhir/ehr/2026-11-26/123_Patient", "https://storage.googleapis.com/b-1/fhir/ehr/2026-11-26/123_Patient"},
+		{"a b/c#d?e%f/g+h", "https://storage.googleapis.com/b-1/a%20b/c%23d%3Fe%25f/g+h"},
+	} {
+		if got := CloudStorageURL("b-1", tc.object); got != tc.want {
+			t.Errorf("CloudStorageURL(b-1, %q) = %s, want %s", tc.object, got, tc.want)
+		}
+	}
+	w := newFeedWorld(t)
+	name := "odd dir/a#b?c%d/op-1_Patient"
+	w.put(t, exportsBkt, name, `{"resourceType":"Patient","id":"1"}`+"\n")
+	for _, base := range []string{w.gcsURL, strings.TrimPrefix(w.gcsURL, "http://"), w.gcsURL + "/"} {
+		u := EmulatorFileURL(base)(exportsBkt, name)
+		if got := string(fetch(t, u)); got != `{"resourceType":"Patient","id":"1"}`+"\n" {
+			t.Errorf("GET %s = %q", u, got)
 		}
 	}
 }

@@ -515,7 +515,7 @@ func (x *Exporter) decide(ctx context.Context, p pendingRecord, op *healthcare.O
 	if err != nil {
 		return events.Event{}, err
 	}
-	ev.Data.Manifest, ev.Data.Outputs, ev.Data.Deleted = feed.Manifest, feed.Outputs, feed.Deleted
+	ev.Data.Manifest, ev.Data.ManifestURL, ev.Data.Outputs, ev.Data.Deleted = feed.Manifest, feed.ManifestURL, feed.Outputs, feed.Deleted
 	if p.Incremental {
 		// Only a fully successful run moves the watermark. The event carries
 		// the watermark this run established, not whatever is stored when it

@@ -55,6 +55,10 @@ type Exporter struct {
 	// for operations.list to tell its operation apart from others before it
 	// is reported failed.
 	InDoubtPatience time.Duration
+	// FileURL is the URL a Bulk Data client GETs for a feed file, written as
+	// the url of manifest entries; nil is CloudStorageURL. Against a Cloud
+	// Storage emulator it is EmulatorFileURL.
+	FileURL func(bucket, object string) string
 }
 
 // New returns an Exporter over the given clients. now may be nil (time.Now).

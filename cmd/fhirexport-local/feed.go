@@ -28,6 +28,13 @@ type manifest struct {
 	Output              []events.Output `json:"output"`
 	Deleted             []events.Output `json:"deleted"`
 	Error               []events.Output `json:"error"`
+	Extension           struct {
+		// GCS names the same files as gs:// URLs.
+		GCS struct {
+			Output  []events.Output `json:"output"`
+			Deleted []events.Output `json:"deleted"`
+		} `json:"gcs"`
+	} `json:"extension"`
 }
 
 // deletedLine is one line of a deleted file: a transaction Bundle with one
@@ -79,18 +86,32 @@ func (st *stack) verifyFeed(ctx context.Context, ev received, files []ndjsonFile
 		return fc, fmt.Errorf("manifest %s: transactionTime %q, requiresAccessToken %v; want a time and true", d.Manifest, m.TransactionTime, m.RequiresAccessToken)
 	}
 	got := map[string]string{}
-	for _, o := range m.Output {
+	for _, o := range m.Extension.GCS.Output {
 		got[o.Type] = o.URL
 	}
 	wantOut := map[string]string{}
 	for _, f := range files {
 		wantOut[f.typ] = strings.TrimSuffix(d.Destination, "/") + "/" + short(d.Operation) + "_" + f.typ
 	}
-	if len(m.Output) != len(got) || !maps.Equal(got, wantOut) {
-		return fc, fmt.Errorf("manifest %s lists outputs %v, but the export wrote %v", d.Manifest, m.Output, slices.Sorted(maps.Values(wantOut)))
+	if len(m.Output) != len(got) || len(m.Extension.GCS.Output) != len(got) || !maps.Equal(got, wantOut) {
+		return fc, fmt.Errorf("manifest %s lists outputs %v (%v), but the export wrote %v", d.Manifest, m.Output, m.Extension.GCS.Output, slices.Sorted(maps.Values(wantOut)))
 	}
-	if !outputsEqual(d.Outputs, m.Output) {
-		return fc, fmt.Errorf("the %s event lists outputs %v, its manifest %v", ev.Type, d.Outputs, m.Output)
+	if !outputsEqual(d.Outputs, m.Extension.GCS.Output) {
+		return fc, fmt.Errorf("the %s event lists outputs %v, its manifest %v", ev.Type, d.Outputs, m.Extension.GCS.Output)
+	}
+	// A Bulk Data client fetches the manifest's urls: each serves its file.
+	for i, o := range m.Output {
+		web, err := fetchFHIR(ctx, o.URL)
+		if err != nil {
+			return fc, fmt.Errorf("manifest %s: %w", d.Manifest, err)
+		}
+		file, err := st.readGCS(ctx, m.Extension.GCS.Output[i].URL)
+		if err != nil {
+			return fc, err
+		}
+		if o.Type != m.Extension.GCS.Output[i].Type || !bytes.Equal(web, file) {
+			return fc, fmt.Errorf("manifest %s: %s does not serve %s", d.Manifest, o.URL, m.Extension.GCS.Output[i].URL)
+		}
 	}
 
 	if wantDeleted == nil {
@@ -109,10 +130,10 @@ func (st *stack) verifyFeed(ctx context.Context, ev received, files []ndjsonFile
 		return fc, nil
 	}
 	wantFile := strings.TrimSuffix(d.Destination, "/") + "/" + short(d.Operation) + ".deleted.ndjson"
-	if len(m.Deleted) != 1 || m.Deleted[0].Type != "Bundle" || m.Deleted[0].URL != wantFile {
-		return fc, fmt.Errorf("manifest %s lists deleted %v, want one Bundle file %s", d.Manifest, m.Deleted, wantFile)
+	if len(m.Deleted) != 1 || m.Deleted[0].Type != "Bundle" || len(m.Extension.GCS.Deleted) != 1 || m.Extension.GCS.Deleted[0].URL != wantFile {
+		return fc, fmt.Errorf("manifest %s lists deleted %v (%v), want one Bundle file %s", d.Manifest, m.Deleted, m.Extension.GCS.Deleted, wantFile)
 	}
-	data, err = st.readGCS(ctx, wantFile)
+	data, err = fetchFHIR(ctx, m.Deleted[0].URL)
 	if err != nil {
 		return fc, fmt.Errorf("the deleted file the manifest lists: %w", err)
 	}
@@ -146,6 +167,28 @@ func (st *stack) verifyFeed(ctx context.Context, ev received, files []ndjsonFile
 
 func outputsEqual(a, b []events.Output) bool {
 	return slices.EqualFunc(a, b, func(x, y events.Output) bool { return x.Type == y.Type && x.URL == y.URL })
+}
+
+// fetchFHIR GETs a manifest's url as a Bulk Data client does; it must be
+// served as application/fhir+ndjson.
+func fetchFHIR(ctx context.Context, url string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, fmt.Errorf("GET %s: %w", url, err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("GET %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("GET %s: %w", url, err)
+	}
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "application/fhir+ndjson" {
+		return nil, fmt.Errorf("GET %s: %s, Content-Type %q; want 200 and application/fhir+ndjson", url, resp.Status, resp.Header.Get("Content-Type"))
+	}
+	return data, nil
 }
 
 // readGCS reads a gs:// object through the Cloud Storage emulator.

@@ -319,12 +319,18 @@ func feedsOnDisk(t *testing.T, gcsRoot, root string) []feed {
 		if err != nil {
 			return err
 		}
-		var m struct {
-			Output, Deleted []struct{ Type, URL string }
+		// The stack is gone: read the files by their gs:// names.
+		var manifest struct {
+			Extension struct {
+				GCS struct {
+					Output, Deleted []struct{ Type, URL string }
+				}
+			}
 		}
-		if err := json.Unmarshal(data, &m); err != nil {
+		if err := json.Unmarshal(data, &manifest); err != nil {
 			return fmt.Errorf("%s: %v", p, err)
 		}
+		m := manifest.Extension.GCS
 		onDisk := func(url string) string {
 			return filepath.Join(gcsRoot, filepath.FromSlash(strings.TrimPrefix(url, "gs://")))
 		}
