@@ -9,6 +9,7 @@
 //	fhirexport cancel RUN|OPERATION
 //	fhirexport rerun RUN --topic projects/P/topics/fhirexport-requests
 //	fhirexport watermark show|set|reset PIPELINE
+//	fhirexport feed pull PIPELINE --dir DIR
 //
 // It uses Application Default Credentials, or the local stack's emulators
 // through STORAGE_EMULATOR_HOST, PUBSUB_EMULATOR_HOST and an http://
@@ -168,6 +169,7 @@ func (inv *invocation) command() *cobra.Command {
 		inv.cancelCmd(),
 		inv.rerunCmd(),
 		inv.watermarkCmd(),
+		inv.feedCmd(),
 	)
 	return root
 }
