@@ -168,6 +168,14 @@ func (inv *invocation) feedPull(ctx context.Context, pos []string, o pullOptions
 	if err != nil {
 		return err
 	}
+	if cur == nil && len(todo) == 0 && len(skipped) == 0 {
+		// Nothing to pull into a new mirror: a typo in the key looks the same.
+		if _, err := in.Pipeline(ctx, key); errors.Is(err, export.ErrUnknownPipeline) {
+			return fmt.Errorf("%w; check the key with 'fhirexport status'", err)
+		} else if err != nil {
+			return err
+		}
+	}
 	sum.Skipped = append(sum.Skipped, skipped...)
 	sum.Pending = len(todo)
 	fetcher := inv.fetcher()
