@@ -51,6 +51,11 @@ type Exporter struct {
 	// RetryBackoff is the first wait after 429 RESOURCE_EXHAUSTED; it
 	// doubles per attempt, up to an hour.
 	RetryBackoff time.Duration
+	// FleetWorkers bounds the stores of a fleet trigger started at once.
+	FleetWorkers int
+	// FleetSlice is how long one delivery of a fleet trigger takes new
+	// stores; the rest are left to its redelivery (fleet.go).
+	FleetSlice time.Duration
 	// InDoubtPatience is how long a run whose export answer was lost waits
 	// for operations.list to tell its operation apart from others before it
 	// is reported failed.
@@ -68,7 +73,8 @@ func New(hc *healthcare.Service, state *State, pub Publisher, policy Policy, now
 	}
 	return &Exporter{hc: hc, state: state, pub: pub, policy: policy, now: now,
 		StartLease: 2 * time.Minute, FinalizeLease: 2 * time.Minute, WaitForPeer: 10 * time.Second, PollWorkers: 16,
-		MaxRunning: DefaultMaxRunning, ObservePatience: time.Hour, RetryBackoff: time.Minute, InDoubtPatience: time.Hour}
+		MaxRunning: DefaultMaxRunning, ObservePatience: time.Hour, RetryBackoff: time.Minute, InDoubtPatience: time.Hour,
+		FleetWorkers: DefaultFleetWorkers, FleetSlice: DefaultFleetSlice}
 }
 
 // DefaultMaxRunning is FHIREXPORT_MAX_RUNNING's default: Google's advice for
@@ -120,48 +126,6 @@ func (x *Exporter) Start(ctx context.Context, trig events.Trigger, decodeErr err
 		return x.startRun(ctx, r)
 	}
 	return x.startFleet(ctx, trig, spec, log)
-}
-
-// startFleet makes one run per listed store the allow-list permits. Each has
-// its own claim, so a redelivery (after a crash in the middle, too) creates
-// no run twice and finishes the ones missing.
-func (x *Exporter) startFleet(ctx context.Context, trig events.Trigger, spec *Spec, log *slog.Logger) error {
-	dataset := spec.Dataset()
-	if !x.policy.AllowFleet(dataset) {
-		return x.reject(ctx, log, trig, spec, "", deniedErr("fhirStore", "a fleet whose stores FHIREXPORT_ALLOWED_STORES may match", "no store of %s is on the allow-list%s", dataset, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES")))
-	}
-	var stores []string
-	call := x.hc.Projects.Locations.Datasets.FhirStores.List(dataset).PageSize(1000)
-	err := call.Pages(ctx, func(page *healthcare.ListFhirStoresResponse) error {
-		for _, s := range page.FhirStores {
-			stores = append(stores, s.Name)
-		}
-		return nil
-	})
-	if err != nil {
-		if Permanent(err) {
-			code, msg := statusOf(err)
-			return x.reject(ctx, log, trig, spec, "", &SpecError{Field: "fhirStore", Problem: fmt.Sprintf("listing the stores of %s failed (%d): %s", dataset, code, msg), Accepted: "a dataset fhirexport may list", Code: code})
-		}
-		return fmt.Errorf("list stores of %s: %w", dataset, err)
-	}
-	log.Info("fleet trigger", "dataset", dataset, "stores", len(stores))
-	var errs []error
-	for _, store := range stores {
-		one := spec.ForStore(store)
-		slog := log.With("store", store)
-		if !x.policy.AllowStore(store) {
-			errs = append(errs, x.reject(ctx, slog, trig, one, store, deniedErr("fhirStore", "a store matching FHIREXPORT_ALLOWED_STORES", "%q is not on the allow-list%s; the fleet's other stores are exported", store, emptyHint(x.policy.stores, "FHIREXPORT_ALLOWED_STORES"))))
-			continue
-		}
-		r, err := x.newRun(trig, one, FleetRunKey(trig.Source, trig.ID, store), slog)
-		if err != nil {
-			errs = append(errs, x.reject(ctx, slog, trig, one, store, err))
-			continue
-		}
-		errs = append(errs, x.startRun(ctx, r))
-	}
-	return errors.Join(errs...)
 }
 
 // newRun checks one store's spec against the allow-lists and expands its
