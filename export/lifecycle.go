@@ -11,6 +11,7 @@ package export
 //	running   pending/{pipeline} names its operation; operations/{op} owns it
 //	done      runs/{run} status "done" (or "failed" / "coalesced" with Final)
 //
+//	fleet trigger ─expand─► one trigger per listed store: allowed ─claim─► claimed, refused ─► rejected
 //	trigger ─claim─► claimed ─admit─┬─► starting ─export─► running ─finish─► done
 //	                                ├─► queued ──dequeue (sweep)──► starting
 //	                                └─► coalesced (its pipeline already has a queued run)
@@ -26,6 +27,14 @@ package export
 // Every transition below writes in an order that makes a crash at any point
 // repeat work instead of losing it or doing it twice:
 //
+//	expand      (fleet.go) list the dataset's stores (every page, sorted), skip
+//	            those up to fleets/{trigger}'s cursor, then claim and admit each
+//	            store's run as below, FleetWorkers at a time (runs of different
+//	            stores share no object but the slots, taken DoesNotExist). After
+//	            FleetSlice no store is taken: create or update (GenerationMatch)
+//	            fleets/{trigger} with the last store up to which all are handled,
+//	            and ask for a redelivery, which resumes after it. Crash: the
+//	            redelivery resumes from the last cursor; claims make it idempotent.
 //	claim       create runs/{run} (DoesNotExist). Exists: resume by status.
 //	admit       read pending/{pipeline}; free: list slots/, and while fewer are held
 //	            (any number) than MAX_RUNNING, create slots/{n} (DoesNotExist), then
