@@ -68,8 +68,8 @@ package export
 //	            sweep calls it again while the operation lacks cancelRequested.
 //	dequeue     (queue.go) create slots/{n}, create pending/{pipeline} from the
 //	            queue record, remove queue/{pipeline} (GenerationMatch), export. A
-//	            start that ends (400/403/404) or is put back (429) frees its slot,
-//	            and the same sweep gives it to the next queued run. A
+//	            start that ends (400/403/404) frees its slot, and the same sweep
+//	            gives it to the next queued run (not after a 429: the API is full). A
 //	            requeue rewrites the record it finds of its own run (Requeues), so a
 //	            dequeuer whose lease ran out before it removed the record leaves it.
 //	            A queue record written late (after its run was dequeued and ended)
@@ -272,17 +272,17 @@ func (x *Exporter) admitFree(ctx context.Context, r *run) error {
 }
 
 // export calls fhirStores.export for a run holding its pipeline's lock at
-// generation gen, and records what became of the call. running reports
-// whether the run still holds its lock and slot afterwards (its export
-// started, or its answer is in doubt); it is false when the start was ended,
-// queued again or given back, so a dequeuing sweep can give the slot on.
-func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen int64) (running bool, err error) {
+// generation gen, and records what became of the call. ended reports a run
+// the start ended for good (the API refused it: 400/403/404; a corrupt
+// watermark): its slot is free for another run at once, and a dequeuing sweep
+// gives it on. A 429 or an unsent call puts the run back without ending it.
+func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen int64) (ended bool, err error) {
 	log := Logger(ctx).With("run", p.Run, "pipeline", p.Pipeline, "store", p.Store, "trigger", p.Trigger.ID)
 	p.Since = spec.Since
 	if p.Incremental {
 		since, err := x.incrementalSince(ctx, p, spec.Since)
 		if errors.Is(err, ErrCorrupt) {
-			return false, x.endEarly(ctx, p, gen, codeFailedPrecondition, fmt.Sprintf(
+			return true, x.endEarly(ctx, p, gen, codeFailedPrecondition, fmt.Sprintf(
 				"%v; incremental runs of this pipeline are held until an operator resets it (fhirexport watermark reset %s)", err, p.Pipeline))
 		}
 		if err != nil {
@@ -298,7 +298,7 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 		p.Started = x.now()
 		var err error
 		if gen, err = x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
-			return true, fmt.Errorf("renew the start lease of run %s: %v: %w", p.Run, err, errTransient)
+			return false, fmt.Errorf("renew the start lease of run %s: %v: %w", p.Run, err, errTransient)
 		}
 		remaining = x.StartLease
 	}
@@ -307,14 +307,14 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 	cancel()
 	switch {
 	case err == nil:
-		return true, x.recordOperation(ctx, p, gen, op.Name, false)
+		return false, x.recordOperation(ctx, p, gen, op.Name, false)
 	case exhausted(err):
 		log.Warn("export refused with 429 RESOURCE_EXHAUSTED; queued with backoff", "attempts", p.Attempts+1)
 		return false, x.requeue(ctx, p, gen, "exhausted")
 	case Permanent(err):
 		code, msg := statusOf(err)
 		log.Error("export refused by the Healthcare API", "code", code, "error", msg)
-		return false, x.endEarly(ctx, p, gen, code, msg)
+		return true, x.endEarly(ctx, p, gen, code, msg)
 	case notSent(err):
 		log.Warn("export call not sent; released for a retry", "error", err.Error())
 		return false, x.giveBack(ctx, p, gen, fmt.Errorf("export %s: %w", p.Store, err))
@@ -325,7 +325,7 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 	if _, uerr := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); uerr != nil {
 		log.Warn("could not mark the run in doubt; the start lease covers it", "error", uerr.Error())
 	}
-	return true, fmt.Errorf("export %s: answer lost, in doubt: %w", p.Store, err)
+	return false, fmt.Errorf("export %s: answer lost, in doubt: %w", p.Store, err)
 }
 
 // giveBack undoes a start that failed before the API was called: a run from

@@ -464,8 +464,9 @@ func (x *Exporter) dequeue(ctx context.Context, free int) (int, error) {
 var errNoSlot = errors.New("no export slot free")
 
 // startQueued moves one pipeline's queued run to starting and exports it.
-// ok reports a run that holds a slot now: one refused for good (404), queued
-// again (429) or ended leaves its slot to the next queued run.
+// ok reports a start attempt that counts against the sweep's free slots; one
+// ended for good (its store gone: 404) does not, and leaves its slot to the
+// next queued run. A 429 counts: the API is saturated, no more is tried for it.
 func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, error) {
 	q, qgen, err := x.readQueue(ctx, pipeline)
 	if errors.Is(err, ErrNotFound) {
@@ -538,5 +539,6 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 		return false, x.endEarly(ctx, p, gen, codeInternal, "the queued run's spec is unreadable: "+err.Error())
 	}
 	Logger(ctx).Info("starting a queued run", "run", p.Run, "pipeline", pipeline, "slot", slot)
-	return x.export(ctx, &spec, p, gen)
+	ended, err := x.export(ctx, &spec, p, gen)
+	return !ended, err
 }
