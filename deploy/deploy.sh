@@ -54,7 +54,8 @@ Optional:
                                                 older than this: N followed by s, m, h or d
                                                 (default: 26h)
 
-  --dry-run   print every command instead of running it (needs no gcloud account)
+  DRY_RUN     --dry-run   DRY_RUN=1 or --dry-run: print every command instead of running it
+                          (needs no gcloud account)
   --help      print this help
 
 Resources: topics NAME_PREFIX-requests, -poll, -events, -changes; functions
@@ -63,9 +64,11 @@ NAME_PREFIX-record (RecordChange); runtime service accounts NAME_PREFIX-start,
 -poll, -record; invoker service accounts NAME_PREFIX-start-trigger, -poll-trigger
 (Eventarc) and NAME_PREFIX-record-push (Pub/Sub push); subscription
 NAME_PREFIX-record (deletions only, pushed to RecordChange); custom roles
-NAME_PREFIX_exporter, _starter, _poller, _recorder (hyphens in NAME_PREFIX become
-underscores); scheduler jobs NAME_PREFIX-poll, -nightly, -hourly; log-based
-metrics NAME_PREFIX_outcomes, NAME_PREFIX_watermark_age; alert policies
+NAME_PREFIX_exporter, NAME_PREFIX_starter, NAME_PREFIX_poller,
+NAME_PREFIX_recorder, NAME_PREFIX_feed_writer and NAME_PREFIX_output_lister
+(hyphens in NAME_PREFIX become underscores); scheduler jobs NAME_PREFIX-poll,
+-nightly, -hourly; log-based metrics NAME_PREFIX_outcomes,
+NAME_PREFIX_watermark_age; alert policies
 "NAME_PREFIX: failed or partial export" and "NAME_PREFIX: stale incremental
 watermark" (only with NOTIFICATION_CHANNEL; made with 'gcloud alpha', the only
 track that has 'monitoring policies'). Re-runs update what exists.
@@ -78,7 +81,40 @@ die_usage() {
   exit 2
 }
 
-DRY_RUN=0
+# DRY_RUN=1 in the environment is the same as --dry-run; anything but 0, 1
+# or empty is refused rather than guessed (it decides whether gcloud runs).
+case ${DRY_RUN:-0} in
+  0 | 1) DRY_RUN=${DRY_RUN:-0} ;;
+  *) die_usage "DRY_RUN='$DRY_RUN' must be 1 (print every command, run none) or 0" ;;
+esac
+
+# flag_var prints the variable a --flag sets, or fails for an unknown flag.
+flag_var() {
+  case $1 in
+    --project) echo PROJECT_ID ;;
+    --region) echo REGION ;;
+    --state) echo STATE ;;
+    --export-bucket) echo EXPORT_BUCKET ;;
+    --allowed-stores) echo ALLOWED_STORES ;;
+    --allowed-destinations) echo ALLOWED_DESTINATIONS ;;
+    --bq-dataset) echo BQ_DATASET ;;
+    --name-prefix) echo NAME_PREFIX ;;
+    --scheduler-timezone) echo SCHEDULER_TIMEZONE ;;
+    --nightly-spec) echo NIGHTLY_SPEC ;;
+    --nightly-schedule) echo NIGHTLY_SCHEDULE ;;
+    --hourly-spec) echo HOURLY_SPEC ;;
+    --hourly-schedule) echo HOURLY_SCHEDULE ;;
+    --start-max-instances) echo START_MAX_INSTANCES ;;
+    --build-service-account) echo BUILD_SERVICE_ACCOUNT ;;
+    --max-running) echo MAX_RUNNING ;;
+    --poll-workers) echo POLL_WORKERS ;;
+    --notify-stores) echo NOTIFY_STORES ;;
+    --notification-channel) echo NOTIFICATION_CHANNEL ;;
+    --alert-watermark-age) echo ALERT_WATERMARK_AGE ;;
+    *) return 1 ;;
+  esac
+}
+
 while (($#)); do
   arg=$1
   shift
@@ -87,43 +123,27 @@ while (($#)); do
       usage
       exit 0
       ;;
-    --dry-run) DRY_RUN=1 ;;
+    --dry-run)
+      DRY_RUN=1
+      continue
+      ;;
     --*=*)
       flag=${arg%%=*}
       value=${arg#*=}
       ;;
     --*)
       flag=$arg
+      # Known before its value is taken: a mistyped --dry-run is an unknown
+      # flag, not one that "needs a value".
+      flag_var "$flag" >/dev/null || die_usage "unknown flag: $flag"
       (($#)) || die_usage "$flag needs a value"
       value=$1
       shift
       ;;
     *) die_usage "unexpected argument: $arg" ;;
   esac
-  case $arg in --help | -h | --dry-run) continue ;; esac
-  case $flag in
-    --project) PROJECT_ID=$value ;;
-    --region) REGION=$value ;;
-    --state) STATE=$value ;;
-    --export-bucket) EXPORT_BUCKET=$value ;;
-    --allowed-stores) ALLOWED_STORES=$value ;;
-    --allowed-destinations) ALLOWED_DESTINATIONS=$value ;;
-    --bq-dataset) BQ_DATASET=$value ;;
-    --name-prefix) NAME_PREFIX=$value ;;
-    --scheduler-timezone) SCHEDULER_TIMEZONE=$value ;;
-    --nightly-spec) NIGHTLY_SPEC=$value ;;
-    --nightly-schedule) NIGHTLY_SCHEDULE=$value ;;
-    --hourly-spec) HOURLY_SPEC=$value ;;
-    --hourly-schedule) HOURLY_SCHEDULE=$value ;;
-    --start-max-instances) START_MAX_INSTANCES=$value ;;
-    --build-service-account) BUILD_SERVICE_ACCOUNT=$value ;;
-    --max-running) MAX_RUNNING=$value ;;
-    --poll-workers) POLL_WORKERS=$value ;;
-    --notify-stores) NOTIFY_STORES=$value ;;
-    --notification-channel) NOTIFICATION_CHANNEL=$value ;;
-    --alert-watermark-age) ALERT_WATERMARK_AGE=$value ;;
-    *) die_usage "unknown flag: $flag" ;;
-  esac
+  var=$(flag_var "$flag") || die_usage "unknown flag: $flag"
+  printf -v "$var" '%s' "$value"
 done
 
 # --- Required variables first, all reported at once. ---------------------------

@@ -835,6 +835,69 @@ func TestHelp(t *testing.T) {
 	}
 }
 
+// TestHelpListsEveryCustomRole checks --help against the roles a dry run
+// creates, so a new role cannot be left out of it.
+func TestHelpListsEveryCustomRole(t *testing.T) {
+	t.Parallel()
+	help := runScript(t, newFake(t), nil, "--help").stdout
+	created := find(dryRun(t, baseEnv()), "iam", "roles", "create")
+	if len(created) < 6 {
+		t.Fatalf("the dry run creates %d custom roles, want at least 6: %q", len(created), created)
+	}
+	for _, c := range created {
+		id := strings.Replace(c[4], "fhirexport_", "NAME_PREFIX_", 1)
+		if !strings.Contains(help, id) {
+			t.Errorf("--help does not list the custom role %s (created as %s)", id, c[4])
+		}
+	}
+}
+
+// TestDryRunFromTheEnvironment: DRY_RUN=1 is a dry run, as the help says
+// every setting is an environment variable; a value that is neither 0 nor 1
+// is refused before anything runs; a mistyped --dry-run is an unknown flag.
+func TestDryRunFromTheEnvironment(t *testing.T) {
+	t.Parallel()
+	flagRun := runScript(t, newFake(t), baseEnv(), "--dry-run")
+	for _, tc := range []struct {
+		name string
+		env  map[string]string
+		args []string
+		code int
+		want string // on stderr, for refusals
+	}{
+		{"DRY_RUN=1", with(baseEnv(), "DRY_RUN", "1"), nil, 0, ""},
+		{"DRY_RUN=1 with flags", with(without(baseEnv(), "REGION"), "DRY_RUN", "1"), []string{"--region=us-central1"}, 0, ""},
+		{"DRY_RUN=yes", with(baseEnv(), "DRY_RUN", "yes"), nil, 2, "DRY_RUN='yes' must be 1"},
+		{"DRY_RUN arithmetic", with(baseEnv(), "DRY_RUN", "x[$(touch /tmp/pwned)]"), nil, 2, "must be 1"},
+		{"--dryrun", baseEnv(), []string{"--dryrun"}, 2, "unknown flag: --dryrun"},
+		{"--dryrun before a flag", baseEnv(), []string{"--dryrun", "--project=my-project"}, 2, "unknown flag: --dryrun"},
+		{"--dry-run=1", baseEnv(), []string{"--dry-run=1"}, 2, "unknown flag: --dry-run"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			f := newFake(t)
+			r := runScript(t, f, tc.env, tc.args...)
+			if calls := f.calls(t); calls != nil {
+				t.Fatalf("ran %d commands, e.g. %q; want none", len(calls), calls[0])
+			}
+			if r.code != tc.code {
+				t.Fatalf("exit %d, want %d; stderr:\n%s", r.code, tc.code, r.stderr)
+			}
+			if tc.code != 0 {
+				if !strings.Contains(r.stderr, tc.want) || strings.Contains(r.stderr, "needs a value") {
+					t.Errorf("stderr does not say %q:\n%s", tc.want, r.stderr)
+				}
+				return
+			}
+			// The per-run directory is under the test's own (named) one.
+			tmp := regexp.MustCompile(`\S*/fhirexport-deploy\.[^/]+/`)
+			if tmp.ReplaceAllString(r.stdout, "") != tmp.ReplaceAllString(flagRun.stdout, "") {
+				t.Errorf("DRY_RUN=1 printed something else than --dry-run:\n%s", r.stdout)
+			}
+		})
+	}
+}
+
 func TestMissingVariables(t *testing.T) {
 	t.Parallel()
 	required := []string{"PROJECT_ID", "REGION", "STATE", "EXPORT_BUCKET", "ALLOWED_STORES", "ALLOWED_DESTINATIONS"}
