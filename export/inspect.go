@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -31,10 +32,11 @@ const (
 	RunFailed    = statusFailed    // it ended without an operation
 	RunSkipped   = statusSkipped   // its pipeline was busy (before queueing existed)
 	RunCoalesced = statusCoalesced // merged into its pipeline's queued run
+	RunRejected  = statusRejected  // its trigger can never run (bad spec, not allowed)
 )
 
 // RunStatuses lists every run status, for validating filters.
-var RunStatuses = []string{RunClaimed, RunQueued, RunDone, RunFailed, RunSkipped, RunCoalesced}
+var RunStatuses = []string{RunClaimed, RunQueued, RunDone, RunFailed, RunSkipped, RunCoalesced, RunRejected}
 
 // Errors of the operator API.
 var (
@@ -60,10 +62,12 @@ type Run struct {
 	Outcome     string            `json:"outcome,omitempty"` // the outcome event type, without events.TypePrefix
 	Ended       time.Time         `json:"ended,omitzero"`
 	Spec        json.RawMessage   `json:"spec,omitempty"`
-	Final       *events.Event     `json:"final,omitempty"`
+	Final       *events.Event     `json:"final,omitempty"` // the event it ended with: its outcome, failure or rejection
 	Started     *events.Event     `json:"started,omitempty"`
 	Into        string            `json:"into,omitempty"`
 	Updated     time.Time         `json:"updated,omitzero"` // when the record was last written
+	// Incremental is its spec's "incremental", when the spec is stored.
+	Incremental *bool `json:"incremental,omitempty"`
 }
 
 // Lock is a pipeline's lock (pending/{pipeline}.json): the run starting or
@@ -138,6 +142,12 @@ type PipelineStatus struct {
 	Last               *Run      `json:"last,omitempty"` // the latest ended run seen
 	Lock               *Lock     `json:"lock,omitempty"`
 	Queued             *Queued   `json:"queued,omitempty"`
+	// Incremental is the latest stored spec's "incremental" (nil: no spec
+	// of the pipeline is stored).
+	Incremental *bool `json:"incremental,omitempty"`
+
+	latest, latestSpec     time.Time // when the runs Destination and Incremental are from were claimed
+	latestID, latestSpecID string
 }
 
 // RunDetail is everything known about one run.
@@ -230,16 +240,17 @@ func (in *Inspector) Status(ctx context.Context, recent time.Duration) ([]Pipeli
 	if err != nil {
 		return nil, err
 	}
-	for _, r := range runs {
-		p := get(r.Pipeline)
-		fill(&p.Store, r.Store)
-		fill(&p.Name, r.Name)
-		fill(&p.Destination, r.Destination)
-		if r.Status == RunClaimed || r.Status == RunQueued {
-			continue
-		}
-		if p.Last == nil || r.EndedAt().After(p.Last.EndedAt()) {
-			p.Last = &r
+	// A rejected trigger makes no pipeline (anyone who may publish could
+	// invent them), but is the last outcome of one that exists.
+	for _, rejected := range []bool{false, true} {
+		for _, r := range runs {
+			if (r.Status == RunRejected) != rejected || r.Pipeline == "" {
+				continue
+			}
+			if _, ok := byKey[r.Pipeline]; rejected && !ok {
+				continue
+			}
+			addRun(get(r.Pipeline), r)
 		}
 	}
 	out := make([]PipelineStatus, 0, len(byKey))
@@ -285,13 +296,8 @@ func (in *Inspector) Pipeline(ctx context.Context, key string) (PipelineStatus, 
 		return p, err
 	}
 	for _, r := range runs {
-		known = true
-		fill(&p.Store, r.Store)
-		fill(&p.Name, r.Name)
-		fill(&p.Destination, r.Destination)
-		if r.Status != RunClaimed && r.Status != RunQueued && (p.Last == nil || r.EndedAt().After(p.Last.EndedAt())) {
-			p.Last = &r
-		}
+		known = known || r.Status != RunRejected
+		addRun(&p, r)
 	}
 	if !known {
 		return p, fmt.Errorf("pipeline %s: %w: no watermark, lock, queued run or run in gs://%s/%s", key, ErrUnknownPipeline, in.state.bucket, in.state.prefix)
@@ -299,6 +305,39 @@ func (in *Inspector) Pipeline(ctx context.Context, key string) (PipelineStatus, 
 	ps := []PipelineStatus{p}
 	in.progress(ctx, ps)
 	return ps[0], nil
+}
+
+// ErrNoBucket is returned by CheckLocation for a state bucket that does not
+// exist.
+var ErrNoBucket = errors.New("bucket does not exist")
+
+// CheckLocation tells whether the state location holds anything: false when
+// its prefix is empty, an error wrapping ErrNoBucket when its bucket does
+// not exist. An empty answer from Status or Runs means something else when
+// the location itself is wrong (a typo in --state).
+func (in *Inspector) CheckLocation(ctx context.Context) (bool, error) {
+	s := in.state
+	q := &storage.Query{Prefix: strings.TrimSuffix(s.object("x"), "x")}
+	if err := q.SetAttrSelection([]string{"Name"}); err != nil {
+		return false, err
+	}
+	_, err := s.bkt.Objects(ctx, q).Next()
+	switch {
+	case errors.Is(err, iterator.Done):
+	case errors.Is(err, storage.ErrBucketNotExist):
+		return false, fmt.Errorf("gs://%s: %w", s.bucket, ErrNoBucket)
+	case err != nil:
+		return false, fmt.Errorf("list gs://%s/%s: %w", s.bucket, q.Prefix, err)
+	default:
+		return true, nil
+	}
+	// Listing an absent bucket is not an error everywhere (emulators): ask.
+	if _, err := s.bkt.Attrs(ctx); errors.Is(err, storage.ErrBucketNotExist) {
+		return false, fmt.Errorf("gs://%s: %w", s.bucket, ErrNoBucket)
+	} else if err != nil {
+		return false, fmt.Errorf("gs://%s: %w", s.bucket, err)
+	}
+	return false, nil
 }
 
 // Runs returns the runs matching f, newest first.
@@ -521,8 +560,35 @@ func (in *Inspector) resolve(ctx context.Context, id string) (string, error) {
 			return l.Run, nil
 		}
 	}
+	// What the command prints, it takes back: the run id's first 16 hex
+	// digits (the {run} of destination paths) or any prefix of 8 or more,
+	// and an operation as DATASET/ID.
+	if len(ids) == 0 && runIDPrefix.MatchString(id) {
+		for _, r := range runs {
+			if strings.HasPrefix(r.ID, id) {
+				ids = append(ids, r.ID)
+			}
+		}
+	}
+	if ds, op, ok := strings.Cut(id, "/"); len(ids) == 0 && ok && ds != "" && op != "" && !strings.Contains(op, "/") {
+		suffix := "/datasets/" + ds + "/operations/" + op
+		for _, r := range runs {
+			if strings.HasSuffix(r.Operation, suffix) {
+				ids = append(ids, r.ID)
+			}
+		}
+		if len(ids) == 0 {
+			l, ok, err := in.findLock(ctx, func(p pendingRecord) bool { return strings.HasSuffix(p.Operation, suffix) })
+			if err != nil || ok {
+				return l.Run, err
+			}
+		}
+	}
 	return one(id, ids)
 }
+
+// runIDPrefix matches a run id's leading hex digits (a run id has 32).
+var runIDPrefix = regexp.MustCompile(`^[0-9a-f]{8,31}$`)
 
 func (in *Inspector) resolveOperation(ctx context.Context, op string) (string, error) {
 	var o opRecord
@@ -552,7 +618,7 @@ func (in *Inspector) resolveOperation(ctx context.Context, op string) (string, e
 func one(id string, ids []string) (string, error) {
 	switch len(ids) {
 	case 0:
-		return "", fmt.Errorf("%s: %w: it is neither a run id, a trigger id nor an operation fhirexport started", id, ErrUnknownRun)
+		return "", fmt.Errorf("%s: %w: it is neither a run id (or its first 16 digits), a trigger id nor an operation fhirexport started (projects/…/operations/ID or DATASET/ID)", id, ErrUnknownRun)
 	case 1:
 		return ids[0], nil
 	}
@@ -612,25 +678,45 @@ func (in *Inspector) runs(ctx context.Context, since time.Time) ([]Run, error) {
 func (in *Inspector) runOf(id string, r runRecord, updated time.Time) Run {
 	run := Run{ID: id, Trigger: r.Trigger, Pipeline: r.Pipeline, Store: r.Store, Status: r.Status, Claimed: r.Claimed,
 		Operation: r.Operation, Outcome: strings.TrimPrefix(r.Outcome, events.TypePrefix), Ended: r.Ended, Spec: r.Spec,
-		Final: r.Final, Started: r.Started, Into: r.Into, Updated: updated}
-	for _, e := range []*events.Event{r.Started, r.Final} {
+		Final: cmp.Or(r.Final, r.Reported), Started: r.Started, Into: r.Into, Updated: updated}
+	for _, e := range []*events.Event{r.Started, run.Final} {
 		if e != nil {
 			fill(&run.Store, e.Data.Store)
 			fill(&run.Name, e.Data.Name)
 			fill(&run.Destination, e.Data.Destination)
 		}
 	}
-	if run.Outcome == "" && r.Final != nil {
-		run.Outcome = strings.TrimPrefix(r.Final.Type, events.TypePrefix)
+	if run.Outcome == "" && run.Final != nil {
+		run.Outcome = strings.TrimPrefix(run.Final.Type, events.TypePrefix)
 	}
-	if len(r.Spec) > 0 && (run.Store == "" || run.Name == "" || run.Destination == "") {
+	if len(r.Spec) > 0 {
 		if s, err := ParseSpec(r.Spec); err == nil {
 			fill(&run.Store, s.FHIRStore)
 			fill(&run.Name, s.Name)
 			fill(&run.Destination, s.Destination())
+			run.Incremental = &s.Incremental
 		}
 	}
 	return run
+}
+
+// addRun adds what a run says to its pipeline's status: its store and name
+// where nothing else named them, the destination of the latest run (runs may
+// have different ones, e.g. per date), and the last outcome.
+func addRun(p *PipelineStatus, r Run) {
+	fill(&p.Store, r.Store)
+	fill(&p.Name, r.Name)
+	if r.Destination != "" && r.Status != RunRejected && (p.latest.IsZero() || r.Claimed.After(p.latest) ||
+		(r.Claimed.Equal(p.latest) && r.ID > p.latestID)) {
+		p.Destination, p.latest, p.latestID = r.Destination, r.Claimed, r.ID
+	}
+	if r.Incremental != nil && r.Status != RunRejected && (p.latestSpec.IsZero() || r.Claimed.After(p.latestSpec) ||
+		(r.Claimed.Equal(p.latestSpec) && r.ID > p.latestSpecID)) {
+		p.Incremental, p.latestSpec, p.latestSpecID = r.Incremental, r.Claimed, r.ID
+	}
+	if r.Status != RunClaimed && r.Status != RunQueued && (p.Last == nil || r.EndedAt().After(p.Last.EndedAt())) {
+		p.Last = &r
+	}
 }
 
 func (in *Inspector) addWatermark(p *PipelineStatus, w watermarkRecord) {

@@ -9,7 +9,8 @@ package export
 //	starting  pending/{pipeline} names it without an operation; slots/{n} held.
 //	          With Called set the export call's answer was lost: in doubt.
 //	running   pending/{pipeline} names its operation; operations/{op} owns it
-//	done      runs/{run} status "done" (or "failed" / "coalesced" with Final)
+//	done      runs/{run} status "done" with Reported (or "failed" / "coalesced" with Final)
+//	rejected  runs/{run} status "rejected" with Final: the trigger can never run
 //
 //	fleet trigger ─expand─► one trigger per listed store: allowed ─claim─► claimed, refused ─► rejected
 //	trigger ─claim─► claimed ─admit─┬─► starting ─export─► running ─finish─► done
@@ -36,6 +37,9 @@ package export
 //	            and ask for a redelivery, which resumes after it. Crash: the
 //	            redelivery resumes from the last cursor; claims make it idempotent.
 //	claim       create runs/{run} (DoesNotExist). Exists: resume by status.
+//	reject      create runs/{run} rejected with Final (DoesNotExist: a claim or an
+//	            earlier rejection wins), then the rejected event. A redelivery
+//	            rejects again, or resumes the rejected run: it re-publishes Final.
 //	admit       read pending/{pipeline}; free: list slots/, and while fewer are held
 //	            (any number) than MAX_RUNNING, create slots/{n} (DoesNotExist), then
 //	            create pending/{pipeline} (DoesNotExist). Crash between: the slot has no
@@ -57,7 +61,7 @@ package export
 //	finish      (poll.go) take the finalize lease (GenerationMatch), [feed files],
 //	            watermark (CAS), record the outcome event in pending/{pipeline}
 //	            (GenerationMatch: a finalizer whose lease ran out gives way), publish
-//	            it, runs/{run} → done, remove pending/{pipeline}, remove slots/{n}.
+//	            it, runs/{run} → done with Reported, remove pending/{pipeline}, remove slots/{n}.
 //	            Whoever finds a recorded outcome publishes that one, unchanged.
 //	endEarly    mark pending/{pipeline} ending with the failed event (GenerationMatch:
 //	            whoever took the run over since decides instead), then runs/{run} →

@@ -464,7 +464,7 @@ func (x *Exporter) report(ctx context.Context, p pendingRecord) error {
 	if err := x.outcome(ctx, ev, "success", ev.Data.Counters.Success, "failure", ev.Data.Counters.Failure); err != nil {
 		return err
 	}
-	return x.markDone(ctx, p, ev.Type)
+	return x.markDone(ctx, p, ev)
 }
 
 // decide makes a finished run's outcome event: it writes the feed files and,
@@ -600,9 +600,10 @@ func (x *Exporter) advanceWatermark(ctx context.Context, p pendingRecord, create
 	}
 }
 
-// markDone records in the run record that the run ended, so a late
-// redelivery of its trigger does not start it again.
-func (x *Exporter) markDone(ctx context.Context, p pendingRecord, outcome string) error {
+// markDone records in the run record that the run ended, with the outcome
+// event it was reported with, so a late redelivery of its trigger does not
+// start it again and operators see how it ended.
+func (x *Exporter) markDone(ctx context.Context, p pendingRecord, ev events.Event) error {
 	var rec runRecord
 	gen, err := x.state.read(ctx, runObject(p.Run), &rec)
 	switch {
@@ -617,8 +618,8 @@ func (x *Exporter) markDone(ctx context.Context, p pendingRecord, outcome string
 		return nil
 	}
 	started := startedEvent(p)
-	rec.Trigger, rec.Pipeline, rec.Store, rec.Status, rec.Operation, rec.Outcome, rec.Started = p.Trigger, p.Pipeline, p.Store, statusDone, p.Operation, outcome, &started
-	rec.Ended, rec.Final = x.now(), nil
+	rec.Trigger, rec.Pipeline, rec.Store, rec.Status, rec.Operation, rec.Outcome, rec.Started = p.Trigger, p.Pipeline, p.Store, statusDone, p.Operation, ev.Type, &started
+	rec.Ended, rec.Final, rec.Reported = x.now(), nil, &ev
 	if rec.Spec == nil {
 		rec.Spec = p.Spec
 	}

@@ -371,7 +371,7 @@ var errRunEnded = errors.New("run ended")
 
 // ended reports a run record status no queue may bring back.
 func ended(status string) bool {
-	return status == statusDone || status == statusFailed || status == statusCoalesced
+	return status == statusDone || status == statusFailed || status == statusCoalesced || status == statusRejected
 }
 
 // putBack makes q its pipeline's queue record and returns the run the

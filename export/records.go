@@ -32,6 +32,7 @@ const (
 	statusFailed    = "failed"    // it ended without an operation; Final holds the event
 	statusSkipped   = "skipped"   // (before queueing existed) its pipeline was busy; Final holds the event
 	statusCoalesced = "coalesced" // merged into its pipeline's queued run; Final holds the event
+	statusRejected  = "rejected"  // the trigger (or this store of it) can never run; Final holds the event
 )
 
 // runRecord is the claim on one trigger (runs/{run}.json). Creating it with
@@ -48,7 +49,11 @@ type runRecord struct {
 	Ended     time.Time         `json:"ended,omitzero"`
 	Final     *events.Event     `json:"final,omitempty"`   // the terminal event of a run that never got an operation
 	Started   *events.Event     `json:"started,omitempty"` // a done run's started event, re-published to a late redelivery
-	Into      string            `json:"into,omitempty"`    // coalesced: the run it was merged into
+	// Reported is a done run's outcome event as its finalizer published it,
+	// kept for operators (fhirexport show). Unlike Final it is never
+	// re-published: a done run's outcome belongs to its finalizer.
+	Reported *events.Event `json:"reported,omitempty"`
+	Into     string        `json:"into,omitempty"` // coalesced: the run it was merged into
 }
 
 // pendingRecord is both the pipeline's lock (one run at a time) and the

@@ -250,10 +250,38 @@ func (x *Exporter) reject(ctx context.Context, log *slog.Logger, trig events.Tri
 		source = SourceOf(spec.FHIRStore)
 	}
 	log.Warn("trigger rejected", "field", field, "error", cause.Error())
-	return x.outcome(ctx, events.Event{
+	ev := events.Event{
 		ID: eventID("rejected", trig.Source, trig.ID, store), Type: events.TypeRejected, Source: source,
 		Subject: trig.ID, Time: triggerTime(trig, x.now), Data: data,
-	})
+	}
+	if err := x.recordRejection(ctx, trig, spec, store, ev); err != nil {
+		return err
+	}
+	return x.outcome(ctx, ev)
+}
+
+// recordRejection keeps a rejected trigger's event in a run record, so that
+// operators find it (fhirexport show TRIGGER, runs --status rejected) and a
+// redelivery re-publishes the same event. A record that exists already (a
+// claim, or this rejection before) is left as it is.
+func (x *Exporter) recordRejection(ctx context.Context, trig events.Trigger, spec *Spec, store string, ev events.Event) error {
+	key := RunKey(trig.Source, trig.ID)
+	if store != "" {
+		key = FleetRunKey(trig.Source, trig.ID, store)
+	}
+	rec := runRecord{Trigger: ev.Data.Trigger, Store: ev.Data.Store, Status: statusRejected, Claimed: x.now(), Ended: x.now(),
+		Outcome: ev.Type, Final: &ev}
+	if spec != nil {
+		rec.Spec, _ = json.Marshal(spec)
+		if !spec.IsFleet() {
+			rec.Pipeline = PipelineKey(spec)
+		}
+	}
+	_, err := x.state.create(ctx, runObject(key), rec, nil)
+	if err != nil && !errors.Is(err, ErrExists) {
+		return fmt.Errorf("record rejected run %s: %w", key, err)
+	}
+	return nil
 }
 
 // emptyHint tells an operator whose allow-list is empty why everything is

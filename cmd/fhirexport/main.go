@@ -24,6 +24,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"time"
 
@@ -55,6 +56,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 type config struct {
 	getenv func(string) string
 	now    func() time.Time
+	// healthcareOptions come first in the Healthcare client's options
+	// (tests: credentials that cannot be had).
+	healthcareOptions []option.ClientOption
 }
 
 // usageError is a mistake on the command line: exit code 2.
@@ -108,6 +112,7 @@ type invocation struct {
 
 	storage *storage.Client
 	hc      *healthcare.Service
+	hcErr   error // why there is no Healthcare client for progress
 	ps      *pubsub.Client
 }
 
@@ -212,9 +217,18 @@ func oneArg(what string) cobra.PositionalArgs {
 	}
 }
 
-// inspector returns the state bucket's operator view; withHC adds the
-// Healthcare client (progress, cancel).
-func (inv *invocation) inspector(ctx context.Context, withHC bool) (*export.Inspector, *export.State, error) {
+// hcUse is how much a verb needs the Healthcare API.
+type hcUse int
+
+const (
+	hcNone     hcUse = iota
+	hcProgress       // for live progress only: without credentials, the state bucket alone
+	hcRequired       // cancel
+)
+
+// inspector returns the state bucket's operator view with the Healthcare
+// client the verb uses. Without one for progress, inv.hcErr says why.
+func (inv *invocation) inspector(ctx context.Context, use hcUse) (*export.Inspector, *export.State, error) {
 	if inv.state == "" {
 		return nil, nil, usagef("no state location: give --state gs://BUCKET/PREFIX or set FHIREXPORT_STATE (the functions' FHIREXPORT_STATE)")
 	}
@@ -236,9 +250,17 @@ func (inv *invocation) inspector(ctx context.Context, withHC bool) (*export.Insp
 	}
 	st := export.NewState(inv.storage, bucket, prefix)
 	var hc *healthcare.Service
-	if withHC {
+	switch use {
+	case hcRequired:
 		if hc, err = inv.healthcare(ctx); err != nil {
 			return nil, nil, err
+		}
+	case hcProgress:
+		var ue usageError
+		if hc, err = inv.healthcare(ctx); errors.As(err, &ue) {
+			return nil, nil, err
+		} else if err != nil {
+			inv.hcErr = err
 		}
 	}
 	return export.NewInspector(st, hc, inv.now), st, nil
@@ -248,7 +270,7 @@ func (inv *invocation) healthcare(ctx context.Context) (*healthcare.Service, err
 	if inv.hc != nil {
 		return inv.hc, nil
 	}
-	var opts []option.ClientOption
+	opts := slices.Clone(inv.healthcareOptions)
 	if ep := inv.endpoint; ep != "" {
 		if !strings.HasPrefix(ep, "http://") && !strings.HasPrefix(ep, "https://") {
 			return nil, usagef("--healthcare-endpoint (or $FHIREXPORT_HEALTHCARE_ENDPOINT): %q is not a base URL such as http://127.0.0.1:8089", ep)

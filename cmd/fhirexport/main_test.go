@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +16,7 @@ import (
 	"github.com/fsouza/fake-gcs-server/fakestorage"
 	"github.com/google/go-cmp/cmp"
 	healthcare "google.golang.org/api/healthcare/v1"
+	"google.golang.org/api/option"
 
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/export"
@@ -40,6 +43,8 @@ type stack struct {
 	x     *export.Exporter
 	env   map[string]string
 	now   time.Time // the command's clock
+	// hcOpts are the command's first Healthcare client options.
+	hcOpts []option.ClientOption
 }
 
 func newStack(t *testing.T) *stack {
@@ -81,7 +86,7 @@ func newStack(t *testing.T) *stack {
 // fhirexport runs one command line in-process.
 func (s *stack) fhirexport(args ...string) (stdout, stderr string, code int) {
 	var out, errOut bytes.Buffer
-	c := config{getenv: func(k string) string { return s.env[k] }, now: func() time.Time { return s.now }}
+	c := config{getenv: func(k string) string { return s.env[k] }, now: func() time.Time { return s.now }, healthcareOptions: s.hcOpts}
 	code = c.run(context.Background(), args, &out, &errOut)
 	return out.String(), errOut.String(), code
 }
@@ -533,4 +538,243 @@ func TestUsage(t *testing.T) {
 	// Global flags go before or after the verb.
 	s.ok(t, "--state", stateLoc, "status")
 	s.ok(t, "status", "--state", stateLoc, "--json")
+}
+
+// TestShowFinishedRuns: show prints how a run ended, as its final event
+// told: the type, counters, error, manifest and watermark, for a run that
+// succeeded and for one an operator cancelled.
+func TestShowFinishedRuns(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	key, done, running := twoRuns(t, s)
+	var wm struct{ Watermark string }
+	s.get(t, "watermarks/"+key+".json", &wm)
+	s.ok(t, "cancel", running)
+	s.poll(t)
+
+	var d export.RunDetail
+	if err := json.Unmarshal([]byte(s.ok(t, "show", done, "--json")), &d); err != nil {
+		t.Fatal(err)
+	}
+	f := d.Run.Final
+	if f == nil || f.Type != events.TypeSucceeded || f.Data.Counters == nil || f.Data.Counters.Success == 0 || f.Data.Manifest == "" || f.Data.Watermark != wm.Watermark {
+		t.Fatalf("show %s --json: final event %+v; want the succeeded event with counters, manifest and watermark", done, f)
+	}
+	out := s.ok(t, "show", done)
+	for k, want := range map[string]string{
+		"status":      "done, succeeded",
+		"final event": "succeeded " + f.ID + " at " + f.Time.UTC().Format(time.RFC3339),
+		"counters":    fmt.Sprintf("%d ok/0 failed/0 pending", f.Data.Counters.Success),
+		"manifest":    f.Data.Manifest,
+		"watermark":   wm.Watermark,
+	} {
+		if got := field(out, k); got != want {
+			t.Errorf("show of a succeeded run: %s %q, want %q:\n%s", k, got, want, out)
+		}
+	}
+
+	out = s.ok(t, "show", running)
+	for _, re := range []string{
+		`status +done, failed\n`,
+		`final event +failed [0-9a-f]+ at \S+: error 1 .*cancel`,
+		`counters +\d+ ok/0 failed/\d+ pending\n`,
+	} {
+		if !regexp.MustCompile(re).MatchString(out) {
+			t.Errorf("show of a cancelled run lacks %s:\n%s", re, out)
+		}
+	}
+}
+
+// TestStatusShowsTheLatestDestination: runs of one pipeline write to
+// different destinations ({run} in the prefix); status shows the latest
+// run's, every time.
+func TestStatusShowsTheLatestDestination(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	spec := map[string]any{"fhirStore": store, "name": "daily", "gcsDestination": map[string]any{"uriPrefix": "gs://exports/daily/{run}"}}
+	var last string
+	for i := range 4 {
+		last = s.trigger(t, fmt.Sprintf("day-%d", i), spec)
+		s.poll(t)
+		s.clock.Advance(time.Minute)
+	}
+	want := "gs://exports/daily/" + last[:16]
+	for range 8 {
+		var ps []export.PipelineStatus
+		if err := json.Unmarshal([]byte(s.ok(t, "status", "--json")), &ps); err != nil {
+			t.Fatal(err)
+		}
+		if len(ps) != 1 || ps[0].Destination != want {
+			t.Fatalf("status shows destination %q; want the latest run's, %s", ps[0].Destination, want)
+		}
+	}
+	if out := s.ok(t, "status"); !strings.Contains(out, want) {
+		t.Errorf("status table lacks %s:\n%s", want, out)
+	}
+}
+
+// TestShowWithoutHealthcareCredentials: show and status print what the state
+// bucket knows when no Healthcare client can be made, and say that progress
+// is unavailable.
+func TestShowWithoutHealthcareCredentials(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	_, done, running := twoRuns(t, s)
+	delete(s.env, "FHIREXPORT_HEALTHCARE_ENDPOINT")
+	s.hcOpts = []option.ClientOption{option.WithCredentialsFile(filepath.Join(t.TempDir(), "no-such-credentials.json"))}
+
+	if out := s.ok(t, "show", done); !strings.HasPrefix(field(out, "final event"), "succeeded") {
+		t.Errorf("show of a finished run without credentials:\n%s", out)
+	}
+	out := s.ok(t, "show", running)
+	if !strings.HasPrefix(field(out, "progress"), "unavailable: no Healthcare API client") || !strings.HasPrefix(field(out, "operation"), "projects/") {
+		t.Errorf("show of a running run without credentials does not say progress is unavailable:\n%s", out)
+	}
+	if out := s.ok(t, "status"); !strings.Contains(out, "(progress unavailable: no Healthcare API client)") {
+		t.Errorf("status without credentials:\n%s", out)
+	}
+	s.fails(t, 1, "healthcare client", "cancel", running)
+}
+
+// TestRejectedTriggers: a rejected trigger is recorded with its event, so
+// show finds it by trigger id and runs --status rejected lists it.
+func TestRejectedTriggers(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	key, _, _ := twoRuns(t, s)
+	foreign := map[string]any{"fhirStore": store, "name": "leak", "gcsDestination": map[string]any{"uriPrefix": "gs://someone-else/x"}}
+	rejected := s.trigger(t, "bad-destination", foreign)
+	if err := s.x.Start(context.Background(), events.Trigger{Source: "//test", ID: "not-json", Spec: []byte("{nope")}, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	out := s.ok(t, "show", "bad-destination")
+	for _, re := range []string{`run +` + rejected, `status +rejected\n`, `final event +rejected [0-9a-f]+ at \S+: error 7 .*gs://someone-else/x`} {
+		if !regexp.MustCompile(re).MatchString(out) {
+			t.Errorf("show of a rejected trigger lacks %s:\n%s", re, out)
+		}
+	}
+	if out := s.ok(t, "show", "not-json"); !regexp.MustCompile(`final event +rejected .*error 3 `).MatchString(out) {
+		t.Errorf("show of an undecodable trigger:\n%s", out)
+	}
+	var runs []export.Run
+	if err := json.Unmarshal([]byte(s.ok(t, "runs", "--status", "rejected", "--json")), &runs); err != nil {
+		t.Fatal(err)
+	}
+	var triggers []string
+	for _, r := range runs {
+		triggers = append(triggers, r.Trigger.ID)
+	}
+	slices.Sort(triggers)
+	if diff := cmp.Diff([]string{"bad-destination", "not-json"}, triggers); diff != "" {
+		t.Errorf("runs --status rejected (-want +got):\n%s", diff)
+	}
+	// Rejected triggers invent no pipelines.
+	var ps []export.PipelineStatus
+	if err := json.Unmarshal([]byte(s.ok(t, "status", "--json")), &ps); err != nil {
+		t.Fatal(err)
+	}
+	if len(ps) != 1 || ps[0].Pipeline != key {
+		t.Errorf("status after rejections lists %+v; want only %s", ps, key)
+	}
+}
+
+// TestShortNamesAreAccepted: runs prints the operation as DATASET/ID and
+// destinations carry the run id's first 16 digits; show, cancel and rerun
+// take both back.
+func TestShortNamesAreAccepted(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	_, done, running := twoRuns(t, s)
+	out := s.ok(t, "runs")
+	var shortOp string
+	for _, l := range strings.Split(out, "\n") {
+		if strings.HasPrefix(l, running) {
+			shortOp = regexp.MustCompile(`\bd/\d+\b`).FindString(l)
+		}
+	}
+	if shortOp == "" {
+		t.Fatalf("runs prints no DATASET/ID operation for %s:\n%s", running, out)
+	}
+	for _, tc := range []struct{ name, arg, want string }{
+		{"short operation", shortOp, running},
+		{"run id prefix", running[:16], running},
+		{"done run id prefix", done[:16], done},
+	} {
+		out, errOut, code := s.fhirexport("show", tc.arg)
+		if code != 0 || field(out, "run") != tc.want {
+			t.Errorf("%s: show %s: exit %d %s\n%s", tc.name, tc.arg, code, errOut, out)
+		}
+	}
+	s.fails(t, 1, "no such run", "show", "ffffffffffffffff")
+	s.fails(t, 1, "no such run", "show", "d/1")
+	out = s.ok(t, "cancel", shortOp)
+	if !strings.Contains(out, "cancel requested") {
+		t.Errorf("cancel %s: %s", shortOp, out)
+	}
+}
+
+// TestWatermarkSetNeedsAnIncrementalPipeline: a watermark on a pipeline that
+// never reads one is refused, saying why.
+func TestWatermarkSetNeedsAnIncrementalPipeline(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	full := map[string]any{"fhirStore": store, "name": "nightly", "gcsDestination": map[string]any{"uriPrefix": "gs://exports/nightly"}}
+	s.trigger(t, "n1", full)
+	s.poll(t)
+	s.fails(t, 1, "is not incremental", "watermark", "set", "--store", store, "--name", "nightly", "--to", "2026-01-01T00:00:00Z")
+	if _, err := s.gcs.GetObject("state", "fx/watermarks/"+mustKey(t, full)+".json"); err == nil {
+		t.Error("a watermark was stored for a pipeline that is not incremental")
+	}
+	if out := s.ok(t, "status"); regexp.MustCompile(`2026-01-01`).MatchString(out) {
+		t.Errorf("status shows a watermark:\n%s", out)
+	}
+	// reset is harmless there, and an incremental pipeline may be set.
+	s.ok(t, "watermark", "reset", "--store", store, "--name", "nightly")
+	s.trigger(t, "h1", hourly)
+	s.poll(t)
+	s.ok(t, "watermark", "set", "--store", store, "--name", "hourly", "--to", "2026-01-01T00:00:00Z")
+}
+
+// field is the value of a row of show's table.
+func field(out, key string) string {
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(key) + `  +(.*)$`).FindStringSubmatch(out)
+	if m == nil {
+		return ""
+	}
+	return m[1]
+}
+
+func mustKey(t *testing.T, spec map[string]any) string {
+	t.Helper()
+	data, _ := json.Marshal(spec)
+	parsed, err := export.ParseSpec(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return export.PipelineKey(parsed)
+}
+
+// TestStatusOnAnEmptyLocation: a --state with nothing under it says so, and
+// one whose bucket does not exist is an error.
+func TestStatusOnAnEmptyLocation(t *testing.T) {
+	t.Parallel()
+	s := newStack(t)
+	twoRuns(t, s)
+	out, errOut, code := s.fhirexport("status", "--state", "gs://state/typo")
+	if code != 0 || !strings.Contains(errOut, "nothing is stored under gs://state/typo") || !strings.Contains(out, "no pipelines") {
+		t.Errorf("status on an empty prefix: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	out, errOut, code = s.fhirexport("runs", "--state", "gs://state/typo")
+	if code != 0 || !strings.Contains(errOut, "nothing is stored under gs://state/typo") {
+		t.Errorf("runs on an empty prefix: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	for _, args := range [][]string{{"status"}, {"status", "--json"}, {"runs"}} {
+		s.fails(t, 1, "state location gs://no-such-bucket/fx: gs://no-such-bucket: bucket does not exist", append(args, "--state", "gs://no-such-bucket/fx")...)
+	}
+	// A location holding state says nothing of the kind, even when a
+	// filter matches nothing.
+	if _, errOut, _ := s.fhirexport("runs", "--pipeline", "n-none"); errOut != "" {
+		t.Errorf("runs with an empty answer from a real location: stderr %q", errOut)
+	}
 }

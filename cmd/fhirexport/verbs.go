@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"cloud.google.com/go/pubsub/v2"
+	"cloud.google.com/go/storage"
 	"github.com/spf13/cobra"
 
 	"github.com/fhirexport/fhirexport/events"
@@ -40,13 +41,18 @@ operations.list finds, queueing it again, or reporting it failed, code 4).`,
 }
 
 func (inv *invocation) status(ctx context.Context, recent time.Duration) error {
-	in, _, err := inv.inspector(ctx, true)
+	in, _, err := inv.inspector(ctx, hcProgress)
 	if err != nil {
 		return err
 	}
 	ps, err := in.Status(ctx, recent)
 	if err != nil {
-		return err
+		return inv.stateError(err)
+	}
+	if len(ps) == 0 {
+		if err := inv.checkLocation(ctx, in); err != nil {
+			return err
+		}
 	}
 	if inv.json {
 		return inv.printJSON(nonNil(ps))
@@ -62,6 +68,30 @@ func (inv *invocation) status(ctx context.Context, recent time.Duration) error {
 			dash(p.Watermark), inv.since(p.Watermark), inv.last(p.Last), inv.activity(p.Lock), inv.queued(p.Queued))
 	}
 	return tw.Flush()
+}
+
+// checkLocation explains an empty answer by the state location: its bucket
+// does not exist (an error), or nothing at all is stored under its prefix
+// (said on stderr), most likely a mistyped --state.
+func (inv *invocation) checkLocation(ctx context.Context, in *export.Inspector) error {
+	found, err := in.CheckLocation(ctx)
+	if err != nil {
+		return inv.stateError(err)
+	}
+	if !found {
+		fmt.Fprintf(inv.stderr, "fhirexport: nothing is stored under %s: no fhirexport deployment has written state there yet.\n"+
+			"Check --state (or $FHIREXPORT_STATE): it is the functions' FHIREXPORT_STATE.\n", inv.state)
+	}
+	return nil
+}
+
+// stateError names the state location when its bucket does not exist.
+func (inv *invocation) stateError(err error) error {
+	if errors.Is(err, storage.ErrBucketNotExist) || errors.Is(err, export.ErrNoBucket) {
+		bucket, _, _ := export.ParseStateLocation(inv.state)
+		return fmt.Errorf("state location %s: gs://%s: %w; check --state (or $FHIREXPORT_STATE): it is the functions' FHIREXPORT_STATE", inv.state, bucket, export.ErrNoBucket)
+	}
+	return err
 }
 
 // last describes a pipeline's last ended run: "succeeded 3h ago".
@@ -93,6 +123,8 @@ func (inv *invocation) activity(l *export.Lock) string {
 	}
 	if p := l.Progress; p != nil {
 		s += " " + progress(p)
+	} else if l.Operation != "" && inv.hcErr != nil {
+		s += " (progress unavailable: no Healthcare API client)"
 	}
 	return s
 }
@@ -147,7 +179,8 @@ func (inv *invocation) runsCmd() *cobra.Command {
 		Use:   "runs",
 		Short: "recent runs (--pipeline, --status, --since, --limit)",
 		Long: `Lists runs, newest first. STATUS is running or one of claimed, queued, done,
-failed, skipped, coalesced.`,
+failed, skipped, coalesced, rejected. RUN and OPERATION (DATASET/ID) are printed
+short; show, cancel and rerun take them back as printed.`,
 		Args: noArgs(" (filter with --pipeline)"),
 		RunE: func(cmd *cobra.Command, _ []string) error { return inv.runs(cmd.Context(), o) },
 	}
@@ -178,13 +211,18 @@ func (inv *invocation) runs(ctx context.Context, o runsOptions) error {
 			return err
 		}
 	}
-	in, _, err := inv.inspector(ctx, false)
+	in, _, err := inv.inspector(ctx, hcNone)
 	if err != nil {
 		return err
 	}
 	runs, err := in.Runs(ctx, f)
 	if err != nil {
-		return err
+		return inv.stateError(err)
+	}
+	if len(runs) == 0 {
+		if err := inv.checkLocation(ctx, in); err != nil {
+			return err
+		}
 	}
 	if inv.json {
 		return inv.printJSON(nonNil(runs))
@@ -235,7 +273,7 @@ of the trigger that claimed it (the Pub/Sub message id), or by its operation
 }
 
 func (inv *invocation) show(ctx context.Context, id string) error {
-	in, _, err := inv.inspector(ctx, true)
+	in, _, err := inv.inspector(ctx, hcProgress)
 	if err != nil {
 		return err
 	}
@@ -260,7 +298,7 @@ func (inv *invocation) printDetail(d export.RunDetail) {
 	row("store", "%s", dash(r.Store))
 	row("destination", "%s", dash(r.Destination))
 	status := runStatus(r)
-	if r.Outcome != "" {
+	if r.Outcome != "" && r.Outcome != status {
 		status += ", " + r.Outcome
 	}
 	if r.Into != "" {
@@ -286,8 +324,11 @@ func (inv *invocation) printDetail(d export.RunDetail) {
 		if l.Cancelled != "" {
 			row("cancelled", "by %s", l.Cancelled)
 		}
-		if l.Progress != nil {
+		switch {
+		case l.Progress != nil:
 			row("progress", "%s", progress(l.Progress))
+		case l.Operation != "" && inv.hcErr != nil:
+			row("progress", "unavailable: no Healthcare API client (%v); the rest is what the state bucket knows", inv.hcErr)
 		}
 	}
 	if q := d.Queued; q != nil {
@@ -305,6 +346,31 @@ func (inv *invocation) printDetail(d export.RunDetail) {
 			s += fmt.Sprintf(": error %d %s", er.Code, er.Message)
 		}
 		row(e.k, "%s", s)
+	}
+	// How the run ended, as its final event told: what a consumer received.
+	if f := r.Final; f != nil {
+		if c := f.Data.Counters; c != nil {
+			row("counters", "%d ok/%d failed/%d pending", c.Success, c.Failure, c.Pending)
+		}
+		if f.Data.Duration != "" {
+			row("duration", "%s", f.Data.Duration)
+		}
+		if f.Data.Manifest != "" {
+			row("manifest", "%s", f.Data.Manifest)
+		}
+		if f.Data.Deleted != nil {
+			row("deleted", "%d resources", *f.Data.Deleted)
+		}
+		if f.Data.Watermark != "" {
+			adv := ""
+			if a := f.Data.WatermarkAdvanced; a != nil && !*a {
+				adv = " (not advanced)"
+			}
+			row("watermark", "%s%s", f.Data.Watermark, adv)
+		}
+		if f.Data.LogsURL != "" {
+			row("logs", "%s", f.Data.LogsURL)
+		}
 	}
 	if len(r.Spec) > 0 {
 		row("spec", "%s", compact(r.Spec))
@@ -328,7 +394,7 @@ running (ended, queued, or still starting without an operation) is refused.`,
 }
 
 func (inv *invocation) cancel(ctx context.Context, id string) error {
-	in, _, err := inv.inspector(ctx, true)
+	in, _, err := inv.inspector(ctx, hcRequired)
 	if err != nil {
 		return err
 	}
@@ -383,7 +449,7 @@ func (inv *invocation) rerun(ctx context.Context, id, topic string) error {
 	if len(parts) != 4 || parts[0] != "projects" || parts[2] != "topics" || parts[1] == "" || parts[3] == "" {
 		return usagef("requests topic %q is not projects/P/topics/T (--topic or FHIREXPORT_REQUESTS_TOPIC)", t)
 	}
-	in, _, err := inv.inspector(ctx, false)
+	in, _, err := inv.inspector(ctx, hcNone)
 	if err != nil {
 		return err
 	}

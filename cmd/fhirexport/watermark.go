@@ -89,7 +89,11 @@ func (inv *invocation) watermark(ctx context.Context, sub string, pos []string, 
 		}
 	}
 
-	in, st, err := inv.inspector(ctx, sub == "show")
+	use := hcNone
+	if sub == "show" {
+		use = hcProgress
+	}
+	in, st, err := inv.inspector(ctx, use)
 	if err != nil {
 		return err
 	}
@@ -129,6 +133,10 @@ func (inv *invocation) watermark(ctx context.Context, sub string, pos []string, 
 		return tw.Flush()
 	}
 
+	if sub == "set" && p.Incremental != nil && !*p.Incremental {
+		return fmt.Errorf("pipeline %s%s is not incremental (its latest run's spec has no \"incremental\": true), so no run would read a watermark; "+
+			"to export from a time, give the spec a _since, or make it incremental first", key, paren(p.Name))
+	}
 	old := p.Watermark
 	at := ""
 	if sub == "set" {
