@@ -39,20 +39,19 @@ func main() {
 	defer stop()
 	err := run(ctx, os.Args[1:], os.Stdout, os.Getenv)
 	stop()
-	os.Exit(exitCode(err))
+	os.Exit(exitCode(err, os.Stderr))
 }
 
-// exitCode is the one place that turns an error into an exit status.
-func exitCode(err error) int {
-	switch {
-	case err == nil:
+// exitCode is the one place that turns an error into an exit status and
+// says what went wrong on stderr: a usage mistake with a one-line hint.
+func exitCode(err error, stderr io.Writer) int {
+	if err == nil {
 		return 0
-	case errors.Is(err, flag.ErrHelp):
-		return 2
 	}
-	fmt.Fprintln(os.Stderr, "healthcare-emulator:", err)
+	fmt.Fprintln(stderr, "healthcare-emulator:", err)
 	var ue usageError
 	if errors.As(err, &ue) {
+		fmt.Fprintln(stderr, "Run 'healthcare-emulator --help' for usage.")
 		return 2
 	}
 	return 1
@@ -100,8 +99,10 @@ Admin API (JSON, on the same address; ADDR=http://127.0.0.1:8089):
 // run serves until ctx is done. getenv reads the environment.
 func run(ctx context.Context, args []string, stdout io.Writer, getenv func(string) string) error {
 	fs := flag.NewFlagSet("healthcare-emulator", flag.ContinueOnError)
-	fs.SetOutput(stdout)
-	fs.Usage = func() { usage(fs) }
+	// flag prints its error and the whole usage on a mistake: keep quiet
+	// and let exitCode say it in two lines; print the usage only for --help.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
 	addr := fs.String("addr", "127.0.0.1:8089", "listen address (port 0: random)")
 	datasetName := fs.String("dataset", "projects/local-project/locations/us-central1/datasets/demo", "dataset to create")
 	storeID := fs.String("store", "demo-store", "FHIR store id to create in the dataset")
@@ -120,6 +121,8 @@ func run(ctx context.Context, args []string, stdout io.Writer, getenv func(strin
 	verbose := fs.Bool("v", false, "log every request")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(stdout)
+			usage(fs)
 			return nil
 		}
 		return usageError{err}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"io"
@@ -150,9 +151,34 @@ func TestRunErrors(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			err := run(context.Background(), tc.args, io.Discard, func(string) string { return "" })
-			if got := exitCode(err); got != tc.code {
+			if got := exitCode(err, io.Discard); got != tc.code {
 				t.Errorf("exit code %d (%v), want %d", got, err, tc.code)
 			}
 		})
+	}
+}
+
+// TestUsageOnce: --help and -h print the usage once on stdout; a mistake
+// prints the error and a one-line hint on stderr, not the usage.
+func TestUsageOnce(t *testing.T) {
+	t.Parallel()
+	for _, arg := range []string{"--help", "-h"} {
+		var out, errOut bytes.Buffer
+		err := run(context.Background(), []string{arg}, &out, func(string) string { return "" })
+		if code := exitCode(err, &errOut); code != 0 || strings.Count(out.String(), "Usage:") != 1 || errOut.Len() != 0 {
+			t.Errorf("%s: exit %d, stderr %q, usage printed %d times", arg, code, errOut.String(), strings.Count(out.String(), "Usage:"))
+		}
+		for _, line := range strings.Split(out.String(), "\n") {
+			if strings.Count(line, "default") > 1 {
+				t.Errorf("%s shows a default twice: %s", arg, line)
+			}
+		}
+	}
+	var out, errOut bytes.Buffer
+	err := run(context.Background(), []string{"--bogus"}, &out, func(string) string { return "" })
+	code := exitCode(err, &errOut)
+	want := "healthcare-emulator: flag provided but not defined: -bogus\nRun 'healthcare-emulator --help' for usage.\n"
+	if code != 2 || out.Len() != 0 || errOut.String() != want {
+		t.Errorf("--bogus: exit %d, stdout %q, stderr %q; want exit 2, nothing on stdout, stderr %q", code, out.String(), errOut.String(), want)
 	}
 }
