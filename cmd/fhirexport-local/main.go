@@ -54,6 +54,7 @@ func exitCode(err error, stderr io.Writer) int {
 	var ue usageError
 	switch {
 	case errors.As(err, &ue):
+		fmt.Fprintln(stderr, "Run 'go run ./cmd/fhirexport-local --help' for usage.")
 		return 2
 	case errors.Is(err, context.Canceled):
 		return 130 // interrupted, as a shell reports SIGINT
@@ -86,14 +87,17 @@ type options struct {
 func parseFlags(args []string, out io.Writer) (options, error) {
 	var o options
 	fs := flag.NewFlagSet("fhirexport-local", flag.ContinueOnError)
-	fs.SetOutput(out)
-	fs.Usage = func() {
+	// The usage only for --help; a mistake is said in two lines (exitCode).
+	fs.SetOutput(io.Discard)
+	usage := func() {
 		fmt.Fprintf(out, "usage: go run ./cmd/fhirexport-local [flags]\n\n"+
 			"Runs fhirexport with local emulators: a demonstration (full, incremental, BigQuery and\n"+
 			"fleet exports and the feed of manifests and deletions, verified), or with --serve, a\n"+
 			"local stack to trigger exports yourself.\n\nflags:\n")
+		fs.SetOutput(out)
 		fs.PrintDefaults()
 	}
+	fs.Usage = func() {}
 	fs.StringVar(&o.dir, "dir", ".fhirexport-local", "folder for everything written (emptied at start)")
 	fs.StringVar(&o.logs, "logs", "", `file for the functions' JSON logs (default DIR/functions.log; "-": stdout)`)
 	fs.IntVar(&o.patients, "patients", 50, "synthetic patients to seed (each with encounters, observations, conditions)")
@@ -103,12 +107,22 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	fs.DurationVar(&o.exportDuration, "export-duration", 3*time.Second, "how long each emulated export runs")
 	fs.IntVar(&o.exportSteps, "export-steps", 3, "progress steps of each emulated export")
 	fs.BoolVar(&o.serve, "serve", false, "keep serving instead of running the demonstration")
-	fs.IntVar(&o.port, "port", 8080, "functions framework port (0: random)")
+	// The demonstration must not need a fixed port (8080 is often taken);
+	// --serve keeps 8080, so the printed curl command stays the same.
+	fs.IntVar(&o.port, "port", 0, "functions framework port (default: 8080 with --serve, a free port for the demonstration; 0: a free port)")
 	fs.IntVar(&o.healthcarePort, "healthcare-port", 0, "Healthcare API emulator port (0: random)")
 	fs.IntVar(&o.pubsubPort, "pubsub-port", 0, "Pub/Sub emulator (pstest) port (0: random)")
 	fs.IntVar(&o.gcsPort, "gcs-port", 0, "Cloud Storage emulator (fake-gcs-server) port (0: random)")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			usage()
+		}
 		return o, err
+	}
+	portSet := false
+	fs.Visit(func(f *flag.Flag) { portSet = portSet || f.Name == "port" })
+	if o.serve && !portSet {
+		o.port = defaultServePort
 	}
 	switch {
 	case fs.NArg() > 0:
@@ -132,6 +146,10 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	}
 	return o, nil
 }
+
+// defaultServePort is the functions' port with --serve, the functions
+// framework's usual one.
+const defaultServePort = 8080
 
 // run starts the local stack and runs the demonstration, or serves until ctx
 // is done with --serve. Demonstration output goes to stdout.

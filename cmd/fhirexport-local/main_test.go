@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -41,7 +42,7 @@ var emulatorPorts = sync.OnceValue(func() []string {
 func runDemo(t *testing.T, extra ...string) (out, dir string, err error) {
 	t.Helper()
 	dir = filepath.Join(t.TempDir(), "local")
-	args := append([]string{"--dir", dir, "--port", "0", "--patients", "3", "--seed", "7",
+	args := append([]string{"--dir", dir, "--patients", "3", "--seed", "7",
 		"--export-duration", "300ms", "--export-steps", "2", "--tick", "100ms"}, emulatorPorts()...)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -53,6 +54,11 @@ func runDemo(t *testing.T, extra ...string) (out, dir string, err error) {
 // TestDemo runs the whole demonstration and checks, independently of the
 // runner's own verification, what it left on disk and what it printed.
 func TestDemo(t *testing.T) {
+	// The demonstration picks free ports: hold 8080 (if someone else
+	// holds it, it is taken all the same).
+	if ln, err := net.Listen("tcp", "127.0.0.1:8080"); err == nil {
+		t.Cleanup(func() { ln.Close() })
+	}
 	out, dir, err := runDemo(t)
 	if err != nil {
 		t.Fatalf("run: %v\noutput:\n%s", err, out)
@@ -421,6 +427,53 @@ func TestUsage(t *testing.T) {
 	}
 }
 
+// TestPortDefaults: the demonstration takes a free port for the functions;
+// --serve keeps 8080 unless told otherwise.
+func TestPortDefaults(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		args []string
+		want int
+	}{
+		{nil, 0},
+		{[]string{"--serve"}, 8080},
+		{[]string{"--serve", "--port", "9090"}, 9090},
+		{[]string{"--serve", "--port", "0"}, 0},
+		{[]string{"--port", "8080"}, 8080},
+	} {
+		o, err := parseFlags(tc.args, io.Discard)
+		if err != nil || o.port != tc.want {
+			t.Errorf("parseFlags(%q): port %d, %v; want %d", tc.args, o.port, err, tc.want)
+		}
+	}
+}
+
+// TestHelpOnce: --help prints the usage once, each default once; a mistake
+// prints the error and a one-line hint, not the usage.
+func TestHelpOnce(t *testing.T) {
+	t.Parallel()
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"--help"}, &out); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(out.String(), "usage:"); n != 1 {
+		t.Errorf("--help printed the usage %d times:\n%s", n, out.String())
+	}
+	for _, line := range strings.Split(out.String(), "\n") {
+		if strings.Count(line, "default") > 1 {
+			t.Errorf("--help shows a default twice: %s", line)
+		}
+	}
+	out.Reset()
+	var errOut bytes.Buffer
+	err := run(context.Background(), []string{"--nope"}, &out)
+	code := exitCode(err, &errOut)
+	want := "fhirexport-local: flag provided but not defined: -nope\nRun 'go run ./cmd/fhirexport-local --help' for usage.\n"
+	if code != 2 || out.Len() != 0 || errOut.String() != want {
+		t.Errorf("--nope: exit %d, stdout %q, stderr %q; want 2, nothing, %q", code, out.String(), errOut.String(), want)
+	}
+}
+
 // TestServeInstructions runs --serve, executes the curl command it prints
 // and waits for that export's outcome event; where the Cloud SDK is installed
 // it also has gcloud parse the printed publish command (offline: a
@@ -463,6 +516,12 @@ func TestServeInstructions(t *testing.T) {
 		return out.String()
 	}
 	printed := waitFor("Outcome events appear below")
+	for _, want := range []string{"FHIREXPORT_ALLOWED_STORES=" + allowedStores + "\n", "FHIREXPORT_ALLOWED_DESTINATIONS=" + allowedDestinations + "\n",
+		"gs://local-exports/fhir", "--port N"} {
+		if !strings.Contains(printed, want) {
+			t.Errorf("the --serve banner does not print %q:\n%s", want, printed)
+		}
+	}
 	curl := command(t, printed, "  curl ")
 	gcloud := command(t, printed, "  gcloud ")
 
@@ -471,7 +530,12 @@ func TestServeInstructions(t *testing.T) {
 	if err != nil || !bytes.Contains(res, []byte("200 OK")) {
 		t.Fatalf("the printed curl command: %v\n%s\n%s", err, curl, res)
 	}
-	waitFor("◀ event export.succeeded")
+	printed = waitFor("◀ event export.succeeded")
+	succeeded := printed[strings.Index(printed, "◀ event export.succeeded"):]
+	succeeded, _, _ = strings.Cut(succeeded, "\n")
+	if !regexp.MustCompile(` manifest (https?|gs)://\S+\.manifest\.json`).MatchString(succeeded) {
+		t.Errorf("the succeeded line carries no manifest URL:\n%s", succeeded)
+	}
 	if err := stop(); err != nil {
 		t.Errorf("run after Ctrl-C = %v, want nil", err)
 	}

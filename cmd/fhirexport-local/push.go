@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -260,6 +261,9 @@ func describeEvent(e received) string {
 	}
 	if d.Duration != "" {
 		fmt.Fprintf(&b, " duration %s", d.Duration)
+	}
+	if m := cmp.Or(d.ManifestURL, d.Manifest); m != "" {
+		fmt.Fprintf(&b, " manifest %s", m)
 	}
 	if d.Error != nil {
 		fmt.Fprintf(&b, " error %d %q", d.Error.Code, d.Error.Message)

@@ -30,6 +30,8 @@ func (st *stack) serve(ctx context.Context) error {
 		"datasets/demo/fhirStores/ehr", "datasets/YOUR_DATASET/fhirStores/YOUR_STORE",
 		"gs://"+exportBucket+"/", "gs://YOUR_BUCKET/",
 	).Replace(string(spec))
+	c.Printf("Allow-lists in force (a spec outside them is rejected with code 7, PERMISSION_DENIED):\n"+
+		"  FHIREXPORT_ALLOWED_STORES=%s\n  FHIREXPORT_ALLOWED_DESTINATIONS=%s\n\n", allowedStores, allowedDestinations)
 	c.Printf("In the real deployment, publish the same spec on the requests topic (an export is\n"+
 		"allowed only into FHIREXPORT_ALLOWED_DESTINATIONS):\n\n"+
 		"  gcloud pubsub topics publish projects/YOUR_PROJECT/topics/%s \\\n"+

@@ -41,7 +41,11 @@ const (
 	exportBucket  = "local-exports"
 	stateBucket   = "local-state"
 	exportPrefix  = "gs://" + exportBucket + "/fhir"
-	bqDataset     = "bq://" + project + ".analytics"
+
+	// The allow-lists the local functions run with; --serve prints them.
+	allowedStores       = location + "/datasets/*/fhirStores/*"
+	allowedDestinations = exportPrefix + "," + bqDataset
+	bqDataset           = "bq://" + project + ".analytics"
 	// maxRunning is the functions' FHIREXPORT_MAX_RUNNING: small, so the
 	// fleet step shows runs waiting for a slot.
 	maxRunning = 2
@@ -132,8 +136,8 @@ func startStack(ctx context.Context, o options, con *console) (_ *stack, err err
 	env := map[string]string{
 		"FHIREXPORT_EVENTS_TOPIC":         eventsTopic,
 		"FHIREXPORT_STATE":                "gs://" + stateBucket + "/state",
-		"FHIREXPORT_ALLOWED_STORES":       location + "/datasets/*/fhirStores/*",
-		"FHIREXPORT_ALLOWED_DESTINATIONS": exportPrefix + "," + bqDataset,
+		"FHIREXPORT_ALLOWED_STORES":       allowedStores,
+		"FHIREXPORT_ALLOWED_DESTINATIONS": allowedDestinations,
 		"FHIREXPORT_HEALTHCARE_ENDPOINT":  st.emu.URL,
 		"FHIREXPORT_MAX_RUNNING":          strconv.Itoa(maxRunning),
 		"PUBSUB_EMULATOR_HOST":            st.s.PubSubAddr,
@@ -177,7 +181,7 @@ func (st *stack) background(ctx context.Context, what string, f func(context.Con
 func (st *stack) startFunctions(ctx context.Context) error {
 	ln, err := net.Listen("tcp", hostPort(st.o.port))
 	if err != nil {
-		return fmt.Errorf("functions framework: %w (choose another --port; 0 picks a free one)", err)
+		return fmt.Errorf("functions framework: %w (choose another --port N; --port 0 picks a free one)", err)
 	}
 	port := ln.Addr().(*net.TCPAddr).Port
 	ln.Close()
@@ -289,6 +293,9 @@ func (st *stack) describe() {
 		st.s.PubSubAddr, short(requestsTopic), short(pollTopic), st.o.tick, short(eventsTopic))
 	c.Printf("                           %s (%s's notificationConfigs) → RecordChange\n", short(changesTopic), short(storeName))
 	c.Printf("  functions                %s/StartExport  %s/PollExport  %s/RecordChange\n", st.baseURL, st.baseURL, st.baseURL)
+	if st.o.serve {
+		c.Printf("                           (--port N serves them on another port, --port 0 on a free one)\n")
+	}
 	c.Printf("  exports run %s in %d steps (emulated); FHIREXPORT_MAX_RUNNING=%d\n", st.o.exportDuration, st.o.exportSteps, maxRunning)
 }
 
