@@ -145,7 +145,7 @@ func (inv *invocation) feedPull(ctx context.Context, pos []string, o pullOptions
 			sinceRun = o.since
 		}
 	}
-	in, _, err := inv.inspector(ctx, false)
+	in, _, err := inv.inspector(ctx, hcNone)
 	if err != nil {
 		return err
 	}
