@@ -221,7 +221,7 @@ func (inv *invocation) feedRuns(ctx context.Context, in *export.Inspector, key s
 	case sinceRun != "":
 		d, err := in.Show(ctx, sinceRun)
 		if err != nil {
-			return nil, nil, fmt.Errorf("--since %s: %w", sinceRun, err)
+			return nil, nil, fmt.Errorf("--since %s: %w (or give a time, RFC 3339 with a zone: 2026-01-01T00:00:00Z)", sinceRun, err)
 		}
 		if d.Run.Pipeline != key {
 			return nil, nil, usagef("--since %s: run %s belongs to pipeline %s, not %s", sinceRun, d.Run.ID, d.Run.Pipeline, key)

@@ -303,15 +303,20 @@ func TestFeedPull(t *testing.T) {
 	s.del(t, "Organization", "org-1")
 	s.put(t, `{"resourceType":"Patient","id":"new-2"}`)
 	next := s.exportRun(t, "increment-2")
+	var getsMu sync.Mutex
 	var gets []string
 	s.setFault(func(r *http.Request) bool {
 		if feedFile(r) {
+			getsMu.Lock()
+			defer getsMu.Unlock()
 			gets = append(gets, r.URL.Path)
 		}
 		return false
 	})
 	sum, errOut, code = s.pull(t, ctx, dir)
 	s.setFault(nil)
+	getsMu.Lock()
+	defer getsMu.Unlock()
 	if code != 0 {
 		t.Fatalf("second pull: exit %d: %s", code, errOut)
 	}
