@@ -36,6 +36,12 @@
 // ceil(runs/workers) × 150 ms + ceil(runs/1000) × 20 ms, and the child's peak
 // resident memory (VmHWM) against its own after client setup.
 //
+// Expansion (-fleet-expand N): one fleet trigger over N stores delivered to
+// an Exporter whose requests go through the delaying fronts (20 ms per Cloud
+// Storage request, 150 ms per Healthcare call), redelivered while it asks,
+// against a raw claim and the one-worker (sequential) expansion of
+// -fleet-expand-seq stores measured in the same run: the time per store.
+//
 // Fleet (-fleet N): one fleet trigger over N stores with
 // FHIREXPORT_MAX_RUNNING=-budget, the emulator refusing more running exports,
 // each export taking -export-duration of emulator time and a sweep every
@@ -106,6 +112,8 @@ func run(ctx context.Context, args []string) error {
 	budget := fs.Int("budget", 5, "FHIREXPORT_MAX_RUNNING for the fleet benchmark; the emulator refuses more running exports")
 	exportDuration := fs.Duration("export-duration", 10*time.Minute, "emulator time one export of the fleet runs")
 	tick := fs.Duration("tick", time.Minute, "emulator time between PollExport sweeps in the fleet benchmark (the scheduler's period)")
+	expandN := fs.Int("fleet-expand", 0, "stores of a fleet trigger to expand under the latency model (20 ms per Cloud Storage request, 150 ms per Healthcare call), in real time (0: skip); the issue's figure is 5000")
+	expandSeq := fs.Int("fleet-expand-seq", 100, "stores of the sequential baseline (one worker: the expansion before issue 16) in the same run")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -133,6 +141,17 @@ func run(ctx context.Context, args []string) error {
 			return err
 		}
 		err = makespan(ctx, emu, *fleet, *budget, *exportDuration, *tick)
+		emu.close()
+		if err != nil {
+			return err
+		}
+	}
+	if *expandN > 0 {
+		emu, err := startEmulators(ctx)
+		if err != nil {
+			return err
+		}
+		err = expansion(ctx, emu, *expandN, *expandSeq)
 		emu.close()
 		if err != nil {
 			return err
@@ -972,4 +991,94 @@ func cpus() int { return runtime.NumCPU() }
 func goVersion(ctx context.Context) string {
 	out, _ := exec.CommandContext(ctx, "go", "env", "GOVERSION").Output()
 	return strings.TrimSpace(string(out))
+}
+
+// --- fleet expansion under the latency model ---
+
+// expansion delivers one fleet trigger over n stores to an Exporter whose
+// Cloud Storage and Healthcare requests go through the delaying fronts (20 ms
+// and 150 ms), on the real clock, with the default budget of 5 (so all but
+// five runs are queued), redelivering while it asks, as Pub/Sub does. Two
+// baselines in the same run, through the same fronts: a raw claim (one
+// DoesNotExist create) and the expansion with one worker (the sequential
+// expansion before issue 16) over seq stores.
+func expansion(ctx context.Context, emu *emulators, n, seq int) error {
+	lat := latencies{gcs: 20 * time.Millisecond, hc: 150 * time.Millisecond}
+	fmt.Printf("\nfleet expansion of %d stores, latency %s per Cloud Storage request and %s per Healthcare call, FHIREXPORT_MAX_RUNNING=%d\n",
+		n, lat.gcs, lat.hc, export.DefaultMaxRunning)
+	emu.clock.Set(time.Now())
+	emu.hc.SetExportTiming(time.Hour, 1)
+	if err := emu.withLatency(lat); err != nil {
+		return err
+	}
+	st, err := storage.NewClient(ctx, option.WithEndpoint(emu.childGCS+"/storage/v1/"), option.WithoutAuthentication(), storage.WithJSONReads())
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	hc, err := healthcare.NewService(ctx, option.WithEndpoint(emu.childHC), option.WithoutAuthentication())
+	if err != nil {
+		return err
+	}
+	pub := events.NewPublisher(emu.psClient, eventsTopic)
+	defer pub.Stop()
+	ctx = export.WithLogger(ctx, export.NewLogger(io.Discard, nil))
+
+	// Raw claims: DoesNotExist creates, one after the other.
+	const claims = 50
+	t0 := time.Now()
+	for i := range claims {
+		w := st.Bucket(stateBucket).Object(fmt.Sprintf("bench/claims/%d.json", i)).If(storage.Conditions{DoesNotExist: true}).NewWriter(ctx)
+		w.ChunkSize = 0
+		io.WriteString(w, `{"status":"claimed"}`)
+		if err := w.Close(); err != nil {
+			return err
+		}
+	}
+	raw := time.Since(t0) / claims
+
+	run := func(name string, stores, workers int) (perStore time.Duration, deliveries int, reqs int64, err error) {
+		ds := "projects/" + project + "/locations/us-central1/datasets/" + name
+		if err := emu.hc.CreateDataset(ds); err != nil {
+			return 0, 0, 0, err
+		}
+		for i := range stores {
+			if err := emu.hc.CreateFHIRStore(fmt.Sprintf("%s/fhirStores/s%05d", ds, i), "R4"); err != nil {
+				return 0, 0, 0, err
+			}
+		}
+		policy, err := export.ParsePolicy(ds+"/fhirStores/*", "gs://"+exportBkt+"/fhir")
+		if err != nil {
+			return 0, 0, 0, err
+		}
+		x := export.New(hc, export.NewState(st, stateBucket, "state"), pub, policy, nil)
+		x.FleetWorkers = workers
+		spec := fmt.Sprintf(`{"fhirStore":%q,"name":"nightly","gcsDestination":{"uriPrefix":"gs://%s/fhir/{store}/{date}"}}`, ds+"/fhirStores/*", exportBkt)
+		trig := events.Trigger{Source: "//bench/expand", ID: name, Time: time.Now(), Spec: []byte(spec)}
+		before := emu.gcsCount.Load()
+		t0 := time.Now()
+		for err = errors.New("not yet"); err != nil; deliveries++ {
+			if deliveries == 20 {
+				return 0, 0, 0, fmt.Errorf("%s: 20 deliveries did not expand the fleet: %w", name, err)
+			}
+			err = x.Start(ctx, trig, nil)
+		}
+		return time.Since(t0) / time.Duration(stores), deliveries, emu.gcsCount.Load() - before, nil
+	}
+	seqPer, _, seqReqs, err := run("sequential", seq, 1)
+	if err != nil {
+		return err
+	}
+	per, deliveries, reqs, err := run("fleet", n, export.DefaultFleetWorkers)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("  raw claim (one DoesNotExist create): %s\n", ms(raw))
+	fmt.Printf("  %-34s %8s %12s %12s %12s %14s %10s\n", "expansion", "stores", "per store", "vs raw claim", "vs one worker", "GCS reqs/store", "deliveries")
+	fmt.Printf("  %-34s %8d %12s %11.2fx %12s %14.1f %10d\n", "one worker (before issue 16)", seq, ms(seqPer), ratio(seqPer, raw), "1.00x",
+		float64(seqReqs)/float64(seq), 1)
+	fmt.Printf("  %-34s %8d %12s %11.2fx %11.3fx %14.1f %10d\n", fmt.Sprintf("%d workers, %s slice", export.DefaultFleetWorkers, export.DefaultFleetSlice), n, ms(per),
+		ratio(per, raw), ratio(per, seqPer), float64(reqs)/float64(n), deliveries)
+	fmt.Printf("  the whole fleet: %s (StartExport's deadline: 60 s a delivery)\n", (per * time.Duration(n)).Round(time.Millisecond))
+	return nil
 }
