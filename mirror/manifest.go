@@ -37,9 +37,12 @@ type Manifest struct {
 	// Extension is read only for the export parameters a POST kick-off's
 	// request URL does not carry ("In the case of a POST request, this URL
 	// will not include the request parameters").
+	// fhirexport's extension.snapshot, where present, says outright whether
+	// the run is a full snapshot of its types.
 	Extension struct {
-		Since string   `json:"since"`
-		Types []string `json:"types"`
+		Since    string   `json:"since"`
+		Types    []string `json:"types"`
+		Snapshot *bool    `json:"snapshot"`
 	} `json:"extension"`
 
 	transactionTime time.Time
@@ -119,10 +122,16 @@ func (m *Manifest) Types() []string {
 }
 
 // Snapshot reports whether the manifest lists every resource of its types:
-// a full export (no _since) that reported no errors. Applying it leaves
-// exactly what it lists for those types, healing deletions the feed could
-// not see. A partial export's output is incomplete, so it only upserts.
-func (m *Manifest) Snapshot() bool { return m.Since() == "" && len(m.Error) == 0 }
+// as extension.snapshot says, or else a full export (no _since) that
+// reported no errors. Applying it leaves exactly what it lists for those
+// types, healing deletions the feed could not see. A partial export's output
+// is incomplete, so it only upserts.
+func (m *Manifest) Snapshot() bool {
+	if s := m.Extension.Snapshot; s != nil {
+		return *s
+	}
+	return m.Since() == "" && len(m.Error) == 0
+}
 
 // covers reports whether a snapshot of m covers typ.
 func (m *Manifest) covers(typ string) bool {

@@ -260,18 +260,22 @@ func TestApplyFollowsTheClientRule(t *testing.T) {
 func TestSnapshot(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
-		name    string
-		since   string
-		types   string // the request's _type
-		errs    bool
-		patient string
-		obs     string
+		name  string
+		since string
+		types string // the request's _type
+		errs  bool
+		// snapshot is extension.snapshot: "true", "false" or "" (absent)
+		snapshot string
+		patient  string
+		obs      string
 	}{
 		// b was deleted unseen (no notification): the full run heals it.
 		{name: "full run heals", patient: nd(pat("a", "2")), obs: ""},
 		{name: "full run of one type keeps the others", types: "Patient", patient: nd(pat("a", "2")), obs: nd(obs("o1", "1"))},
 		{name: "increment only upserts", since: "2026-11-26T00:00:01Z", patient: nd(pat("a", "2"), pat("b", "1")), obs: nd(obs("o1", "1"))},
 		{name: "partial full run only upserts", errs: true, patient: nd(pat("a", "2"), pat("b", "1")), obs: nd(obs("o1", "1"))},
+		{name: "extension says snapshot", since: "2026-11-26T00:00:01Z", snapshot: "true", patient: nd(pat("a", "2")), obs: ""},
+		{name: "extension says no snapshot", snapshot: "false", patient: nd(pat("a", "2"), pat("b", "1")), obs: nd(obs("o1", "1"))},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -280,6 +284,10 @@ func TestSnapshot(t *testing.T) {
 			fd.add(t, 2, tc.since, tc.errs, map[string][]string{"Patient": {pat("a", "2")}}, nil)
 			if tc.types != "" {
 				fd.runs[1].man.Request += "?_type=" + tc.types
+			}
+			if tc.snapshot != "" {
+				b := tc.snapshot == "true"
+				fd.runs[1].man.Extension.Snapshot = &b
 			}
 			dir := t.TempDir()
 			if err := fd.pull(t, dir); err != nil {
