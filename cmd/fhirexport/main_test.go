@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -45,15 +46,22 @@ type stack struct {
 	now   time.Time // the command's clock
 	// hcOpts are the command's first Healthcare client options.
 	hcOpts []option.ClientOption
+	// clocked: the command's clock is the emulator's fake clock.
+	clocked bool
 }
 
-func newStack(t *testing.T) *stack {
+func newStack(t *testing.T) *stack { return newStackWith(t, false) }
+
+// newStackWith returns a stack; a deterministic one has the emulator's
+// deterministic ids, and the Exporter and the command on its fake clock, so
+// that the command prints the same every time (the README's transcript).
+func newStackWith(t *testing.T, deterministic bool) *stack {
 	t.Helper()
 	clock := healthcaretest.NewFakeClock(time.Date(2026, 11, 26, 0, 0, 0, 0, time.UTC))
 	s := stacktest.New(t, stacktest.Options{
 		Buckets:    []string{"state", "exports"},
 		Topics:     []string{eventsTopic, requestsTopic},
-		Healthcare: healthcaretest.Options{Clock: clock},
+		Healthcare: healthcaretest.Options{Clock: clock, DeterministicIDs: deterministic},
 	})
 	if err := s.Healthcare.CreateDataset(location + "/datasets/d"); err != nil {
 		t.Fatal(err)
@@ -70,9 +78,13 @@ func newStack(t *testing.T) *stack {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var now func() time.Time
+	if deterministic {
+		now = clock.Now
+	}
 	return &stack{
-		gcs: s.GCS, emu: s.Healthcare, clock: clock, ps: s.Pstest,
-		x: export.New(s.HealthcareService, export.NewState(s.Storage, "state", "fx"), pub, policy, nil),
+		gcs: s.GCS, emu: s.Healthcare, clock: clock, ps: s.Pstest, clocked: deterministic,
+		x: export.New(s.HealthcareService, export.NewState(s.Storage, "state", "fx"), pub, policy, now),
 		env: map[string]string{
 			"FHIREXPORT_STATE":               stateLoc,
 			"FHIREXPORT_HEALTHCARE_ENDPOINT": s.Healthcare.URL,
@@ -86,6 +98,9 @@ func newStack(t *testing.T) *stack {
 // fhirexport runs one command line in-process.
 func (s *stack) fhirexport(args ...string) (stdout, stderr string, code int) {
 	var out, errOut bytes.Buffer
+	if s.clocked {
+		s.now = s.clock.Now()
+	}
 	c := config{getenv: func(k string) string { return s.env[k] }, now: func() time.Time { return s.now }, healthcareOptions: s.hcOpts}
 	code = c.run(context.Background(), args, &out, &errOut)
 	return out.String(), errOut.String(), code
@@ -776,5 +791,54 @@ func TestStatusOnAnEmptyLocation(t *testing.T) {
 	// filter matches nothing.
 	if _, errOut, _ := s.fhirexport("runs", "--pipeline", "n-none"); errOut != "" {
 		t.Errorf("runs with an empty answer from a real location: stderr %q", errOut)
+	}
+}
+
+// TestOperatingReadme runs the README's "Operating fhirexport" transcript
+// against the local emulators and checks that the README shows exactly what
+// the command prints: status, runs, cancel, show of the failed run with its
+// error, rerun and watermark.
+func TestOperatingReadme(t *testing.T) {
+	t.Parallel()
+	s := newStackWith(t, true)
+	var tr strings.Builder
+	cmd := func(args ...string) {
+		t.Helper()
+		out, errOut, code := s.fhirexport(args...)
+		if code != 0 {
+			t.Fatalf("fhirexport %s: exit %d\n%s%s", strings.Join(args, " "), code, out, errOut)
+		}
+		if tr.Len() > 0 {
+			tr.WriteString("\n")
+		}
+		fmt.Fprintf(&tr, "$ fhirexport %s\n%s", strings.Join(args, " "), out)
+	}
+	note := func(s string) { fmt.Fprintf(&tr, "\n# %s", s) }
+	key, _, running := twoRuns(t, s)
+
+	cmd("status")
+	note("recent runs, newest first; RUN and OPERATION are taken back as printed")
+	cmd("runs")
+	note("the second run is taking too long: cancel it")
+	cmd("cancel", running[:16])
+	s.poll(t)
+	note("after the next poll sweep (every minute)")
+	cmd("show", "second")
+	cmd("rerun", running[:16], "--topic", requestsTopic)
+	note("re-export the last day with the next run")
+	cmd("watermark", "show", key)
+	cmd("watermark", "set", key, "--to", "2026-11-25T00:00:00Z")
+
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, ok := strings.Cut(string(readme), "```console operating\n")
+	block, _, _ = strings.Cut(block, "```")
+	if !ok {
+		t.Fatalf("README.md has no ```console operating block; it should read:\n%s", tr.String())
+	}
+	if d := cmp.Diff(tr.String(), block); d != "" {
+		t.Errorf("README's operating transcript differs from the command's output (-command +README):\n%s\nThe block should read:\n%s", d, tr.String())
 	}
 }
