@@ -371,6 +371,7 @@ type routeNames struct {
 	project, location, dataset string // full names
 	store, op                  string // full names
 	resType, resID             string
+	versionID                  string // fhir.vread
 }
 
 type handlerFunc func(e *Emulator, w http.ResponseWriter, r *http.Request, c *call)
@@ -498,6 +499,16 @@ func route(method, path string) routed {
 			return routed{"fhir.patch", handleFHIRPatch, n}
 		case http.MethodDelete:
 			return routed{"fhir.delete", handleFHIRDelete, n}
+		}
+	case 12:
+		n.resType, n.resID = segs[9], segs[10]
+		if segs[11] == "_history" && method == http.MethodGet {
+			return routed{"fhir.history", handleFHIRHistory, n}
+		}
+	case 13:
+		n.resType, n.resID, n.versionID = segs[9], segs[10], segs[12]
+		if segs[11] == "_history" && method == http.MethodGet {
+			return routed{"fhir.vread", handleFHIRVread, n}
 		}
 	}
 	return routed{}

@@ -322,7 +322,7 @@ func TestUnimplementedMethods(t *testing.T) {
 		code         int
 	}{
 		{"GET", "/v1/" + testStore + "/fhir/Patient?name=x", 501},
-		{"GET", "/v1/" + testStore + "/fhir/Patient/1/_history", 501},
+		{"GET", "/v1/" + testStore + "/fhir/Patient/1/$everything", 501},
 		{"POST", "/v1/" + testStore + ":import", 501},
 		{"GET", "/v1/" + testDataset + "/dicomStores", 501},
 		{"GET", "/v1/projects/p/locations", 501},

@@ -66,6 +66,8 @@ type resource struct {
 
 	refList []string // references of version refsOf (see refs)
 	refsOf  string
+
+	history []version // every version, oldest first (history.go)
 }
 
 var (
@@ -335,6 +337,7 @@ func (e *Emulator) commitResource(st *fhirStore, typ, id string, m map[string]an
 		st.order = append(st.order, r)
 	}
 	r.versionID, r.updated, r.data, r.deleted = vid, t, data, false
+	st.keepVersion(r, action)
 	e.notifyChange(st, action, r, nil)
 }
 
@@ -369,6 +372,7 @@ func (e *Emulator) commitDelete(st *fhirStore, typ, id string) {
 	t := e.stamp()
 	r.deleted, r.updated = true, t
 	r.versionID = base64.RawStdEncoding.EncodeToString([]byte(strconv.FormatInt(t.UnixNano(), 10)))
+	st.keepVersion(r, ActionDelete)
 	e.notifyChange(st, ActionDelete, r, prev)
 }
 
