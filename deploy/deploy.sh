@@ -462,8 +462,10 @@ EXPORT_PERMISSIONS=healthcare.fhirStores.export
 START_PERMISSIONS=healthcare.fhirStores.list,healthcare.operations.get,healthcare.operations.list
 # PollExport reads the operations it recorded, by name, cancels overdue ones
 # (the spec's timeout) and those an operator cancels, and lists the dataset's
-# operations to resolve a start whose answer was lost or whose attempt died.
-POLL_PERMISSIONS=healthcare.operations.cancel,healthcare.operations.get,healthcare.operations.list
+# operations to resolve a start whose answer was lost or whose attempt died. It
+# reads the history of each deleted resource (fhir.history) to decide whether
+# a run's deleted file may list it.
+POLL_PERMISSIONS=healthcare.fhirResources.get,healthcare.operations.cancel,healthcare.operations.get,healthcare.operations.list
 # RecordChange only adds tombstones, reading what is there to stay idempotent:
 # no update, no delete.
 RECORD_PERMISSIONS=storage.objects.create,storage.objects.get,storage.objects.list

@@ -335,7 +335,7 @@ func expected(t *testing.T, projectNumber, recordURL string) []printed {
 		{"fhirexport_starter", "fhirexport starter", "List stores and export operations (StartExport)",
 			"healthcare.fhirStores.list,healthcare.operations.get,healthcare.operations.list"},
 		{"fhirexport_poller", "fhirexport poller", "Follow and cancel FHIR export operations (PollExport)",
-			"healthcare.operations.cancel,healthcare.operations.get,healthcare.operations.list"},
+			"healthcare.fhirResources.get,healthcare.operations.cancel,healthcare.operations.get,healthcare.operations.list"},
 		{"fhirexport_recorder", "fhirexport recorder", "Add deletion tombstones to the state bucket (RecordChange)",
 			"storage.objects.create,storage.objects.get,storage.objects.list"},
 		{"fhirexport_feed_writer", "fhirexport feed writer", "Write manifests and deleted files beside exports (PollExport)",

@@ -2,8 +2,11 @@ package export
 
 // The feed: deletions recorded from the store's change notifications
 // (RecordChange), and, when a Cloud Storage run ends, its HL7 Bulk Data
-// manifest and deleted file (writeFeed). Replaying every manifest of a
-// pipeline, newest time winning per Type/id, reproduces the store.
+// manifest and deleted file (writeFeed). A standard Bulk Data client that
+// applies every manifest of a pipeline in transactionTime order (upsert the
+// output, then remove the deleted) holds the store after one more run: a
+// deletion is listed only when the store's history says the resource was
+// gone at the run's transactionTime and unchanged since (collectDeletions).
 //
 // Tombstones live in the state bucket:
 //
@@ -29,6 +32,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"net/http"
 	"net/url"
 	"slices"
 	"strings"
@@ -224,17 +229,23 @@ type bulkManifest struct {
 }
 
 type manifestExtension struct {
-	Operation   string            `json:"operation"`
-	Pipeline    string            `json:"pipeline"`
-	Name        string            `json:"name,omitempty"`
-	Store       string            `json:"store"`
-	Types       []string          `json:"types,omitempty"`
-	Since       string            `json:"since,omitempty"`
-	Incremental bool              `json:"incremental,omitempty"`
-	Outcome     string            `json:"outcome"` // succeeded or partial
-	Counters    events.Counters   `json:"counters"`
-	LogsURL     string            `json:"logsUrl,omitempty"`
-	Trigger     events.TriggerRef `json:"trigger"`
+	Operation   string   `json:"operation"`
+	Pipeline    string   `json:"pipeline"`
+	Name        string   `json:"name,omitempty"`
+	Store       string   `json:"store"`
+	Types       []string `json:"types,omitempty"`
+	Since       string   `json:"since,omitempty"`
+	Incremental bool     `json:"incremental,omitempty"`
+	Outcome     string   `json:"outcome"` // succeeded or partial
+	// Snapshot says the run is a full snapshot of its types: no _since, and
+	// succeeded. Its output is everything the store held of them at
+	// transactionTime, so a consumer may replace what it holds of those
+	// types with it (re-baseline) instead of applying it as an increment;
+	// it is the way back after deletions the feed cannot see.
+	Snapshot bool              `json:"snapshot"`
+	Counters events.Counters   `json:"counters"`
+	LogsURL  string            `json:"logsUrl,omitempty"`
+	Trigger  events.TriggerRef `json:"trigger"`
 	// Destination is a BigQuery run's dataset: its output is there, not in
 	// this manifest's output list.
 	Destination string `json:"destination,omitempty"`
@@ -388,6 +399,7 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 		TransactionTime: normalizeTime(meta.CreateTime), Request: exportRequestURL(p), RequiresAccessToken: true,
 		Extension: manifestExtension{Operation: op.Name, Pipeline: p.Pipeline, Name: p.Name, Store: p.Store, Types: p.Types,
 			Since: p.Since, Incremental: p.Incremental, Outcome: strings.TrimPrefix(outcome, events.TypePrefix),
+			Snapshot: p.Since == "" && outcome == events.TypeSucceeded && feedDir == p.Destination,
 			Counters: events.Counters{Success: c.Success, Failure: c.Failure, Pending: c.Pending}, LogsURL: meta.LogsUrl, Trigger: p.Trigger,
 			GCS: gcs},
 	}
@@ -398,16 +410,16 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 	if delivering {
 		// A pipeline's first success (no cursor) is a full export, but
 		// manifests of its earlier partial runs may hold resources deleted
-		// since: it gets every tombstone still kept. Extra tombstones are
-		// harmless under newest-wins: an upsert after a deletion beats it.
+		// since: it considers every tombstone still kept.
 		given := cursor
 		if given == nil {
 			given = &deletionCursor{}
 		}
-		lines, next, err := x.collectDeletions(ctx, p, given)
+		plan, err := x.planDeletions(ctx, p, op.Name, given, parseTime(meta.CreateTime))
 		if err != nil {
 			return feedResult{}, err
 		}
+		lines, next := plan.Lines, plan.Next
 		if len(lines) > 0 {
 			name := base + ".deleted.ndjson"
 			err := writeObject(ctx, bkt, name, lines.ndjson(), "application/fhir+ndjson", storage.Conditions{DoesNotExist: true},
@@ -417,7 +429,13 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 				// manifest, or runs concurrently after losing its lease):
 				// its lines are what this run delivers, with its cursor, so
 				// the manifest that wins always matches the file.
-				lines, next, err = readDeleted(ctx, bkt, name, given)
+				// Written from this very plan, unless an older fhirexport
+				// wrote it (no plan then): its lines win.
+				var inFile deletedLines
+				var fileNext *deletionCursor
+				if inFile, fileNext, err = readDeleted(ctx, bkt, name, given); err == nil && !sameLines(inFile, lines) {
+					lines, next = inFile, fileNext
+				}
 			}
 			if err != nil {
 				return feedResult{}, err
@@ -495,9 +513,66 @@ func (l deletedLines) ndjson() []byte {
 	return buf.Bytes()
 }
 
-// collectDeletions returns the tombstones of p's store and types not yet
-// given to the pipeline, one line per key, and the cursor once they are.
-func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor *deletionCursor) (deletedLines, *deletionCursor, error) {
+// deletionPlan is what a run's deleted file delivers and the pipeline's
+// cursor after it. It is decided once per operation and kept in the state
+// bucket (tombstones/plans/, pruned with the tombstones), so a retry after a
+// crash delivers the same deletions even when the store changed meanwhile.
+type deletionPlan struct {
+	Lines deletedLines    `json:"lines"`
+	Next  *deletionCursor `json:"next"`
+}
+
+// planDeletions returns the run's deletion plan: the one recorded for the
+// operation, or a new one (collectDeletions), recorded before any file is
+// written from it.
+func (x *Exporter) planDeletions(ctx context.Context, p pendingRecord, op string, given *deletionCursor, at time.Time) (deletionPlan, error) {
+	name := "tombstones/plans/" + digest("plan", op)[:32] + ".json"
+	var plan deletionPlan
+	_, err := x.state.read(ctx, name, &plan)
+	switch {
+	case err == nil && plan.Next != nil:
+		return plan, nil
+	case err == nil:
+		return deletionPlan{}, fmt.Errorf("deletion plan %s: %w: it names no cursor", name, ErrCorrupt)
+	case !errors.Is(err, ErrNotFound):
+		return deletionPlan{}, err
+	}
+	lines, next, err := x.collectDeletions(ctx, p, given, at)
+	if err != nil {
+		return deletionPlan{}, err
+	}
+	plan = deletionPlan{Lines: lines, Next: next}
+	if _, err := x.state.create(ctx, name, plan, map[string]string{"operation": op}); errors.Is(err, ErrExists) {
+		// A concurrent or earlier attempt decided first: its plan holds.
+		var first deletionPlan
+		if _, err := x.state.read(ctx, name, &first); err != nil {
+			return deletionPlan{}, err
+		}
+		return first, nil
+	} else if err != nil {
+		return deletionPlan{}, err
+	}
+	return plan, nil
+}
+
+// collectDeletions decides the tombstones of p's store and types not yet
+// given to the pipeline (and the ones it deferred) for a run whose
+// transactionTime is at. A Bulk Data client applies a manifest by upserting
+// its output and then removing its deleted entries, so per resource the
+// store's history (what it held at `at`, and whether it changed since) says:
+//
+//   - deleted at `at` and unchanged since: list it, once for all its
+//     tombstones. The output cannot hold it (deleted throughout the export)
+//     and no consumer holds a newer version;
+//   - live at `at` and unchanged since: the deletions are superseded (it was
+//     re-created, and this or an earlier manifest carries the new version):
+//     drop them, never list them;
+//   - changed after `at` (deleted or re-created while the export ran): the
+//     output may hold any version of that time, so defer its tombstones to the
+//     next run, which decides them on its own transactionTime.
+//
+// It returns the lines and the cursor once they are delivered.
+func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor *deletionCursor, at time.Time) (deletedLines, *deletionCursor, error) {
 	now := x.now().UTC() // before listing: everything recorded before now−margin is visible to it
 	var from time.Time   // zero: every tombstone kept
 	if !cursor.Through.IsZero() {
@@ -512,20 +587,24 @@ func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor
 		next.Through = cursor.Through // never move back (a clock step)
 	}
 	given := map[string]bool{}
+	pending := map[string][]tombstone{} // Type/id → its undecided tombstones
+	for _, d := range cursor.Deferred { // given, and maybe in Recent too, but not decided
+		if !given[d.Key] {
+			given[d.Key] = true
+			pending[d.Type+"/"+d.ID] = append(pending[d.Type+"/"+d.ID], tombstone{key: d.Key, typ: d.Type, id: d.ID, deleted: d.Deleted})
+		}
+	}
 	for _, k := range cursor.Recent {
 		given[k] = true
 	}
 	recent := map[string]bool{}
-	var lines deletedLines
 	for _, t := range ts {
 		if len(p.Types) > 0 && !slices.Contains(p.Types, t.typ) {
 			continue
 		}
 		if !given[t.key] {
 			given[t.key] = true
-			lines = append(lines, deletedBundle{ResourceType: "Bundle", ID: t.key, Type: "transaction",
-				Meta:  bundleMeta{LastUpdated: t.deleted.UTC().Format(time.RFC3339Nano)},
-				Entry: []bundleEntry{{Request: bundleRequest{Method: "DELETE", URL: t.typ + "/" + t.id}}}})
+			pending[t.typ+"/"+t.id] = append(pending[t.typ+"/"+t.id], t)
 		}
 		if t.recorded.After(next.Through.Add(-tombstoneMargin)) {
 			recent[t.key] = true
@@ -535,6 +614,38 @@ func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor
 		next.Recent = append(next.Recent, k)
 	}
 	slices.Sort(next.Recent)
+
+	var lines deletedLines
+	for _, res := range slices.Sorted(maps.Keys(pending)) {
+		group := pending[res]
+		slices.SortFunc(group, func(a, b tombstone) int {
+			if c := a.deleted.Compare(b.deleted); c != 0 {
+				return c
+			}
+			return strings.Compare(a.key, b.key)
+		})
+		v, when, err := x.heldAt(ctx, p.Store, group[0].typ, group[0].id, at)
+		if err != nil {
+			return nil, nil, err
+		}
+		switch v {
+		case heldDeleted:
+			// The newest tombstone names the line; its time is the store's
+			// own for the deletion that holds at `at` (a later deletion's
+			// notification may not have arrived yet), else the tombstone's.
+			last := group[len(group)-1]
+			if when.IsZero() {
+				when = last.deleted
+			}
+			lines = append(lines, deletedBundle{ResourceType: "Bundle", ID: last.key, Type: "transaction",
+				Meta:  bundleMeta{LastUpdated: when.UTC().Format(time.RFC3339Nano)},
+				Entry: []bundleEntry{{Request: bundleRequest{Method: "DELETE", URL: res}}}})
+		case changedSince:
+			for _, t := range group {
+				next.Deferred = append(next.Deferred, deferredDeletion{Key: t.key, Type: t.typ, ID: t.id, Deleted: t.deleted.UTC()})
+			}
+		}
+	}
 	slices.SortFunc(lines, func(a, b deletedBundle) int {
 		if c := strings.Compare(a.Meta.LastUpdated, b.Meta.LastUpdated); c != 0 {
 			return c
@@ -542,6 +653,105 @@ func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor
 		return strings.Compare(a.Entry[0].Request.URL, b.Entry[0].Request.URL)
 	})
 	return lines, next, nil
+}
+
+// held is what a store held of a resource at a run's transactionTime.
+type held int
+
+const (
+	heldDeleted  held = iota // absent at the time (deleted, or never there), and unchanged since
+	heldLive                 // present at the time, and unchanged since
+	changedSince             // written or deleted after the time
+)
+
+// heldAt reads typ/id's history (fhir.history, newest version first, deleted
+// versions included) and says what the store held at `at`, with the time of
+// the deletion it held (zero when the resource has no history). Versions'
+// lastModified and an export's createTime are both the Healthcare API's
+// clock; notification times are not, and are not used here. A resource
+// without history (404, 410) is absent. A refusal (403, or another 4xx)
+// defers the decision and is logged: a deletion is never listed or dropped
+// without evidence.
+func (x *Exporter) heldAt(ctx context.Context, store, typ, id string, at time.Time) (held, time.Time, error) {
+	if at.IsZero() {
+		return changedSince, time.Time{}, nil // no transactionTime: nothing can be decided
+	}
+	name := store + "/fhir/" + typ + "/" + id
+	resp, err := x.hc.Projects.Locations.Datasets.FhirStores.Fhir.History(name).Count(10).Context(ctx).Do()
+	if err != nil {
+		return 0, time.Time{}, fmt.Errorf("history of %s: %w: %w", name, err, errTransient)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return 0, time.Time{}, fmt.Errorf("history of %s: %w: %w", name, err, errTransient)
+	}
+	switch c := resp.StatusCode; {
+	case c == http.StatusNotFound || c == http.StatusGone:
+		return heldDeleted, time.Time{}, nil
+	case c == http.StatusTooManyRequests || c >= 500:
+		return 0, time.Time{}, fmt.Errorf("history of %s: HTTP %d: %s: %w", name, c, bytes.TrimSpace(body), errTransient)
+	case c != http.StatusOK:
+		Logger(ctx).Warn("the store's history could not be read; its deletion is held back until it can (the poller needs healthcare.fhirResources.get)",
+			"resource", name, "status", c)
+		return changedSince, time.Time{}, nil
+	}
+	var b struct {
+		Entry []struct {
+			Resource *struct {
+				Meta struct {
+					LastUpdated string `json:"lastUpdated"`
+				} `json:"meta"`
+			} `json:"resource"`
+			Request struct {
+				Method string `json:"method"`
+			} `json:"request"`
+			Response struct {
+				LastModified string `json:"lastModified"`
+			} `json:"response"`
+		} `json:"entry"`
+	}
+	if err := json.Unmarshal(body, &b); err != nil {
+		return 0, time.Time{}, fmt.Errorf("history of %s: %v: %w", name, err, errTransient)
+	}
+	found, deleted := false, false
+	var newest time.Time
+	for _, e := range b.Entry {
+		v := e.Response.LastModified
+		if v == "" && e.Resource != nil {
+			v = e.Resource.Meta.LastUpdated
+		}
+		t, err := time.Parse(time.RFC3339Nano, v)
+		if err != nil {
+			return 0, time.Time{}, fmt.Errorf("history of %s: a version without a time (%q): %w", name, v, errTransient)
+		}
+		if t.After(at) {
+			return changedSince, time.Time{}, nil
+		}
+		if !found || t.After(newest) {
+			found, newest, deleted = true, t, e.Resource == nil || e.Request.Method == http.MethodDelete
+		}
+	}
+	if !found {
+		return heldDeleted, time.Time{}, nil
+	}
+	if deleted {
+		return heldDeleted, newest, nil
+	}
+	return heldLive, time.Time{}, nil
+}
+
+// sameLines reports whether two deleted files list the same lines.
+func sameLines(a, b deletedLines) bool {
+	return slices.EqualFunc(a, b, func(x, y deletedBundle) bool {
+		return x.ID == y.ID && x.Entry[0].Request.URL == y.Entry[0].Request.URL
+	})
+}
+
+// parseTime parses an RFC 3339 time; zero when it is not one.
+func parseTime(v string) time.Time {
+	t, _ := time.Parse(time.RFC3339Nano, v)
+	return t
 }
 
 // deletedThroughKey is the deleted file's metadata naming its cursor's

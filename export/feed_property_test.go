@@ -1,14 +1,18 @@
 package export
 
-// The feed's replay rule as a property: random creates, updates, deletes and
-// re-creates on a model store, change notifications duplicated, reordered and
-// delayed past later runs, runs of several pipelines with different type sets
-// simulated by writing {dest}/{op}_{Type} objects from the model at their
-// createTime and finalized with writeFeed (some partial, some failed, some
-// retried after a crash). After the writes stop, every notification is
-// delivered and each pipeline finishes one more run, replaying all of a
-// pipeline's manifests in any order (newest time wins per Type/id) must give
-// the model store restricted to the pipeline's types.
+// The feed's contract as a property, read as a standard HL7 Bulk Data client
+// reads it: random creates, updates, deletes and re-creates of the same ids
+// in the Healthcare emulator, change notifications duplicated, reordered and
+// delayed past later runs, exports of several pipelines with different type
+// sets run by the emulator (fhirStores.export with _since and _type) while
+// writes and deletions go on, finalized with writeFeed (some partial, some
+// failed, some retried after a crash). After the writes stop, every
+// notification is delivered and each pipeline finishes one more run.
+// Replaying a pipeline's manifests in transactionTime order with the client's
+// rule (upsert every output resource, then remove every deleted one) must
+// give the store restricted to the pipeline's types; no manifest lists a
+// resource in both output and deleted, no deletion is listed twice, and no
+// deletion removes a version newer than itself.
 
 import (
 	"bufio"
@@ -34,6 +38,7 @@ import (
 var (
 	feedCases      = flag.Int("feed.cases", 30, "random cases of TestFeedReplayReproducesStore")
 	feedFaultCases = flag.Int("feed.faultcases", 10, "random cases of TestFeedReplayUnderFaults")
+	feedDebug      = flag.Bool("feed.debug", false, "log what the replay applies")
 	feedFaultRate  = flag.Float64("feed.faultrate", 0.1, "TestFeedReplayUnderFaults: fraction of the Exporter's Cloud Storage requests that fail")
 )
 
@@ -127,41 +132,35 @@ func (w *feedWorld) retry(t *testing.T, what string, call func() error) {
 	t.Fatalf("%s kept failing: %v", what, err)
 }
 
-// modelVersion is a resource's latest state in the model store.
-type modelVersion struct {
-	lastUpdated time.Time
-	present     bool
-}
-
 // modelPipeline is one incremental pipeline and its run in flight.
 type modelPipeline struct {
 	name      string
 	types     []string // nil: all
 	dir       string   // object prefix in exportsBkt
-	watermark time.Time
+	watermark string   // the last succeeded run's createTime
 	cursor    *deletionCursor
-	runs      int
 	flight    *pendingRecord
-	created   time.Time
-}
-
-func (p *modelPipeline) wants(typ string) bool {
-	return p.types == nil || slices.Contains(p.types, typ)
 }
 
 // queued is a notification waiting for delivery.
 type queued struct {
-	n        events.Notification
-	at       time.Time
-	redelivr bool
+	n  events.Notification
+	at time.Time
 }
 
 func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 	ctx := context.Background()
 	rng := rand.New(rand.NewPCG(seed, 0xfeed))
-	store := fmt.Sprintf("%s/datasets/feed%d/fhirStores/s", testLocation, seed)
+	dataset := fmt.Sprintf("%s/datasets/feed%d", testLocation, seed)
+	store := dataset + "/fhirStores/s"
+	if err := w.emu.CreateDataset(dataset); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.emu.CreateFHIRStore(store, "R4"); err != nil {
+		t.Fatal(err)
+	}
 	allTypes := []string{"Patient", "Observation", "Encounter"}
-	model := map[string]*modelVersion{}
+	present := map[string]bool{}
 	pipes := []*modelPipeline{
 		{name: "pat", types: []string{"Patient"}},
 		{name: "pat-obs", types: []string{"Patient", "Observation"}},
@@ -172,16 +171,20 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 	}
 	var queue []queued
 	msgs := 0
+	quiet := false // the writes have stopped
 
-	notify := func(action, typ, id string, at time.Time) {
+	notify := func(action, typ, id string, stamp time.Time) {
+		if *feedDebug {
+			t.Logf("write %s %s/%s at %s (msg %d)", action, typ, id, stamp.Format(time.RFC3339Nano), msgs+1)
+		}
 		msgs++
 		n := events.Notification{Resource: store + "/fhir/" + typ + "/" + id, ResourceType: typ, ID: id, Action: action, Store: store,
-			PayloadType: events.PayloadNameOnly, VersionID: fmt.Sprint(msgs), LastUpdated: at.Truncate(time.Second),
-			MessageID: fmt.Sprint(msgs), PublishTime: at.Add(time.Duration(rng.IntN(6)) * time.Millisecond)}
+			PayloadType: events.PayloadNameOnly, VersionID: fmt.Sprint(msgs), LastUpdated: stamp.Truncate(time.Second),
+			MessageID: fmt.Sprint(msgs), PublishTime: stamp.Add(time.Duration(1+rng.IntN(5)) * time.Millisecond)}
 		delays := []time.Duration{0, time.Second, 30 * time.Second, 3 * time.Minute, 25 * time.Minute}
-		queue = append(queue, queued{n: n, at: at.Add(delays[rng.IntN(len(delays))])})
+		queue = append(queue, queued{n: n, at: stamp.Add(delays[rng.IntN(len(delays))])})
 		if rng.IntN(5) == 0 { // Pub/Sub delivers at least once
-			queue = append(queue, queued{n: n, at: at.Add(delays[rng.IntN(len(delays))]), redelivr: true})
+			queue = append(queue, queued{n: n, at: stamp.Add(delays[rng.IntN(len(delays))])})
 		}
 	}
 	// deliver hands every due notification to RecordChange, in random order.
@@ -194,53 +197,47 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 				rest = append(rest, q)
 				continue
 			}
-			w.retry(t, "RecordChange", func() error { return w.x.RecordChange(ctx, q.n) })
+			if q.n.Action == events.ActionDelete {
+				w.retry(t, "RecordChange", func() error { return w.x.RecordChange(ctx, q.n) })
+			}
 		}
 		queue = rest
 	}
 	write := func() {
 		typ, id := allTypes[rng.IntN(len(allTypes))], fmt.Sprint(rng.IntN(2))
 		key := typ + "/" + id
-		now := w.clock.Now()
-		v := model[key]
-		switch {
-		case v == nil || !v.present:
-			model[key] = &modelVersion{lastUpdated: now, present: true}
-			notify(events.ActionCreate, typ, id, now)
-		case rng.IntN(2) == 0:
-			v.lastUpdated = now
-			notify(events.ActionUpdate, typ, id, now)
-		default:
-			v.lastUpdated, v.present = now, false
-			notify(events.ActionDelete, typ, id, now)
+		if present[key] && rng.IntN(2) == 1 {
+			if err := w.emu.DeleteResource(store, typ, id); err != nil {
+				t.Fatal(err)
+			}
+			present[key] = false
+			// The deletion's stamp is the store's newest: read it back.
+			notify(events.ActionDelete, typ, id, w.lastModified(t, store, key))
+			return
 		}
+		action := events.ActionUpdate
+		if !present[key] {
+			action = events.ActionCreate
+		}
+		data, err := w.emu.PutResource(store, []byte(fmt.Sprintf(`{"resourceType":%q,"id":%q,"language":%q}`, typ, id, []string{"en", "fr"}[rng.IntN(2)])))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r struct{ Meta struct{ LastUpdated string } }
+		json.Unmarshal(data, &r)
+		present[key] = true
+		notify(action, typ, id, mustTime(t, r.Meta.LastUpdated))
 	}
-	// start writes the run's objects from the model, as the export would.
+	// start asks the emulator for the pipeline's next export.
 	start := func(p *modelPipeline) {
-		p.runs++
-		op := fmt.Sprintf("%s/datasets/feed%d/operations/%s-%d", testLocation, seed, p.name, p.runs)
-		now := w.clock.Now()
-		lines := map[string]*bytes.Buffer{}
-		for key, v := range model {
-			typ, id, _ := strings.Cut(key, "/")
-			if !v.present || !p.wants(typ) || (!p.watermark.IsZero() && !v.lastUpdated.After(p.watermark)) {
-				continue
-			}
-			if lines[typ] == nil {
-				lines[typ] = &bytes.Buffer{}
-			}
-			fmt.Fprintf(lines[typ], `{"resourceType":%q,"id":%q,"meta":{"lastUpdated":%q}}`+"\n", typ, id, v.lastUpdated.Format(time.RFC3339Nano))
-		}
-		for typ, b := range lines {
-			w.put(t, exportsBkt, p.dir+"/"+op[strings.LastIndex(op, "/")+1:]+"_"+typ, b.String())
-		}
-		since := ""
-		if !p.watermark.IsZero() {
-			since = p.watermark.Format(time.RFC3339Nano)
+		req := &healthcare.ExportResourcesRequest{GcsDestination: &healthcare.GoogleCloudHealthcareV1FhirGcsDestination{
+			UriPrefix: "gs://" + exportsBkt + "/" + p.dir}, Since: p.watermark, Type: strings.Join(p.types, ",")}
+		op, err := w.hc.Projects.Locations.Datasets.FhirStores.Export(store, req).Context(ctx).Do()
+		if err != nil {
+			t.Fatal(err)
 		}
 		p.flight = &pendingRecord{Pipeline: p.name, Store: store, Destination: "gs://" + exportsBkt + "/" + p.dir, Types: p.types,
-			Since: since, Incremental: true, Operation: op}
-		p.created = now
+			Since: p.watermark, Incremental: true, Operation: op.Name}
 	}
 	finish := func(p *modelPipeline, outcome string) {
 		f := p.flight
@@ -248,27 +245,36 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 		if outcome == events.TypeFailed {
 			return
 		}
-		op := &healthcare.Operation{Name: f.Operation, Done: true}
-		meta := &healthcare.OperationMetadata{CreateTime: p.created.Format(time.RFC3339Nano), Counter: &healthcare.ProgressCounter{}}
+		op, err := w.hc.Projects.Locations.Datasets.Operations.Get(f.Operation).Context(ctx).Do()
+		if err != nil || !op.Done || op.Error != nil {
+			t.Fatalf("operation %s: %+v, %v", f.Operation, op, err)
+		}
+		var meta healthcare.OperationMetadata
+		if err := json.Unmarshal(op.Metadata, &meta); err != nil {
+			t.Fatal(err)
+		}
 		if outcome == events.TypePartial {
 			meta.Counter.Failure = 1
 		}
 		var res feedResult
 		w.retry(t, "writeFeed "+f.Operation, func() (err error) {
-			res, err = w.x.writeFeed(ctx, *f, op, meta, outcome, p.cursor)
+			res, err = w.x.writeFeed(ctx, *f, op, &meta, outcome, p.cursor)
 			return err
 		})
 		if rng.IntN(5) == 0 {
 			// A crash before the manifest was written: the retry runs later,
-			// with more notifications in.
-			base := strings.TrimPrefix(f.Destination, "gs://"+exportsBkt+"/") + "/" + op.Name[strings.LastIndex(op.Name, "/")+1:]
+			// with more notifications in and the store changed.
+			base := p.dir + "/" + op.Name[strings.LastIndex(op.Name, "/")+1:]
 			if err := w.st.Bucket(exportsBkt).Object(base + ".manifest.json").Delete(ctx); err != nil {
 				t.Fatal(err)
 			}
 			w.clock.Advance(time.Duration(rng.IntN(120)) * time.Second)
+			if !quiet {
+				write()
+			}
 			deliver(false)
 			w.retry(t, "writeFeed again "+f.Operation, func() (err error) {
-				res, err = w.x.writeFeed(ctx, *f, op, meta, outcome, p.cursor)
+				res, err = w.x.writeFeed(ctx, *f, op, &meta, outcome, p.cursor)
 				return err
 			})
 		}
@@ -276,7 +282,7 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 			if res.Cursor == nil {
 				t.Fatalf("succeeded incremental run %s returned no cursor", f.Operation)
 			}
-			p.watermark, p.cursor = p.created, res.Cursor
+			p.watermark, p.cursor = meta.CreateTime, res.Cursor
 		}
 	}
 	randomOutcome := func() string {
@@ -313,6 +319,7 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 
 	// Quiescence: the writes stop, runs in flight end, every notification
 	// arrives, and each pipeline finishes one more run.
+	quiet = true
 	for _, p := range pipes {
 		if p.flight != nil {
 			finish(p, randomOutcome())
@@ -327,81 +334,128 @@ func (w *feedWorld) replayCase(t *testing.T, seed uint64) {
 		finish(p, events.TypeSucceeded)
 	}
 
+	want := map[string]string{} // Type/id → meta.lastUpdated
+	for _, raw := range w.emu.Resources(store) {
+		var r struct {
+			ResourceType, ID string
+			Meta             struct{ LastUpdated string }
+		}
+		json.Unmarshal(raw, &r)
+		want[r.ResourceType+"/"+r.ID] = r.Meta.LastUpdated
+	}
 	for _, p := range pipes {
-		got := w.replay(t, rng, p.dir)
-		for key, v := range model {
-			typ, _, _ := strings.Cut(key, "/")
-			if !p.wants(typ) {
-				continue
-			}
-			g, ok := got[key]
-			switch {
-			case v.present && (!ok || !g.present || !g.lastUpdated.Equal(v.lastUpdated)):
-				t.Errorf("pipeline %s: %s is in the store (lastUpdated %s), replay has %+v", p.name, key, v.lastUpdated.Format(time.RFC3339Nano), g)
-			case !v.present && ok && g.present:
-				t.Errorf("pipeline %s: %s was deleted at %s, replay has it (lastUpdated %s)", p.name, key, v.lastUpdated.Format(time.RFC3339Nano), g.lastUpdated.Format(time.RFC3339Nano))
+		got := w.replay(t, p.dir)
+		for key, lu := range want {
+			if typ, _, _ := strings.Cut(key, "/"); p.wants(typ) && got[key] != lu {
+				t.Errorf("pipeline %s: %s is in the store (lastUpdated %s); the replay has %q", p.name, key, lu, got[key])
 			}
 		}
-		for key, g := range got {
-			if typ, _, _ := strings.Cut(key, "/"); g.present && (!p.wants(typ) || model[key] == nil) {
-				t.Errorf("pipeline %s: replay has %s, which the pipeline never should", p.name, key)
+		for key, lu := range got {
+			if typ, _, _ := strings.Cut(key, "/"); want[key] == "" || !p.wants(typ) {
+				t.Errorf("pipeline %s: the replay has %s (lastUpdated %s), which the store does not (or the pipeline must not)", p.name, key, lu)
 			}
 		}
 	}
 }
 
-// replay applies every manifest under dir, in random order, to an empty map:
-// each output line upserts at its meta.lastUpdated, each deleted entry removes
-// at its Bundle's meta.lastUpdated; the newest time wins.
-func (w *feedWorld) replay(t *testing.T, rng *rand.Rand, dir string) map[string]modelVersion {
+func (p *modelPipeline) wants(typ string) bool {
+	return p.types == nil || slices.Contains(p.types, typ)
+}
+
+// lastModified is the time of a resource's newest version, from its history.
+func (w *feedWorld) lastModified(t *testing.T, store, key string) time.Time {
 	t.Helper()
-	var manifests []string
+	resp, err := w.hc.Projects.Locations.Datasets.FhirStores.Fhir.History(store + "/fhir/" + key).Count(1).Do()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var b struct {
+		Entry []struct{ Response struct{ LastModified string } }
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&b); err != nil || len(b.Entry) != 1 {
+		t.Fatalf("history of %s: %d %v", key, resp.StatusCode, err)
+	}
+	return mustTime(t, b.Entry[0].Response.LastModified)
+}
+
+// replay is a standard Bulk Data client: it fetches every manifest under
+// dir over its URL, in transactionTime order, and applies each one: every
+// output resource upserted, then every deleted one removed. It returns
+// Type/id → meta.lastUpdated of what it holds, and checks the IG's rules a
+// client relies on: no resource both in a manifest's output and its deleted
+// file, no deletion (tombstone) listed twice, and no deletion of a version
+// newer than the deletion itself.
+func (w *feedWorld) replay(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	type run struct {
+		m   bulkManifest
+		url string
+	}
+	var runs []run
 	for _, name := range w.objects(t, exportsBkt, dir+"/") {
 		if strings.HasSuffix(name, ".manifest.json") {
-			manifests = append(manifests, "gs://"+exportsBkt+"/"+name)
+			u := w.x.fileURL(exportsBkt, name)
+			runs = append(runs, run{m: w.manifest(t, u), url: u})
 		}
 	}
-	rng.Shuffle(len(manifests), func(i, j int) { manifests[i], manifests[j] = manifests[j], manifests[i] })
-	got := map[string]modelVersion{}
-	apply := func(key string, at time.Time, present bool) {
-		cur, ok := got[key]
-		if ok && at.Equal(cur.lastUpdated) && present != cur.present {
-			t.Errorf("replay: %s upserted and deleted at the same instant %s", key, at.Format(time.RFC3339Nano))
+	slices.SortFunc(runs, func(a, b run) int {
+		return mustTime(t, a.m.TransactionTime).Compare(mustTime(t, b.m.TransactionTime))
+	})
+	held := map[string]string{}
+	listed := map[string]string{} // tombstone key → the manifest that listed it
+	for _, r := range runs {
+		if *feedDebug {
+			t.Logf("manifest %s T=%s since=%s outputs=%d deleted=%v", r.m.Extension.Operation[strings.LastIndex(r.m.Extension.Operation, "/")+1:], r.m.TransactionTime, r.m.Extension.Since, len(r.m.Output), r.m.Deleted)
 		}
-		if !ok || at.After(cur.lastUpdated) {
-			got[key] = modelVersion{lastUpdated: at, present: present}
-		}
-	}
-	for _, u := range manifests {
-		m := w.manifest(t, u)
-		for _, o := range m.Output {
+		out := map[string]bool{}
+		for _, o := range r.m.Output {
 			sc := bufio.NewScanner(bytes.NewReader(w.read(t, o.URL)))
+			sc.Buffer(nil, 1<<20)
 			for sc.Scan() {
-				var r struct {
+				var res struct {
 					ResourceType string `json:"resourceType"`
 					ID           string `json:"id"`
 					Meta         struct {
 						LastUpdated string `json:"lastUpdated"`
 					} `json:"meta"`
 				}
-				if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+				if err := json.Unmarshal(sc.Bytes(), &res); err != nil {
 					t.Fatal(err)
 				}
-				if r.ResourceType != o.Type {
-					t.Errorf("%s: a %s in the %s output", u, r.ResourceType, o.Type)
+				if res.ResourceType != o.Type {
+					t.Errorf("%s: a %s in the %s output", r.url, res.ResourceType, o.Type)
 				}
-				apply(r.ResourceType+"/"+r.ID, mustTime(t, r.Meta.LastUpdated), true)
+				key := res.ResourceType + "/" + res.ID
+				held[key], out[key] = res.Meta.LastUpdated, true
+				if *feedDebug {
+					t.Logf("  output %s %s", key, res.Meta.LastUpdated)
+				}
 			}
 		}
-		for _, d := range m.Deleted {
+		for _, d := range r.m.Deleted {
 			bs := w.bundles(t, d.URL)
-			if d.Count == nil || *d.Count != int64(len(bs)) {
-				t.Errorf("%s: deleted count %v, file has %d lines", u, d.Count, len(bs))
+			if d.Type != "Bundle" || d.Count == nil || *d.Count != int64(len(bs)) {
+				t.Errorf("%s: deleted item %+v, file has %d lines", r.url, d, len(bs))
 			}
 			for _, b := range bs {
-				apply(b.Entry[0].Request.URL, mustTime(t, b.Meta.LastUpdated), false)
+				key := b.Entry[0].Request.URL
+				if out[key] {
+					t.Errorf("%s: %s is in both output and deleted", r.url, key)
+				}
+				if prev := listed[b.ID]; prev != "" {
+					t.Errorf("%s: the deletion %s of %s was listed before, by %s", r.url, b.ID, key, prev)
+				}
+				listed[b.ID] = r.url
+				if *feedDebug {
+					t.Logf("  deleted %s %s", key, b.Meta.LastUpdated)
+				}
+				if lu, ok := held[key]; ok && mustTime(t, lu).After(mustTime(t, b.Meta.LastUpdated)) {
+					t.Errorf("%s: deletes %s (deleted %s), but the client holds a newer version (lastUpdated %s)", r.url, key, b.Meta.LastUpdated, lu)
+				}
+				delete(held, key)
 			}
 		}
 	}
-	return got
+	return held
 }

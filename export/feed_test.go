@@ -28,6 +28,7 @@ import (
 	"google.golang.org/api/option"
 
 	"github.com/fhirexport/fhirexport/events"
+	"github.com/fhirexport/fhirexport/healthcaretest"
 	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 
@@ -46,11 +47,14 @@ func (c *testClock) Advance(d time.Duration) {
 	c.t = c.t.Add(d)
 }
 
-// feedWorld is fake-gcs-server, a storage client and an Exporter that needs
-// neither the Healthcare API nor Pub/Sub.
+// feedWorld is fake-gcs-server, a storage client, the Healthcare emulator on
+// the same clock (the Exporter reads resource history from it) and an
+// Exporter that needs no Pub/Sub.
 type feedWorld struct {
 	x      *Exporter
 	st     *storage.Client
+	hc     *healthcare.Service
+	emu    *healthcaretest.Server
 	clock  *testClock
 	gcsURL string // the stack's Cloud Storage
 	again  int    // calls made again after a failure (feedWorld.retry)
@@ -58,11 +62,11 @@ type feedWorld struct {
 
 func newFeedWorld(t *testing.T) *feedWorld {
 	t.Helper()
-	s := stacktest.New(t, stacktest.Options{Buckets: []string{"state", exportsBkt}})
 	clock := &testClock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)}
-	x := newFeedExporter(t, s.Storage, clock)
+	s := stacktest.New(t, stacktest.Options{Buckets: []string{"state", exportsBkt}, Healthcare: healthcaretest.Options{Clock: clock}})
+	x := newFeedExporter(t, s.Storage, s.HealthcareService, clock)
 	x.FileURL = EmulatorFileURL(s.GCSURL)
-	return &feedWorld{x: x, st: s.Storage, clock: clock, gcsURL: s.GCSURL}
+	return &feedWorld{x: x, st: s.Storage, hc: s.HealthcareService, emu: s.Healthcare, clock: clock, gcsURL: s.GCSURL}
 }
 
 // newFeedWorldFronted is newFeedWorld with the Exporter's Cloud Storage
@@ -79,18 +83,18 @@ func newFeedWorldFronted(t *testing.T, front func(http.Handler) http.Handler) *f
 	}
 	st.SetRetry(storage.WithBackoff(gax.Backoff{Initial: time.Millisecond, Max: 20 * time.Millisecond}))
 	t.Cleanup(func() { st.Close() })
-	w.x = newFeedExporter(t, st, w.clock)
+	w.x = newFeedExporter(t, st, w.hc, w.clock)
 	w.x.FileURL = EmulatorFileURL(w.gcsURL) // a client fetches from the storage itself
 	return w
 }
 
-func newFeedExporter(t *testing.T, st *storage.Client, clock *testClock) *Exporter {
+func newFeedExporter(t *testing.T, st *storage.Client, hc *healthcare.Service, clock *testClock) *Exporter {
 	t.Helper()
 	policy, err := ParsePolicy(testLocation+"/datasets/*/fhirStores/*", "gs://"+exportsBkt)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return New(nil, NewState(st, "state", "fx"), nil, policy, clock.Now)
+	return New(hc, NewState(st, "state", "fx"), nil, policy, clock.Now)
 }
 
 // deletion is a DeleteResource notification of store/fhir/typ/id at `at`,
@@ -234,7 +238,7 @@ func TestRecordChangeCheapPaths(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	x := newFeedExporter(t, st, &testClock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)})
+	x := newFeedExporter(t, st, nil, &testClock{t: time.Date(2026, 11, 26, 10, 0, 0, 0, time.UTC)})
 	at := time.Date(2026, 11, 26, 9, 0, 0, 0, time.UTC)
 	for _, action := range []string{events.ActionCreate, events.ActionUpdate, events.ActionPatch} {
 		n := deletion("Patient", "p-1", at, 0, "m")
@@ -307,7 +311,7 @@ func TestWriteFeedManifest(t *testing.T) {
 		"error":   []any{map[string]any{"type": "OperationOutcome", "url": web + ".error.ndjson?alt=media"}},
 		"extension": map[string]any{
 			"operation": op.Name, "pipeline": "n-pipe", "name": "pipe", "store": feedStore,
-			"types": []any{"Patient", "Observation"}, "since": "2026-11-25T00:00:00Z", "outcome": "partial",
+			"types": []any{"Patient", "Observation"}, "since": "2026-11-25T00:00:00Z", "outcome": "partial", "snapshot": false,
 			"counters": map[string]any{"success": 10.0, "failure": 2.0, "pending": 0.0},
 			"logsUrl":  meta.LogsUrl, "trigger": map[string]any{"source": "//test", "id": "t-op-1"},
 			"gcs": map[string]any{
@@ -436,7 +440,7 @@ func TestWriteFeedDeletions(t *testing.T) {
 	record(late)
 	// A writer that began before run 2 listed, and finished after: its
 	// recordedAt is before run 2's cursor.
-	slow := newFeedExporter(t, w.st, &testClock{t: ct2.Add(-3 * time.Minute)})
+	slow := newFeedExporter(t, w.st, w.hc, &testClock{t: ct2.Add(-3 * time.Minute)})
 	inFlight := deletion("Observation", "slow", ct2.Add(-4*time.Minute), 5*time.Millisecond, "7")
 	if err := slow.RecordChange(ctx, inFlight); err != nil {
 		t.Fatal(err)
@@ -716,5 +720,94 @@ func TestFileURLs(t *testing.T) {
 		if got := string(fetch(t, u)); got != `{"resourceType":"Patient","id":"1"}`+"\n" {
 			t.Errorf("GET %s = %q", u, got)
 		}
+	}
+}
+
+// TestWriteFeedDeletionsFollowHistory: a run's deleted file follows what the
+// store held at its transactionTime (fhir.history), not notification times:
+// a resource deleted and re-created before the run is not deleted beside its
+// new version (and never later, however late its notification); one deleted
+// while the export ran is deferred to the next run; one deleted before the
+// run and gone since is listed, at the store's own deletion time.
+func TestWriteFeedDeletionsFollowHistory(t *testing.T) {
+	t.Parallel()
+	w := newFeedWorld(t)
+	ctx := context.Background()
+	if err := w.emu.CreateDataset(testLocation + "/datasets/d"); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.emu.CreateFHIRStore(feedStore, "R4"); err != nil {
+		t.Fatal(err)
+	}
+	put := func(id string) {
+		if _, err := w.emu.PutResource(feedStore, []byte(`{"resourceType":"Patient","id":"`+id+`"}`)); err != nil {
+			t.Fatal(err)
+		}
+		w.clock.Advance(time.Second)
+	}
+	del := func(id string) events.Notification {
+		if err := w.emu.DeleteResource(feedStore, "Patient", id); err != nil {
+			t.Fatal(err)
+		}
+		n := deletion("Patient", id, w.lastModified(t, feedStore, "Patient/"+id), 3*time.Millisecond, "m-"+id+w.clock.Now().Format("150405"))
+		w.clock.Advance(time.Second)
+		return n
+	}
+	record := func(n events.Notification) {
+		if err := w.x.RecordChange(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put("recreated")
+	put("during")
+	put("gone")
+	lateRecreated := del("recreated")
+	put("recreated")
+	goneDeletion := del("gone")
+	record(goneDeletion)
+
+	dest := "gs://" + exportsBkt + "/hist"
+	t1 := w.clock.Now()
+	w.clock.Advance(time.Second)
+	duringDeletion := del("during") // while the export runs
+	record(duringDeletion)
+	w.clock.Advance(time.Minute)
+	p, op, meta := feedRun(dest, "op-h1", t1, nil, true, 0)
+	p.Store = feedStore
+	res, err := w.x.writeFeed(ctx, p, op, meta, events.TypeSucceeded, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	goneAt := w.lastModified(t, feedStore, "Patient/gone").Format(time.RFC3339Nano)
+	if diff := cmp.Diff([]string{"Patient/gone@" + goneAt}, w.deletedIn(t, res)); diff != "" {
+		t.Errorf("first run's deletions (-want +got):\n%s", diff)
+	}
+	if res.Cursor == nil || len(res.Cursor.Deferred) != 1 || res.Cursor.Deferred[0].ID != "during" {
+		t.Fatalf("cursor %+v; want Patient/during deferred", res.Cursor)
+	}
+
+	// The re-created resource's deletion arrives late; the next run lists
+	// the deletion made during the first export, and never that one.
+	w.clock.Advance(time.Hour)
+	record(lateRecreated)
+	t2 := w.clock.Now()
+	w.clock.Advance(time.Minute)
+	p2, op2, meta2 := feedRun(dest, "op-h2", t2, nil, true, 0)
+	p2.Store, p2.Since = feedStore, t1.Format(time.RFC3339Nano)
+	res2, err := w.x.writeFeed(ctx, p2, op2, meta2, events.TypeSucceeded, res.Cursor)
+	if err != nil {
+		t.Fatal(err)
+	}
+	duringAt := w.lastModified(t, feedStore, "Patient/during").Format(time.RFC3339Nano)
+	if diff := cmp.Diff([]string{"Patient/during@" + duringAt}, w.deletedIn(t, res2)); diff != "" {
+		t.Errorf("second run's deletions (-want +got):\n%s", diff)
+	}
+	if res2.Cursor == nil || len(res2.Cursor.Deferred) != 0 {
+		t.Errorf("cursor %+v; want nothing deferred", res2.Cursor)
+	}
+	// The first run had no _since: a full snapshot a consumer may
+	// re-baseline on; the second is an increment.
+	if s1, s2 := w.manifest(t, res.ManifestURL).Extension.Snapshot, w.manifest(t, res2.ManifestURL).Extension.Snapshot; !s1 || s2 {
+		t.Errorf("extension.snapshot %v then %v; want true for the run without _since, false after", s1, s2)
 	}
 }

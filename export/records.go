@@ -183,4 +183,16 @@ func SourceOf(store string) string { return "//healthcare.googleapis.com/" + sto
 type deletionCursor struct {
 	Through time.Time `json:"through"`
 	Recent  []string  `json:"recent,omitempty"`
+	// Deferred are tombstones given to the pipeline but not yet decided:
+	// their resource changed after the run's transactionTime, so neither
+	// listing nor dropping them was sound yet. The next run decides them.
+	Deferred []deferredDeletion `json:"deferred,omitempty"`
+}
+
+// deferredDeletion is a tombstone a later run decides.
+type deferredDeletion struct {
+	Key     string    `json:"key"`
+	Type    string    `json:"type"`
+	ID      string    `json:"id"`
+	Deleted time.Time `json:"deleted"`
 }
