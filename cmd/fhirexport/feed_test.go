@@ -273,8 +273,9 @@ func TestFeedPull(t *testing.T) {
 
 	full := s.exportRun(t, "full")
 
-	// Updates, creations and deletions (TestFeedPullRecreated re-creates
-	// deleted resources).
+	// Updates, creations and deletions, a resource deleted and re-created
+	// with the same id among them (TestFeedPullRecreated: its deletion
+	// recorded late).
 	_, p := s.first(t, "Patient")
 	p["gender"] = "other"
 	delete(p, "meta")
@@ -284,6 +285,12 @@ func TestFeedPull(t *testing.T) {
 	s.put(t, `{"resourceType":"Organization","id":"org-1","name":"New"}`)
 	oid, _ := s.first(t, "Observation")
 	s.del(t, "Observation", oid)
+	eid, e := s.first(t, "Encounter")
+	s.del(t, "Encounter", eid)
+	delete(e, "meta")
+	e["status"] = "cancelled"
+	ej, _ := json.Marshal(e)
+	s.put(t, string(ej))
 	inc := s.exportRun(t, "increment-1")
 
 	sum, errOut, code := s.pull(t, ctx, dir)
