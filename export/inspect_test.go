@@ -350,3 +350,40 @@ func TestInspectorSkipsCorruptRecords(t *testing.T) {
 		t.Errorf("the corrupt record is not named:\n%s", buf.String())
 	}
 }
+
+// TestRejectionIsRecorded: a rejected trigger leaves a run record holding its
+// event, which Show finds by trigger id; a redelivery publishes the same event
+// again and changes nothing.
+func TestRejectionIsRecorded(t *testing.T) {
+	t.Parallel()
+	w := newWorld(t)
+	store := w.store(t)
+	ctx := context.Background()
+	spec, _ := json.Marshal(map[string]any{"fhirStore": store, "name": "leak", "gcsDestination": map[string]any{"uriPrefix": "gs://elsewhere/x"}})
+	trig := events.Trigger{Source: "//test", ID: "t-foreign", Spec: spec}
+	for range 2 {
+		if err := w.x.Start(ctx, trig, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var ids []string
+	for _, m := range w.ps.Messages() {
+		ids = append(ids, m.Attributes["ce-type"]+" "+m.Attributes["ce-id"])
+	}
+	if len(ids) != 2 || ids[0] != ids[1] || !strings.HasPrefix(ids[0], events.TypeRejected) {
+		t.Fatalf("events %q; want the same rejected event twice", ids)
+	}
+	in := NewInspector(w.x.state, nil, w.clock.Now)
+	d, err := in.Show(ctx, "t-foreign")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Run.ID != RunKey("//test", "t-foreign") || d.Run.Status != RunRejected || d.Run.Final == nil || d.Run.Final.ID != strings.Fields(ids[0])[1] ||
+		d.Run.Final.Data.Error == nil || d.Run.Final.Data.Error.Code != 7 || d.Run.Store != store || d.Run.Pipeline == "" || len(d.Run.Spec) == 0 {
+		t.Errorf("Show(t-foreign) = %+v (final %+v)", d.Run, d.Run.Final)
+	}
+	// Its pipeline is not one: it never ran.
+	if _, err := in.Pipeline(ctx, d.Run.Pipeline); !errors.Is(err, ErrUnknownPipeline) {
+		t.Errorf("Pipeline of a rejected run: %v, want ErrUnknownPipeline", err)
+	}
+}

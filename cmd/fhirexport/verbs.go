@@ -358,6 +358,9 @@ func (inv *invocation) printDetail(d export.RunDetail) {
 		if f.Data.Manifest != "" {
 			row("manifest", "%s", f.Data.Manifest)
 		}
+		if u := f.Data.ManifestURL; u != "" && u != f.Data.Manifest {
+			row("manifest url", "%s", u)
+		}
 		if f.Data.Deleted != nil {
 			row("deleted", "%d resources", *f.Data.Deleted)
 		}
