@@ -40,6 +40,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/fhirexport/fhirexport/bulkdatatest"
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/export"
 	"github.com/fhirexport/fhirexport/healthcaretest"
@@ -158,7 +159,51 @@ func run(m *testing.M) (int, error) {
 		fmt.Fprintln(os.Stderr, "FAIL: published events do not match deploy/schemas:", err)
 		return 1, nil
 	}
+	if n, err := checkManifests(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "FAIL: manifests the tests wrote break the Bulk Data IG:", err)
+		return 1, nil
+	} else if code == 0 && n == 0 && !testing.Short() && flag.Lookup("test.run").Value.String() == "" {
+		fmt.Fprintln(os.Stderr, "FAIL: the suite wrote no manifest to check")
+		return 1, nil
+	}
 	return code, nil
+}
+
+// checkManifests reads every manifest the suite's runs wrote and checks it
+// against the Bulk Data IG's Complete Status rules as a client reads it,
+// fetching each file at its advertised URL (bulkdatatest.Check). It returns
+// how many it checked.
+func checkManifests(ctx context.Context) (int, error) {
+	env.gcsFail.disarm()
+	it := env.storage.Bucket(exportBucket).Objects(ctx, nil)
+	var errs []error
+	n := 0
+	for {
+		a, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			break
+		}
+		if err != nil {
+			return n, err
+		}
+		if !strings.HasSuffix(a.Name, ".manifest.json") {
+			continue
+		}
+		r, err := env.storage.Bucket(exportBucket).Object(a.Name).NewReader(ctx)
+		if err != nil {
+			return n, err
+		}
+		data, err := io.ReadAll(r)
+		r.Close()
+		if err != nil {
+			return n, err
+		}
+		n++
+		for _, err := range bulkdatatest.Check(ctx, nil, data) {
+			errs = append(errs, fmt.Errorf("gs://%s/%s: %w", exportBucket, a.Name, err))
+		}
+	}
+	return n, errors.Join(errs...)
 }
 
 // checkEventSchemas validates the data of every event the tests saw against
@@ -334,6 +379,14 @@ func (g *gcsFaults) failNext(method, contains string, n int) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.rules = append(g.rules, gcsRule{method, contains, n})
+}
+
+// disarm drops every fault still armed.
+func (g *gcsFaults) disarm() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.rules = nil
+	g.around.Store(nil)
 }
 
 // armed counts the failures not injected yet.

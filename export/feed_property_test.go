@@ -32,6 +32,7 @@ import (
 
 	healthcare "google.golang.org/api/healthcare/v1"
 
+	"github.com/fhirexport/fhirexport/bulkdatatest"
 	"github.com/fhirexport/fhirexport/events"
 )
 
@@ -396,6 +397,10 @@ func (w *feedWorld) replay(t *testing.T, dir string) map[string]string {
 	for _, name := range w.objects(t, exportsBkt, dir+"/") {
 		if strings.HasSuffix(name, ".manifest.json") {
 			u := w.x.fileURL(exportsBkt, name)
+			// Every manifest keeps the IG's Complete Status rules.
+			for _, err := range bulkdatatest.Check(context.Background(), nil, w.read(t, u)) {
+				t.Errorf("%s: %v", name, err)
+			}
 			runs = append(runs, run{m: w.manifest(t, u), url: u})
 		}
 	}

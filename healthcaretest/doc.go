@@ -4,7 +4,8 @@
 // An [Emulator] is an [http.Handler] that answers the REST paths the real
 // google.golang.org/api/healthcare/v1 client sends: datasets (create, get,
 // list, patch, delete), FHIR stores (create, get, list, patch, delete), the
-// FHIR REST interactions create, update, patch (JSON Patch), read, delete,
+// FHIR REST interactions create, update, patch (JSON Patch), read, vread,
+// history (every version, deleted ones included), delete,
 // capabilities (metadata) and executeBundle (batch and transaction),
 // fhirStores.export to Cloud Storage (through a real cloud.google.com/go/storage
 // client, e.g. on fake-gcs-server) or to an in-memory BigQuery model, and the

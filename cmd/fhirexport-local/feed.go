@@ -15,6 +15,7 @@ import (
 
 	"cloud.google.com/go/storage"
 
+	"github.com/fhirexport/fhirexport/bulkdatatest"
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/healthcaretest"
 )
@@ -80,6 +81,11 @@ func (st *stack) verifyFeed(ctx context.Context, ev received, files []ndjsonFile
 	}
 	if err := json.Unmarshal(data, &fc.m); err != nil {
 		return fc, fmt.Errorf("manifest %s is not JSON: %v", d.Manifest, err)
+	}
+	// As a Bulk Data client reads it: the IG's Complete Status rules, every
+	// file fetched at its url.
+	if errs := bulkdatatest.Check(ctx, nil, data); len(errs) > 0 {
+		return fc, fmt.Errorf("manifest %s breaks the Bulk Data IG: %w", d.Manifest, errors.Join(errs...))
 	}
 	m := fc.m
 	if m.TransactionTime == "" || !m.RequiresAccessToken {
