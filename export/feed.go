@@ -394,6 +394,12 @@ func (x *Exporter) writeFeed(ctx context.Context, p pendingRecord, op *healthcar
 	if c == nil {
 		c = &healthcare.ProgressCounter{}
 	}
+	if len(outputs) == 1 && meta.Counter != nil && c.Pending == 0 {
+		// The operation counts resources, not per type: with one file, its
+		// success counter is that file's count, known without reading it.
+		n := c.Success
+		outputs[0].Count = &n
+	}
 	gcs := &gcsFiles{Manifest: res.Manifest, Output: outputs, Deleted: []events.Output{}, Error: []events.Output{}}
 	m := bulkManifest{
 		TransactionTime: normalizeTime(meta.CreateTime), Request: exportRequestURL(p), RequiresAccessToken: true,

@@ -27,6 +27,7 @@ import (
 	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
 
+	"github.com/fhirexport/fhirexport/bulkdatatest"
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/healthcaretest"
 	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
@@ -809,5 +810,27 @@ func TestWriteFeedDeletionsFollowHistory(t *testing.T) {
 	// re-baseline on; the second is an increment.
 	if s1, s2 := w.manifest(t, res.ManifestURL).Extension.Snapshot, w.manifest(t, res2.ManifestURL).Extension.Snapshot; !s1 || s2 {
 		t.Errorf("extension.snapshot %v then %v; want true for the run without _since, false after", s1, s2)
+	}
+}
+
+// TestWriteFeedOutputCount: an output item has count when it is known
+// without reading the file: a run with one output file, whose operation's
+// success counter counts exactly its resources.
+func TestWriteFeedOutputCount(t *testing.T) {
+	t.Parallel()
+	w := newFeedWorld(t)
+	ctx := context.Background()
+	w.put(t, exportsBkt, "c/op-c_Patient", strings.Repeat(`{"resourceType":"Patient","id":"1"}`+"\n", 10))
+	p, op, meta := feedRun("gs://"+exportsBkt+"/c", "op-c", w.clock.Now(), []string{"Patient"}, false, 0)
+	res, err := w.x.writeFeed(ctx, p, op, meta, events.TypeSucceeded, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := w.manifest(t, res.ManifestURL)
+	if len(m.Output) != 1 || m.Output[0].Count == nil || *m.Output[0].Count != 10 {
+		t.Fatalf("output %+v; want one item with count 10", m.Output)
+	}
+	for _, err := range bulkdatatest.Check(ctx, nil, w.read(t, res.ManifestURL)) {
+		t.Error(err)
 	}
 }
