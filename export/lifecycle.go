@@ -38,8 +38,9 @@ package export
 //	            redelivery resumes from the last cursor; claims make it idempotent.
 //	claim       create runs/{run} (DoesNotExist). Exists: resume by status.
 //	reject      create runs/{run} rejected with Final (DoesNotExist: a claim or an
-//	            earlier rejection wins), then the rejected event. A redelivery
-//	            rejects again, or resumes the rejected run: it re-publishes Final.
+//	            earlier rejection wins; a failed write is only logged), then the
+//	            rejected event. A redelivery rejects again, or resumes the rejected
+//	            run: it re-publishes Final.
 //	admit       read pending/{pipeline}; free: list slots/, and while fewer are held
 //	            (any number) than MAX_RUNNING, create slots/{n} (DoesNotExist), then
 //	            create pending/{pipeline} (DoesNotExist). Crash between: the slot has no

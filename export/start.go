@@ -254,8 +254,10 @@ func (x *Exporter) reject(ctx context.Context, log *slog.Logger, trig events.Tri
 		ID: eventID("rejected", trig.Source, trig.ID, store), Type: events.TypeRejected, Source: source,
 		Subject: trig.ID, Time: triggerTime(trig, x.now), Data: data,
 	}
+	// The record is for operators: a rejection stands without it, so a
+	// state bucket that cannot be written does not hold the trigger back.
 	if err := x.recordRejection(ctx, trig, spec, store, ev); err != nil {
-		return err
+		log.Warn("rejected trigger not recorded; fhirexport show will not find it", "error", err.Error())
 	}
 	return x.outcome(ctx, ev)
 }

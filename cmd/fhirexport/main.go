@@ -10,6 +10,7 @@
 //	fhirexport rerun RUN --topic projects/P/topics/fhirexport-requests
 //	fhirexport watermark show|set|reset PIPELINE
 //	fhirexport feed pull PIPELINE --dir DIR
+//	fhirexport completion bash|zsh|fish|powershell
 //
 // It uses Application Default Credentials, or the local stack's emulators
 // through STORAGE_EMULATOR_HOST, PUBSUB_EMULATOR_HOST and an http://
