@@ -40,6 +40,8 @@ type Options struct {
 	// unset or fails, notifications are logged and dropped (the FHIR write
 	// still succeeds, as on the service).
 	PubSub *pubsub.Client
+	// ListOrder is the order of operations.list (default OldestFirst).
+	ListOrder ListOrder
 	// DeterministicIDs makes operation ids and server-assigned resource ids
 	// the same in every run (for golden files). By default they start from a
 	// random base per emulator, so ids from a restarted emulator never collide
@@ -99,6 +101,7 @@ type Emulator struct {
 	faults         map[string][]*fault
 	forced         []Outcome
 	exports        []Export
+	listOrder      ListOrder
 	peakRunning    int
 	peakByProject  map[string]int
 	outbox         []Notification // committed, not yet published
@@ -127,6 +130,7 @@ func New(opts Options) *Emulator {
 		exportDuration: opts.ExportDuration,
 		exportSteps:    opts.ExportSteps,
 		maxRunning:     opts.MaxRunningOperations,
+		listOrder:      opts.ListOrder,
 		storage:        opts.Storage,
 		datasets:       map[string]*dataset{},
 		stores:         map[string]*fhirStore{},

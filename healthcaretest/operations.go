@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -33,6 +34,12 @@ type operation struct {
 // newOperation registers an operation of dataset d created now. The caller
 // holds e.mu.
 func (e *Emulator) newOperation(d *dataset, apiMethod string) *operation {
+	return e.registerOperation(d, apiMethod, e.stamp())
+}
+
+// registerOperation adds an operation of dataset d created at createTime.
+// The caller holds e.mu.
+func (e *Emulator) registerOperation(d *dataset, apiMethod string, createTime time.Time) *operation {
 	e.opSeq++
 	id := strconv.FormatUint(e.opBase+e.opSeq*1_000_003, 10)
 	op := &operation{
@@ -41,7 +48,7 @@ func (e *Emulator) newOperation(d *dataset, apiMethod string) *operation {
 		project:    strings.Join(strings.Split(d.name, "/")[:2], "/"),
 		ds:         d,
 		apiMethod:  apiMethod,
-		createTime: e.stamp(),
+		createTime: createTime,
 	}
 	e.ops[op.name] = op
 	d.ops = append(d.ops, op)
@@ -136,8 +143,8 @@ func handleOperationsGet(e *Emulator, w http.ResponseWriter, r *http.Request, c 
 	writeJSON(w, 200, e.operationJSON(op))
 }
 
-// handleOperationsList lists a dataset's operations in creation order, in
-// pages. The service documents no filter fields: the v1 REST reference of
+// handleOperationsList lists a dataset's operations in pages, in creation
+// order or newest first (SetListOrder). The service documents no filter fields: the v1 REST reference of
 // projects.locations.datasets.operations.list shows only pageSize and
 // pageToken, and the discovery document calls filter "The standard list
 // filter". The emulator accepts done=true and done=false (the AIP-160 form
@@ -159,6 +166,9 @@ func handleOperationsList(e *Emulator, w http.ResponseWriter, r *http.Request, c
 	var ops []*operation
 	if d != nil {
 		ops = append(ops, d.ops...)
+		if e.listOrder == NewestFirst {
+			slices.Reverse(ops)
+		}
 	}
 	e.mu.Unlock()
 	if d == nil {
