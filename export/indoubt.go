@@ -15,91 +15,99 @@ import (
 	"cloud.google.com/go/storage"
 )
 
-// callSkew widens the window in which an operation of a lost export answer
-// may have been created: our clock against the service's.
-const callSkew = 2 * time.Minute
+// DefaultCallSkew is CallSkew's default: how far our clock and the
+// service's may disagree. Both are kept by NTP on Google's infrastructure;
+// two minutes is far beyond what either drifts.
+const DefaultCallSkew = 2 * time.Minute
+
+// listPageSize is the page size of operations.list: one request per 100
+// operations of the dataset, paid only by a run in doubt.
+const listPageSize = 100
 
 // findOperation looks for the export operation a starting run may have
-// started: ExportResources operations of the store's dataset created since
-// the attempt began (operations.list; OperationMetadata does not name the
-// store). It returns the operation owned by this run (operations/{op} names
-// it) or the only one nobody owns; otherwise how many unowned candidates it
-// could not tell apart. Cloud Storage output ({destination}/{opID}_*) tells
-// candidates apart once they have written it.
+// started among the ExportResources operations of the store's dataset
+// (operations.list; OperationMetadata does not name the store). It returns
+// the operation owned by this run (operations/{op} names it) or the only one
+// nobody owns; otherwise how many unowned candidates it could not tell apart.
+// Cloud Storage output ({destination}/{opID}_*) tells candidates apart once
+// they have written it.
 //
-// The window is on the service's clock: operations fhirexport owns give the
-// offset between its createTime and our record of it; without one, every
-// unowned export operation of the dataset is a candidate.
-func (x *Exporter) findOperation(ctx context.Context, p pendingRecord) (string, int, error) {
+// operations.list takes no filter and promises no order, and a dataset holds
+// every operation of the last weeks, so every page is read, and a candidate
+// must have been created within the run's window on our own clock, widened
+// by CallSkew on each side: from when the run took its lock to when its last
+// export call returned (Called), or to now when its attempt died without
+// one. Only candidates have their ownership record read, newest first (the
+// run's own operation is the last it could have made), stopping at the
+// run's own. renew, called between requests, keeps the resolution's lease
+// while a long history is read.
+func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, renew func(context.Context) error) (string, int, error) {
 	i := strings.Index(p.Store, "/fhirStores/")
 	if i < 0 {
 		return "", 0, fmt.Errorf("store %q has no dataset", p.Store)
 	}
 	dataset := p.Store[:i]
+	from, to := x.callWindow(p)
 	type cand struct {
 		name string
 		ct   time.Time
 	}
-	var unowned []cand
-	offset, known := time.Duration(0), false // our clock minus the service's, at most
-	pages := 0
-	err := x.hc.Projects.Locations.Datasets.Operations.List(dataset).PageSize(100).Pages(ctx, func(page *healthcare.ListOperationsResponse) error {
-		pages++
+	var cands []cand
+	for token := ""; ; {
+		page, err := x.listOperations(ctx, dataset, token)
+		if err != nil {
+			return "", 0, fmt.Errorf("operations.list %s: %w", dataset, err)
+		}
 		for _, op := range page.Operations {
 			var meta healthcare.OperationMetadata
 			if json.Unmarshal(op.Metadata, &meta) != nil || !strings.HasSuffix(meta.ApiMethodName, "ExportResources") {
 				continue
 			}
 			ct, err := time.Parse(time.RFC3339Nano, meta.CreateTime)
-			if err != nil {
+			if err != nil || ct.Before(from) || ct.After(to) {
 				continue
 			}
-			var own opRecord
-			_, err = x.state.read(ctx, opObject(op.Name), &own)
-			switch {
-			case err == nil && own.Run == p.Run:
-				return foundOp(op.Name)
-			case err == nil:
-				if d := own.Recorded.Sub(ct); !known || d < offset {
-					offset, known = d, true
-				}
-			case errors.Is(err, ErrNotFound):
-				unowned = append(unowned, cand{op.Name, ct})
-			case errors.Is(err, ErrCorrupt):
-				continue
-			default:
-				return err
+			if !slices.ContainsFunc(cands, func(c cand) bool { return c.name == op.Name }) { // a page boundary shifted by a new operation
+				cands = append(cands, cand{op.Name, ct})
 			}
 		}
-		if pages >= 20 {
-			return errStop
+		if token = page.NextPageToken; token == "" {
+			break
 		}
-		return nil
-	})
-	var found foundOp
-	switch {
-	case errors.As(err, &found):
-		return string(found), 0, nil
-	case err != nil && !errors.Is(err, errStop):
-		return "", 0, fmt.Errorf("operations.list %s: %w", dataset, err)
+		if err := renew(ctx); err != nil {
+			return "", 0, err
+		}
 	}
-	if known && !p.Locked.IsZero() {
-		// Not p.Started: each resolution renews that lease.
-		from := p.Locked.Add(-callSkew - offset)
-		unowned = slices.DeleteFunc(unowned, func(c cand) bool { return c.ct.Before(from) })
+	slices.SortFunc(cands, func(a, b cand) int { return b.ct.Compare(a.ct) })
+	var unowned []string
+	for _, c := range cands {
+		if err := renew(ctx); err != nil {
+			return "", 0, err
+		}
+		var own opRecord
+		_, err := x.state.read(ctx, opObject(c.name), &own)
+		switch {
+		case err == nil && own.Run == p.Run:
+			return c.name, 0, nil
+		case err == nil, errors.Is(err, ErrCorrupt):
+		case errors.Is(err, ErrNotFound):
+			unowned = append(unowned, c.name)
+		default:
+			return "", 0, err
+		}
 	}
 	if len(unowned) == 1 {
-		return unowned[0].name, 0, nil
+		return unowned[0], 0, nil
 	}
 	if len(unowned) > 1 && strings.HasPrefix(p.Destination, "gs://") {
 		var confirmed []string
 		for _, c := range unowned {
-			ok, err := x.wroteOutput(ctx, p.Destination, c.name)
+			ok, err := x.wroteOutput(ctx, p.Destination, c)
 			if err != nil {
 				return "", 0, err
 			}
 			if ok {
-				confirmed = append(confirmed, c.name)
+				confirmed = append(confirmed, c)
 			}
 		}
 		if len(confirmed) == 1 {
@@ -109,9 +117,39 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord) (string, 
 	return "", len(unowned), nil
 }
 
-type foundOp string
+// callWindow is when, on our clock widened by CallSkew, an export call of
+// run p may have created its operation.
+func (x *Exporter) callWindow(p pendingRecord) (from, to time.Time) {
+	from, to = p.Locked, p.Called
+	if from.IsZero() { // a lock written before Locked was recorded
+		from = x.now().Add(-x.InDoubtPatience - x.StartLease)
+	}
+	if to.IsZero() {
+		to = x.now()
+	}
+	return from.Add(-x.CallSkew), to.Add(x.CallSkew)
+}
 
-func (f foundOp) Error() string { return "found " + string(f) }
+// listOperations reads one page of a dataset's operations, retrying a
+// transient failure a few times: a resolution reads every page, and one
+// failed page must not make it start over.
+func (x *Exporter) listOperations(ctx context.Context, dataset, token string) (*healthcare.ListOperationsResponse, error) {
+	wait := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		callCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		page, err := x.hc.Projects.Locations.Datasets.Operations.List(dataset).PageSize(listPageSize).PageToken(token).Context(callCtx).Do()
+		cancel()
+		if err == nil || Permanent(err) || attempt == 4 {
+			return page, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(wait):
+		}
+		wait *= 2
+	}
+}
 
 // wroteOutput reports whether operation op wrote objects under dest
 // ({dest}/{opID}_{Type}).

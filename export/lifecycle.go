@@ -55,10 +55,12 @@ package export
 //	            operations/{op} keeps a copy of the lock: a lock found corrupt while
 //	            its export runs is rebuilt from it (recover.go, GenerationMatch) when
 //	            the lock's metadata, runs/{run} and operations/{op} agree.
-//	resolve     take the lock's lease (GenerationMatch), operations.list the dataset
-//	            for ExportResources operations since the call; one owned by this run
-//	            or one nobody owns: adopt it (operations/{op} DoesNotExist decides
-//	            races); none: export again; several: wait, then fail.
+//	resolve     take the lock's lease (GenerationMatch), operations.list every page of
+//	            the dataset (no filter, no order), keeping the lease while it reads;
+//	            candidates: ExportResources operations created from Locked to Called
+//	            (or now) on our clock, ±CallSkew; read operations/{op} of those only.
+//	            One owned by this run or one nobody owns: adopt it (operations/{op}
+//	            DoesNotExist decides races); none: export again; several: wait, then fail.
 //	finish      (poll.go) take the finalize lease (GenerationMatch), [feed files],
 //	            watermark (CAS), record the outcome event in pending/{pipeline}
 //	            (GenerationMatch: a finalizer whose lease ran out gives way), publish
@@ -408,7 +410,21 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 		x.release(ctx, p, gen)
 		return nil
 	}
-	op, others, err := x.findOperation(ctx, p)
+	// A long history takes a while to read: keep the lease meanwhile, so
+	// the next delivery waits for this resolution instead of cutting it off.
+	renew := func(ctx context.Context) error {
+		if x.now().Sub(p.Started) < x.StartLease/2 {
+			return nil
+		}
+		p.Started = x.now()
+		g, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p))
+		if err != nil {
+			return fmt.Errorf("resolve run %s: renew its lease: %v: %w", p.Run, err, errTransient)
+		}
+		gen = g
+		return nil
+	}
+	op, others, err := x.findOperation(ctx, p, renew)
 	if err != nil {
 		return err
 	}

@@ -56,6 +56,10 @@ type Exporter struct {
 	// FleetSlice is how long one delivery of a fleet trigger takes new
 	// stores; the rest are left to its redelivery (fleet.go).
 	FleetSlice time.Duration
+	// CallSkew is how far our clock and the Healthcare API's may disagree:
+	// a run in doubt looks for its operation among those created from when
+	// it took its lock to when its export call returned, widened by it.
+	CallSkew time.Duration
 	// InDoubtPatience is how long a run whose export answer was lost waits
 	// for operations.list to tell its operation apart from others before it
 	// is reported failed.
@@ -74,7 +78,8 @@ func New(hc *healthcare.Service, state *State, pub Publisher, policy Policy, now
 	return &Exporter{hc: hc, state: state, pub: pub, policy: policy, now: now,
 		StartLease: 2 * time.Minute, FinalizeLease: 2 * time.Minute, WaitForPeer: 10 * time.Second, PollWorkers: 16,
 		MaxRunning: DefaultMaxRunning, ObservePatience: time.Hour, RetryBackoff: time.Minute, InDoubtPatience: time.Hour,
-		FleetWorkers: DefaultFleetWorkers, FleetSlice: DefaultFleetSlice}
+		FleetWorkers: DefaultFleetWorkers, FleetSlice: DefaultFleetSlice,
+		CallSkew: DefaultCallSkew}
 }
 
 // DefaultMaxRunning is FHIREXPORT_MAX_RUNNING's default: Google's advice for
