@@ -18,6 +18,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"time"
 
 	"cloud.google.com/go/pubsub/v2"
 	"cloud.google.com/go/storage"
@@ -52,6 +53,7 @@ func (stdout) Write(p []byte) (int, error) { return os.Stdout.Write(p) }
 type app struct {
 	lookup func(string) (string, bool)
 	log    *slog.Logger
+	now    func() time.Time // nil: real time; tests share their emulator's clock
 
 	once sync.Once
 	x    *export.Exporter
@@ -103,12 +105,12 @@ func (a *app) RecordChange(ctx context.Context, e cloudevents.Event) error {
 }
 
 func (a *app) exporter(ctx context.Context) (*export.Exporter, error) {
-	a.once.Do(func() { a.x, a.err = newExporter(context.WithoutCancel(ctx), a.lookup) })
+	a.once.Do(func() { a.x, a.err = newExporter(context.WithoutCancel(ctx), a.lookup, a.now) })
 	return a.x, a.err
 }
 
 // newExporter loads the configuration and builds the clients.
-func newExporter(ctx context.Context, lookup func(string) (string, bool)) (*export.Exporter, error) {
+func newExporter(ctx context.Context, lookup func(string) (string, bool), now func() time.Time) (*export.Exporter, error) {
 	cfg, err := export.LoadConfig(lookup)
 	if err != nil {
 		return nil, err
@@ -146,7 +148,7 @@ func newExporter(ctx context.Context, lookup func(string) (string, bool)) (*expo
 		return nil, fmt.Errorf("pubsub client: %w", err)
 	}
 	state := export.NewState(st, cfg.StateBucket, cfg.StatePrefix)
-	x := export.New(hc, state, events.NewPublisher(ps, cfg.EventsTopic), cfg.Policy, nil)
+	x := export.New(hc, state, events.NewPublisher(ps, cfg.EventsTopic), cfg.Policy, now)
 	x.MaxRunning, x.PollWorkers = cfg.MaxRunning, cfg.PollWorkers
 	if h := cfg.StorageEmulator; h != "" {
 		x.FileURL = export.EmulatorFileURL(h) // manifests name files a client here can fetch

@@ -78,3 +78,32 @@ func (e *Emulator) now() time.Time {
 	}
 	return t
 }
+
+// RunningClock is real time shifted by an offset that Advance moves: time
+// passes as it does for every other process (leases expire, timeouts fire),
+// and a test can still jump ahead to finish long exports. Give the code under
+// test the same clock, so that its times and the emulator's agree as its and
+// the service's do. It is safe for concurrent use.
+type RunningClock struct {
+	mu     sync.Mutex
+	offset time.Duration
+}
+
+// NewRunningClock returns a RunningClock that reads start now.
+func NewRunningClock(start time.Time) *RunningClock {
+	return &RunningClock{offset: time.Until(start)}
+}
+
+// Now returns the clock's current time.
+func (c *RunningClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return time.Now().Add(c.offset)
+}
+
+// Advance moves the clock forward by d (backward if d is negative).
+func (c *RunningClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.offset += d
+}
