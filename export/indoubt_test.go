@@ -140,3 +140,51 @@ func countOf(emu *healthcaretest.Server, method string) int {
 	}
 	return n
 }
+
+// TestFailedResolutionGivesItsLeaseBack: the redelivery resolving a lost
+// answer fails to read the operations (every retry of a page answers 503).
+// Before issue 16 it kept the lease it had taken, so every delivery of the
+// next two minutes was refused ("another delivery is starting this run")
+// while nobody worked on the run; in the fault suite, where each
+// resolution's reads failed more often the longer the pipeline's history,
+// triggers stayed refused for good. The next delivery must resolve at once.
+func TestFailedResolutionGivesItsLeaseBack(t *testing.T) {
+	t.Parallel()
+	var w *world
+	w = newFrontedWorld(t, fronts{hc: func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			if strings.HasSuffix(r.URL.Path, ":export") {
+				w.clock.Advance(time.Second) // the call takes a second
+			}
+			next.ServeHTTP(rw, r)
+		})
+	}})
+	store := w.store(t)
+	trig := w.newTrigger(t, map[string]any{"fhirStore": store, "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/y/{store}"}})
+	w.emu.FailNext("fhirStores.export", 1, healthcaretest.AcceptedAnswerLost)
+	if err := w.x.Start(quiet, trig, nil); err == nil {
+		t.Fatal("Start with the answer lost returned nil; want an error (redeliver)")
+	}
+	w.clock.Advance(10 * time.Second)
+	w.emu.FailNext("operations.list", 4, http.StatusServiceUnavailable)
+	if err := w.x.Start(quiet, trig, nil); err == nil {
+		t.Fatal("the resolution succeeded although operations.list failed")
+	}
+	w.clock.Advance(10 * time.Second) // far less than the start lease
+	if err := w.x.Start(quiet, trig, nil); err != nil {
+		t.Fatalf("the next delivery was not acknowledged: %v", err)
+	}
+	if got := countOf(w.emu, "fhirStores.export"); got != 1 {
+		t.Errorf("fhirStores.export requests = %d, want exactly 1", got)
+	}
+	w.drain(t, time.Minute, 5)
+	n := 0
+	for _, e := range w.events(t) {
+		if e.typ == events.TypeSucceeded {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("succeeded events = %d, want 1", n)
+	}
+}

@@ -61,6 +61,7 @@ package export
 //	            (or now) on our clock, ±CallSkew; read operations/{op} of those only.
 //	            One owned by this run or one nobody owns: adopt it (operations/{op}
 //	            DoesNotExist decides races); none: export again; several: wait, then fail.
+//	            A resolution that fails before calling the API gives its lease back.
 //	finish      (poll.go) take the finalize lease (GenerationMatch), [feed files],
 //	            watermark (CAS), record the outcome event in pending/{pipeline}
 //	            (GenerationMatch: a finalizer whose lease ran out gives way), publish
@@ -426,7 +427,7 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 	}
 	op, others, err := x.findOperation(ctx, p, renew)
 	if err != nil {
-		return err
+		return x.yieldLease(ctx, p, gen, err)
 	}
 	switch {
 	case op != "":
@@ -434,7 +435,7 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 		if p.Since == "" { // the call's _since was not recorded: it is still what the locked pipeline gives
 			since, err := x.sinceOf(ctx, p)
 			if err != nil {
-				return fmt.Errorf("adopt %s: %w", op, err)
+				return x.yieldLease(ctx, p, gen, fmt.Errorf("adopt %s: %w", op, err))
 			}
 			p.Since = since
 		}
@@ -468,6 +469,19 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 	}
 	_, err = x.export(ctx, &spec, p, gen)
 	return err
+}
+
+// yieldLease gives up the lease a resolution took, when it failed before
+// calling the API (a read or a listing failed): the next delivery or sweep
+// resolves at once instead of being refused for a whole lease while nobody
+// works on the run. Without it, a history whose reading kept failing held
+// its trigger behind "another delivery is starting this run" for good.
+func (x *Exporter) yieldLease(ctx context.Context, p pendingRecord, gen int64, cause error) error {
+	p.Started = x.now().Add(-x.StartLease)
+	if _, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
+		Logger(ctx).Warn("could not give up the resolution's lease; it runs out", "run", p.Run, "pipeline", p.Pipeline, "error", err.Error())
+	}
+	return cause
 }
 
 // sinceOf is the _since a run of p's spec sends now.
