@@ -112,6 +112,7 @@ type dataset struct {
 	name     string
 	timeZone string
 	ops      []*operation // in creation order
+	order    *ListOrder   // how operations.list lists them; nil: the emulator's order
 }
 
 type fault struct {

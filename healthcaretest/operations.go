@@ -166,7 +166,11 @@ func handleOperationsList(e *Emulator, w http.ResponseWriter, r *http.Request, c
 	var ops []*operation
 	if d != nil {
 		ops = append(ops, d.ops...)
-		if e.listOrder == NewestFirst {
+		order := e.listOrder
+		if d.order != nil {
+			order = *d.order
+		}
+		if order == NewestFirst {
 			slices.Reverse(ops)
 		}
 	}

@@ -27,6 +27,19 @@ func (e *Emulator) SetListOrder(o ListOrder) {
 	e.listOrder = o
 }
 
+// SetDatasetListOrder sets the order of operations.list for one dataset,
+// over the emulator's (SetListOrder).
+func (e *Emulator) SetDatasetListOrder(dataset string, o ListOrder) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	d := e.datasets[dataset]
+	if d == nil {
+		return fmt.Errorf("healthcaretest: dataset %q not found", dataset)
+	}
+	d.order = &o
+	return nil
+}
+
 // History describes finished operations a dataset accumulated before a test
 // began: a real dataset holds every export, import and de-identify of the
 // last weeks (the service keeps finished operations about 30 days).
