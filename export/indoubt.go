@@ -1,6 +1,7 @@
 package export
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -59,7 +60,12 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, renew fun
 			return "", 0, fmt.Errorf("operations.list %s: %w", dataset, err)
 		}
 		for _, op := range page.Operations {
-			var meta healthcare.OperationMetadata
+			// Most of a dataset's history is not an export: skip those
+			// before decoding anything.
+			if !bytes.Contains(op.Metadata, []byte("ExportResources")) {
+				continue
+			}
+			var meta struct{ ApiMethodName, CreateTime string }
 			if json.Unmarshal(op.Metadata, &meta) != nil || !strings.HasSuffix(meta.ApiMethodName, "ExportResources") {
 				continue
 			}
