@@ -226,7 +226,7 @@ func TestOrphanedStartLock(t *testing.T) {
 	}
 	pipeline := export.PipelineKey(parsed)
 	run := export.RunKey(requestTopic, id)
-	began := time.Now().Add(-3 * time.Minute).UTC()
+	began := env.clock.Now().Add(-3 * time.Minute).UTC()
 	trigger := map[string]string{"source": requestTopic, "id": id}
 	lock := map[string]any{
 		"run": run, "trigger": trigger, "pipeline": pipeline, "store": store, "name": "orphaned",
@@ -361,7 +361,7 @@ func TestCorruptState(t *testing.T) {
 		spec := gcsSpec(store, nil)
 		pipeline := pipelineOf(t, spec)
 		putState(t, "pending/"+pipeline+".json", []byte("\x00\xffnot json{"),
-			map[string]string{"run": "0123456789abcdef0123456789abcdef", "started": time.Now().UTC().Format(time.RFC3339Nano)})
+			map[string]string{"run": "0123456789abcdef0123456789abcdef", "started": env.clock.Now().UTC().Format(time.RFC3339Nano)})
 		id := newID("garbage-lock")
 		if code := deliverPubSub(t, "StartExport", id, specJSON(t, spec)); code != http.StatusOK {
 			t.Fatalf("trigger of a pipeline with a garbage lock answered %d, want 200", code)

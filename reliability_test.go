@@ -53,6 +53,7 @@ var (
 	faultPipes     = flag.Int("fault.pipelines", 100, "TestFaultInjection: pipelines run concurrently; each gets triggers/pipelines triggers one after another")
 	faultRate      = flag.Float64("fault.rate", 0.3, "TestFaultInjection: fraction of calls to each service that fail")
 	faultSeed      = flag.Int64("fault.seed", 1, "TestFaultInjection: seed of the fault injectors")
+	faultHistory   = flag.Int("fault.history", 1000, "TestFaultInjection: finished foreign operations in each pipeline's dataset before the first trigger (listed oldest first in half the datasets, newest first in the others)")
 	crashSweep     = flag.Bool("crash.sweep", false, "TestCrashRecovery: also crash at every state request and API call of a run, before and after it takes effect")
 	crashRealLease = flag.Bool("crash.reallease", false, "TestCrashRecovery: keep the production leases (2 min) in the child instead of shortening them")
 )
@@ -266,9 +267,14 @@ func shortenLeases(t *testing.T, lease time.Duration) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	start, final, peer, backoff := x.StartLease, x.FinalizeLease, x.WaitForPeer, x.RetryBackoff
+	start, final, peer, backoff, skew := x.StartLease, x.FinalizeLease, x.WaitForPeer, x.RetryBackoff, x.CallSkew
 	x.StartLease, x.FinalizeLease, x.WaitForPeer, x.RetryBackoff = lease, lease, lease/4, lease/4
-	t.Cleanup(func() { x.StartLease, x.FinalizeLease, x.WaitForPeer, x.RetryBackoff = start, final, peer, backoff })
+	// The functions and the emulator read one clock here: no skew to allow
+	// for, and the window scales with the leases.
+	x.CallSkew = lease / 4
+	t.Cleanup(func() {
+		x.StartLease, x.FinalizeLease, x.WaitForPeer, x.RetryBackoff, x.CallSkew = start, final, peer, backoff, skew
+	})
 }
 
 // --- TestFaultInjection ---
@@ -305,19 +311,29 @@ func TestFaultInjection(t *testing.T) {
 	nPipe := max(1, min(*faultPipes, nTrig))
 	rate, seed := *faultRate, *faultSeed
 
+	// Each pipeline's dataset holds a long history of other operations, as a
+	// real one does (exports among them, none of them ours), listed in
+	// either order: a lost answer must be resolved among them.
 	pipes := make([]*faultPipeline, nPipe)
 	for i := range pipes {
 		store, _ := newStore(t, 1)
 		spec := gcsSpec(store, map[string]any{"incremental": true, "name": "reliability"})
 		pipes[i] = &faultPipeline{store: store, key: pipelineOf(t, spec), spec: specJSON(t, spec)}
+		if _, err := env.emu.AddHistory(datasetOf(store), healthcaretest.History{Count: *faultHistory, Seed: seed + int64(i)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := env.emu.SetDatasetListOrder(datasetOf(store), healthcaretest.ListOrder(i%2)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for i := 0; i < nTrig; i++ {
 		p := pipes[i%nPipe]
 		p.triggers = append(p.triggers, newID("fault"))
 	}
 
-	// Exports run a minute of emulator time; each poll tick moves it on.
-	env.emu.SetExportTiming(time.Minute, 2)
+	// Exports run a second: the clock is the functions' too, so the suite
+	// lets it run rather than jumping it past their leases.
+	env.emu.SetExportTiming(time.Second, 2)
 	t.Cleanup(func() { env.emu.SetExportTiming(0, 1) })
 	shortenLeases(t, 2*time.Second)
 
@@ -326,7 +342,8 @@ func TestFaultInjection(t *testing.T) {
 	hcCodes := []int{429, 500, 503, 0}
 	env.emu.FailRate("fhirStores.export", rate, seed, append(hcCodes, healthcaretest.AcceptedAnswerLost)...)
 	env.emu.FailRate("operations.get", rate, seed, hcCodes...)
-	for _, m := range []string{"fhirStores.export", "operations.get"} {
+	env.emu.FailRate("operations.list", rate, seed, hcCodes...)
+	for _, m := range []string{"fhirStores.export", "operations.get", "operations.list"} {
 		t.Cleanup(func() { env.emu.FailRate(m, 0, 0) })
 	}
 	gcsChaos, psChaos := newChaos(seed+1), newChaos(seed+2)
@@ -358,7 +375,6 @@ func TestFaultInjection(t *testing.T) {
 					pollErr.Store(err)
 				}
 				ticks.Add(1)
-				env.clock.Advance(30 * time.Second)
 			}
 		})
 	}
@@ -441,6 +457,9 @@ func TestFaultInjection(t *testing.T) {
 	pollers.Wait()
 	env.gcsFail.around.Store(nil)
 	env.psFault.extra.Store(nil)
+	for _, m := range []string{"fhirStores.export", "operations.get", "operations.list"} {
+		env.emu.FailRate(m, 0, 0) // the checks list operations too
+	}
 	time.Sleep(300 * time.Millisecond) // late duplicates
 	for _, e := range errs {
 		t.Error(e)
@@ -681,6 +700,8 @@ func sameTime(a, b string) bool {
 const (
 	childPortEnv  = "FHIREXPORT_TEST_CHILD_PORT"
 	childLeaseEnv = "FHIREXPORT_TEST_CHILD_LEASE"
+	childClockEnv = "FHIREXPORT_TEST_CHILD_CLOCK" // the emulator's clock ahead of real time, a Go duration
+
 )
 
 // TestHelperFunctionProcess is not a test: it serves the functions in a child
@@ -696,6 +717,9 @@ func TestHelperFunctionProcess(t *testing.T) {
 	}
 	instance.lookup = os.LookupEnv
 	instance.log = export.NewLogger(os.Stderr, slog.LevelInfo)
+	if d, err := time.ParseDuration(os.Getenv(childClockEnv)); err == nil {
+		instance.now = func() time.Time { return time.Now().Add(d) }
+	}
 	x, err := instance.exporter(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -747,6 +771,7 @@ func tryChild(t *testing.T, hcURL string, last bool) *child {
 		"PUBSUB_EMULATOR_HOST":            env.psAddr,
 		"STORAGE_EMULATOR_HOST":           gcsHost,
 		childPortEnv:                      port,
+		childClockEnv:                     time.Until(env.clock.Now()).String(),
 	}
 	if !*crashRealLease {
 		vars[childLeaseEnv] = "2s"
