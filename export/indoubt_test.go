@@ -3,6 +3,7 @@ package export
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -324,4 +325,66 @@ func benchWorld(b *testing.B, gcs, hc func(http.Handler) http.Handler) *world {
 		b.Fatal(err)
 	}
 	return &world{x: New(hcs, NewState(st, "state", "fx"), pub, policy, clock.Now), emu: s.Healthcare, clock: clock, storage: s.Storage, ps: s.Pstest}
+}
+
+// TestLateOperationOfATimedOutCall: the export call times out, and the
+// request takes effect at the service later, after the first redelivery
+// listed the dataset and found nothing. Exporting again at that first look
+// made two exports; after a timeout, "none" is an answer only once the
+// call's window (Called + CallSkew) has passed.
+func TestLateOperationOfATimedOutCall(t *testing.T) {
+	t.Parallel()
+	var w *world
+	var calls atomic.Int64
+	w = newFrontedWorld(t, fronts{hc: func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			if strings.HasSuffix(r.URL.Path, ":export") && r.Header.Get("X-Late") == "" {
+				calls.Add(1)
+				io.Copy(io.Discard, r.Body) // the server notices a client that gave up only then
+				<-r.Context().Done()        // held until the client gives up
+				w.clock.Advance(time.Second)
+				return
+			}
+			next.ServeHTTP(rw, r)
+		})
+	}})
+	w.x.StartLease = 2 * time.Second // the call's deadline: 1.5 s
+	store := w.store(t)
+	dest := "gs://" + exportsBkt + "/late/" + store[strings.LastIndex(store, "/")+1:]
+	trig := w.newTrigger(t, map[string]any{"fhirStore": store, "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/late/{store}"}})
+	if err := w.x.Start(quiet, trig, nil); err == nil {
+		t.Fatal("Start with the export call timing out returned nil")
+	}
+	w.clock.Advance(10 * time.Second)
+	if err := w.x.Start(quiet, trig, nil); err == nil {
+		t.Fatal("the first redelivery concluded there was no export while the call could still take effect")
+	}
+	if n := calls.Load(); n != 1 {
+		t.Fatalf("export calls before the call's window passed = %d, want 1", n)
+	}
+	// The delayed request reaches the service now.
+	w.clock.Advance(20 * time.Second)
+	late := w.x.hc.Projects.Locations.Datasets.FhirStores.Export(store, &healthcare.ExportResourcesRequest{
+		GcsDestination: &healthcare.GoogleCloudHealthcareV1FhirGcsDestination{UriPrefix: dest}})
+	late.Header().Set("X-Late", "1")
+	if _, err := late.Do(); err != nil {
+		t.Fatal(err)
+	}
+	w.clock.Advance(2 * time.Minute)
+	if err := w.x.Start(quiet, trig, nil); err != nil {
+		t.Fatalf("the redelivery after the call's window was not acknowledged: %v", err)
+	}
+	if got := len(w.emu.Exports()); got != 1 {
+		t.Errorf("accepted exports = %d, want 1 (the late one, adopted)", got)
+	}
+	w.drain(t, time.Minute, 5)
+	n := 0
+	for _, e := range w.events(t) {
+		if e.typ == events.TypeSucceeded && e.data.Operation == w.emu.Exports()[0].Operation {
+			n++
+		}
+	}
+	if n != 1 {
+		t.Errorf("succeeded events for the adopted export = %d, want 1", n)
+	}
 }

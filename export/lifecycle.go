@@ -61,7 +61,9 @@ package export
 //	            (or now) on our clock, ±CallSkew; read operations/{op} of those only.
 //	            One owned by this run or one nobody owns: adopt it (operations/{op}
 //	            DoesNotExist decides races); none: export again; several: wait, then fail.
-//	            A resolution that fails before calling the API gives its lease back.
+//	            A resolution that fails before calling the API gives its lease back;
+//	            after a call that timed out, "none" counts only once Called+CallSkew
+//	            has passed (the request may still take effect); the lease ends there.
 //	finish      (poll.go) take the finalize lease (GenerationMatch), [feed files],
 //	            watermark (CAS), record the outcome event in pending/{pipeline}
 //	            (GenerationMatch: a finalizer whose lease ran out gives way), publish
@@ -329,7 +331,7 @@ func (x *Exporter) export(ctx context.Context, spec *Spec, p pendingRecord, gen 
 	}
 	// The request may have reached the API: never export again blindly.
 	log.Warn("export answer lost; the run is in doubt until operations.list resolves it", "error", err.Error())
-	p.Called = x.now()
+	p.Called, p.TimedOut = x.now(), errors.Is(err, context.DeadlineExceeded)
 	if _, uerr := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); uerr != nil {
 		log.Warn("could not mark the run in doubt; the start lease covers it", "error", uerr.Error())
 	}
@@ -374,7 +376,7 @@ func (x *Exporter) recordOperation(ctx context.Context, p pendingRecord, gen int
 		log.Error("export started but not recorded; a retry finds it with operations.list", "error", err.Error())
 		return fmt.Errorf("record operation %s: %w", op, err)
 	}
-	p.Operation, p.Adopted, p.Called = op, adopted, time.Time{}
+	p.Operation, p.Adopted, p.Called, p.TimedOut = op, adopted, time.Time{}, false
 	if _, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
 		log.Error("export started but not recorded in the lock; a retry adopts it", "error", err.Error())
 		return fmt.Errorf("record operation %s: %w", op, err)
@@ -447,6 +449,15 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 		}
 		log.Warn("run in doubt: several unowned export operations could be this run's; waiting for their output to tell", "candidates", others)
 		return fmt.Errorf("run %s in doubt among %d operations: %w", p.Run, others, errTransient)
+	case !called.IsZero() && p.TimedOut && x.now().Before(called.Add(x.CallSkew)):
+		// A call that timed out may still be taking effect at the service:
+		// "none" is an answer only once the window it could appear in has
+		// passed. The lease ends then, so the next delivery looks again.
+		p.Started = called.Add(x.CallSkew - x.StartLease)
+		if _, err := x.state.update(ctx, pendingObject(p.Pipeline), gen, p, lockMeta(p)); err != nil {
+			log.Warn("could not shorten the resolution's lease; it runs out", "error", err.Error())
+		}
+		return fmt.Errorf("run %s in doubt: no export of it is listed yet, and its call may still take effect until %s: %w", p.Run, called.Add(x.CallSkew).Format(time.RFC3339), errTransient)
 	case fromSweep && called.IsZero() && x.now().Sub(p.Redelivered) < x.StartLease:
 		return fmt.Errorf("run %s: its trigger is being redelivered; the redelivery resolves it: %w", p.Run, errTransient)
 	case fromSweep && called.IsZero() && p.FromQueue:

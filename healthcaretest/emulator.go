@@ -92,6 +92,7 @@ type Emulator struct {
 	datasets       map[string]*dataset
 	stores         map[string]*fhirStore
 	ops            map[string]*operation
+	exportOps      []*operation // export operations, at least every running one (runningExports)
 	opSeq          uint64
 	idSeq          uint64
 	idSalt         uint64                                  // mixed into server-assigned ids; 0 with DeterministicIDs

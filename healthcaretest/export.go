@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -340,12 +341,10 @@ func (e *Emulator) Exports() []Export {
 // is up.
 func (e *Emulator) countRunning(project string) {
 	all, inProject := 0, 0
-	for _, op := range e.ops {
-		if op.export != nil && !op.done {
-			all++
-			if op.project == project {
-				inProject++
-			}
+	for _, op := range e.runningExports() {
+		all++
+		if op.project == project {
+			inProject++
 		}
 	}
 	e.peakRunning = max(e.peakRunning, all)
@@ -527,12 +526,7 @@ func handleExport(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 	e.mu.Lock()
 	st := e.stores[c.names.store]
 	d := e.datasets[c.names.dataset]
-	var runningOps []*operation // all projects: the peak is counted overall
-	for _, op := range e.ops {
-		if op.export != nil && !op.done {
-			runningOps = append(runningOps, op)
-		}
-	}
+	runningOps := e.runningExports() // all projects: the peak is counted overall
 	e.mu.Unlock()
 	if st == nil || d == nil {
 		writeAPIError(w, notFound("FHIR store %q not found", c.names.store))
@@ -558,8 +552,8 @@ func handleExport(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 	defer e.mu.Unlock()
 	if e.maxRunning > 0 {
 		running := 0
-		for _, op := range e.ops {
-			if op.project == c.names.project && op.export != nil && !op.done {
+		for _, op := range e.runningExports() {
+			if op.project == c.names.project {
 				running++
 			}
 		}
@@ -587,6 +581,7 @@ func handleExport(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 	}
 	j.total = int64(len(j.snapshot))
 	op.export = j
+	e.exportOps = append(e.exportOps, op)
 	var dest string
 	if req.GcsDestination != nil {
 		dest = req.GcsDestination.URIPrefix
@@ -598,4 +593,12 @@ func handleExport(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) 
 	e.countRunning(c.names.project)
 	e.logf("healthcaretest: export %s of %s accepted: %d resources", op.name, st.name, j.total)
 	writeJSON(w, 200, map[string]any{"name": op.name})
+}
+
+// runningExports returns the export operations not done yet, dropping the
+// finished ones from e.exportOps: a dataset's long history (AddHistory) does
+// not slow every export call down. The caller holds e.mu.
+func (e *Emulator) runningExports() []*operation {
+	e.exportOps = slices.DeleteFunc(e.exportOps, func(op *operation) bool { return op.done })
+	return slices.Clone(e.exportOps)
 }
