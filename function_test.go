@@ -796,7 +796,7 @@ func TestGCSExportEndToEnd(t *testing.T) {
 	// emulator the functions use); the event keeps the gs:// names.
 	fileURL := export.EmulatorFileURL(env.gcsURL)
 	wantOut := []struct{ Type, URL string }{{"Observation", fileURL(exportBucket, want[1])}, {"Patient", fileURL(exportBucket, want[2])}}
-	if !slices.Equal(manifest.Output, wantOut) || !manifest.RequiresAccessToken || manifest.TransactionTime != done.CreateTime {
+	if !slices.Equal(manifest.Output, wantOut) || !manifest.RequiresAccessToken || !sameTime(manifest.TransactionTime, done.CreateTime) {
 		t.Errorf("manifest = %+v, want outputs %v, requiresAccessToken, transactionTime %s", manifest, wantOut, done.CreateTime)
 	}
 	for i, o := range manifest.Output {
