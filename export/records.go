@@ -75,9 +75,9 @@ type pendingRecord struct {
 	Timeout     string            `json:"timeout,omitempty"` // the watchdog: a Go duration
 	Slot        int               `json:"slot"`              // the export slot held, -1 for none
 	FromQueue   bool              `json:"fromQueue,omitempty"`
-	Locked      time.Time         `json:"locked,omitzero"` // when this run took the lock: an operation it started is not older
-	Started     time.Time         `json:"started"`         // when this start attempt began (our clock): the lease
-	Called      time.Time         `json:"called,omitzero"` // when fhirStores.export was called: from then on the run is in doubt until Operation is set
+	Locked      time.Time         `json:"locked,omitzero"`    // when this run took the lock: an operation it started is not older
+	Started     time.Time         `json:"started"`            // when this start attempt began (our clock): the lease
+	Called      time.Time         `json:"called,omitzero"`    // when fhirStores.export was called: from then on the run is in doubt until Operation is set
 	TimedOut    bool              `json:"timedOut,omitempty"` // the call with Called gave up waiting: the request may still take effect
 	Operation   string            `json:"operation,omitempty"`
 	Adopted     bool              `json:"adopted,omitempty"`    // Operation was found with operations.list after a lost answer
