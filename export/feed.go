@@ -37,6 +37,7 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"cloud.google.com/go/storage"
@@ -621,8 +622,18 @@ func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor
 	}
 	slices.Sort(next.Recent)
 
-	var lines deletedLines
-	for _, res := range slices.Sorted(maps.Keys(pending)) {
+	// One history read per resource, PollWorkers at a time: a run may have
+	// many deletions to decide within the poller's 540 s.
+	keys := slices.Sorted(maps.Keys(pending))
+	type verdict struct {
+		held
+		when time.Time
+		err  error
+	}
+	verdicts := make([]verdict, len(keys))
+	sem := make(chan struct{}, max(1, x.PollWorkers))
+	var wg sync.WaitGroup
+	for i, res := range keys {
 		group := pending[res]
 		slices.SortFunc(group, func(a, b tombstone) int {
 			if c := a.deleted.Compare(b.deleted); c != 0 {
@@ -630,16 +641,27 @@ func (x *Exporter) collectDeletions(ctx context.Context, p pendingRecord, cursor
 			}
 			return strings.Compare(a.key, b.key)
 		})
-		v, when, err := x.heldAt(ctx, p.Store, group[0].typ, group[0].id, at)
-		if err != nil {
-			return nil, nil, err
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			v := &verdicts[i]
+			v.held, v.when, v.err = x.heldAt(ctx, p.Store, group[0].typ, group[0].id, at)
+		}()
+	}
+	wg.Wait()
+	var lines deletedLines
+	for i, res := range keys {
+		group, v := pending[res], verdicts[i]
+		if v.err != nil {
+			return nil, nil, v.err
 		}
-		switch v {
+		switch v.held {
 		case heldDeleted:
 			// The newest tombstone names the line; its time is the store's
 			// own for the deletion that holds at `at` (a later deletion's
 			// notification may not have arrived yet), else the tombstone's.
-			last := group[len(group)-1]
+			last, when := group[len(group)-1], v.when
 			if when.IsZero() {
 				when = last.deleted
 			}
