@@ -658,12 +658,9 @@ func fleetCrash(t *testing.T, n int64, after bool) (done bool) {
 	w.emu.SetMaxRunningOperations(budget)
 	w.x.MaxRunning = budget
 	// One worker: crash points are numbered in one delivery's write order.
-	// KNOWN ISSUE (issue 16, fleet): with stores resolved side by side, a
-	// crash between one store's accepted export and its operation record can
-	// let another store of the same dataset, in doubt at the same time, adopt
-	// that export (operations name no store; indoubt.go adopts a lone unowned
-	// candidate). Seen once here with FleetWorkers 32: s000 exported twice,
-	// s003 never. The resolution must tell a candidate's store apart first.
+	// (With stores resolved side by side, one store in doubt could once adopt
+	// a sibling's unrecorded export; TestLostAnswerBesideAStartingSibling pins
+	// that case.)
 	w.x.FleetWorkers = 1
 	dataset, names := w.fleet(t, stores)
 	trig := w.newTrigger(t, map[string]any{"fhirStore": dataset + "/fhirStores/*", "name": "nightly",

@@ -50,8 +50,9 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, renew fun
 	dataset := p.Store[:i]
 	from, to := x.callWindow(p)
 	type cand struct {
-		name string
-		ct   time.Time
+		name  string
+		ct    time.Time
+		ended bool // done, having exported resources
 	}
 	var cands []cand
 	for token := ""; ; {
@@ -65,7 +66,12 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, renew fun
 			if !bytes.Contains(op.Metadata, []byte("ExportResources")) {
 				continue
 			}
-			var meta struct{ ApiMethodName, CreateTime string }
+			var meta struct {
+				ApiMethodName, CreateTime string
+				Counter                   struct {
+					Success int64 `json:"success,string"`
+				}
+			}
 			if json.Unmarshal(op.Metadata, &meta) != nil || !strings.HasSuffix(meta.ApiMethodName, "ExportResources") {
 				continue
 			}
@@ -74,7 +80,7 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, renew fun
 				continue
 			}
 			if !slices.ContainsFunc(cands, func(c cand) bool { return c.name == op.Name }) { // a page boundary shifted by a new operation
-				cands = append(cands, cand{op.Name, ct})
+				cands = append(cands, cand{op.Name, ct, op.Done && meta.Counter.Success > 0})
 			}
 		}
 		if token = page.NextPageToken; token == "" {
@@ -85,7 +91,7 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, renew fun
 		}
 	}
 	slices.SortFunc(cands, func(a, b cand) int { return b.ct.Compare(a.ct) })
-	var unowned []string
+	var unowned []cand
 	for _, c := range cands {
 		if err := renew(ctx); err != nil {
 			return "", 0, err
@@ -97,30 +103,78 @@ func (x *Exporter) findOperation(ctx context.Context, p pendingRecord, renew fun
 			return c.name, 0, nil
 		case err == nil, errors.Is(err, ErrCorrupt):
 		case errors.Is(err, ErrNotFound):
-			unowned = append(unowned, c.name)
+			unowned = append(unowned, c)
 		default:
 			return "", 0, err
 		}
 	}
-	if len(unowned) == 1 {
-		return unowned[0], 0, nil
-	}
-	if len(unowned) > 1 && strings.HasPrefix(p.Destination, "gs://") {
+	if strings.HasPrefix(p.Destination, "gs://") && len(unowned) > 0 {
+		// Output under the run's destination tells its operation; one
+		// that ended having exported resources elsewhere is another's.
 		var confirmed []string
+		open := unowned[:0:0]
 		for _, c := range unowned {
-			ok, err := x.wroteOutput(ctx, p.Destination, c)
+			ok, err := x.wroteOutput(ctx, p.Destination, c.name)
 			if err != nil {
 				return "", 0, err
 			}
-			if ok {
-				confirmed = append(confirmed, c)
+			switch {
+			case ok:
+				confirmed = append(confirmed, c.name)
+			case !c.ended:
+				open = append(open, c)
 			}
 		}
 		if len(confirmed) == 1 {
 			return confirmed[0], 0, nil
 		}
+		if len(confirmed) > 1 {
+			return "", len(confirmed), nil
+		}
+		unowned = open
 	}
-	return "", len(unowned), nil
+	if len(unowned) != 1 {
+		return "", len(unowned), nil
+	}
+	// A lone unowned candidate is this run's only if no other run of this
+	// deployment may have started it: a fleet's stores share a dataset, and
+	// a sibling starting at the same time records its operation only after
+	// the call returns (operations name no store).
+	sibling, err := x.startingSibling(ctx, p, dataset)
+	if err != nil {
+		return "", 0, err
+	}
+	if sibling != "" {
+		Logger(ctx).Warn("run in doubt: the lone unowned export could be a sibling's still starting; waiting for it to record its operation", "candidate", unowned[0].name, "sibling", sibling)
+		return "", 1, nil
+	}
+	return unowned[0].name, 0, nil
+}
+
+// startingSibling names another run of this deployment that holds a lock
+// without an operation (starting, or in doubt itself) on a store of the
+// same dataset: an unowned operation of the dataset may be that run's.
+func (x *Exporter) startingSibling(ctx context.Context, p pendingRecord, dataset string) (string, error) {
+	locks, err := x.state.list(ctx, "pending")
+	if err != nil {
+		return "", err
+	}
+	for _, o := range locks {
+		if o.Metadata["operation"] != "" || o.Metadata["run"] == p.Run || o.Metadata["ending"] != "" || !strings.HasSuffix(o.Name, ".json") {
+			continue
+		}
+		var s pendingRecord
+		if _, err := x.state.read(ctx, "pending/"+o.Name, &s); err != nil {
+			if errors.Is(err, ErrNotFound) || errors.Is(err, ErrCorrupt) {
+				continue
+			}
+			return "", err
+		}
+		if s.Run != p.Run && s.Operation == "" && strings.HasPrefix(s.Store, dataset+"/fhirStores/") {
+			return s.Run, nil
+		}
+	}
+	return "", nil
 }
 
 // callWindow is when, on our clock widened by CallSkew, an export call of

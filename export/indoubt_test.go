@@ -388,3 +388,76 @@ func TestLateOperationOfATimedOutCall(t *testing.T) {
 		t.Errorf("succeeded events for the adopted export = %d, want 1", n)
 	}
 }
+
+// TestLostAnswerBesideAStartingSibling: two stores of one dataset (a fleet's
+// stores share it) start side by side. A's instance dies after the service
+// accepted A's export and before A recorded the operation; B's call is lost
+// before the service acts. B's resolution then finds one unowned export in
+// its window: A's. Adopting it, as a lone unowned candidate used to be, gave
+// B A's export and made A export again. The lone candidate is B's only once
+// no sibling that may have started it is still starting; until then the
+// output under each run's destination tells (A confirms its own, B sees it
+// ended elsewhere): each store gets exactly one export and one outcome.
+func TestLostAnswerBesideAStartingSibling(t *testing.T) {
+	t.Parallel()
+	var dead, crashAfterExport atomic.Bool
+	gcs := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			if dead.Load() && isWrite(r) {
+				rw.Header().Set("Content-Type", "application/json")
+				rw.WriteHeader(http.StatusForbidden)
+				io.WriteString(rw, `{"error":{"code":403,"message":"injected: the instance crashed"}}`)
+				return
+			}
+			next.ServeHTTP(rw, r)
+		})
+	}
+	hc := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			next.ServeHTTP(rw, r)
+			if strings.HasSuffix(r.URL.Path, ":export") && crashAfterExport.Load() {
+				dead.Store(true)
+			}
+		})
+	}
+	w := newFrontedWorld(t, fronts{gcs: gcs, hc: hc})
+	w.emu.SetExportTiming(time.Minute, 1)
+	_, stores := w.fleet(t, 2)
+	for _, s := range stores { // exports that write output: what tells them apart
+		if _, err := w.emu.Seed(s, 1, 2); err != nil {
+			t.Fatal(err)
+		}
+	}
+	spec := func(s string) map[string]any {
+		return map[string]any{"fhirStore": s, "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/sibling/{store}"}}
+	}
+	a, b := w.newTrigger(t, spec(stores[0])), w.newTrigger(t, spec(stores[1]))
+
+	crashAfterExport.Store(true)
+	if err := w.x.Start(quiet, a, nil); err == nil {
+		t.Fatal("A's Start returned nil although its instance died; want an error (redeliver)")
+	}
+	crashAfterExport.Store(false)
+	dead.Store(false)
+	w.emu.FailNext("fhirStores.export", 1, healthcaretest.DropBeforeActing)
+	if err := w.x.Start(quiet, b, nil); err == nil {
+		t.Fatal("B's Start with its call lost returned nil; want an error (redeliver)")
+	}
+	for i := 0; ; i++ { // Pub/Sub redelivers both until acknowledged; B first
+		if i == 30 {
+			t.Fatal("redeliveries kept failing")
+		}
+		w.clock.Advance(30 * time.Second)
+		eb, ea := w.x.Start(quiet, b, nil), w.x.Start(quiet, a, nil)
+		if ea == nil && eb == nil {
+			break
+		}
+	}
+	w.drain(t, 3*time.Minute, 30)
+	got, succeeded := exportsByStore(w.emu), count(w.events(t), events.TypeSucceeded)
+	for _, s := range stores {
+		if got[s] != 1 || succeeded[s] != 1 {
+			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, got[s], succeeded[s])
+		}
+	}
+}

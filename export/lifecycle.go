@@ -59,8 +59,11 @@ package export
 //	            the dataset (no filter, no order), keeping the lease while it reads;
 //	            candidates: ExportResources operations created from Locked to Called
 //	            (or now) on our clock, ±CallSkew; read operations/{op} of those only.
-//	            One owned by this run or one nobody owns: adopt it (operations/{op}
-//	            DoesNotExist decides races); none: export again; several: wait, then fail.
+//	            One owned by this run, or one nobody owns while no sibling run of the
+//	            dataset is starting: adopt it (operations/{op} DoesNotExist decides
+//	            races); for Cloud Storage, output under the destination confirms a
+//	            candidate and ended ones that wrote elsewhere drop out; none: export
+//	            again; several or undecided: wait, then fail.
 //	            A resolution that fails before calling the API gives its lease back;
 //	            after a call that timed out, "none" counts only once Called+CallSkew
 //	            has passed (the request may still take effect); the lease ends there.
