@@ -40,10 +40,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/fhirexport/fhirexport/bulkdatatest"
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/export"
 	"github.com/fhirexport/fhirexport/healthcaretest"
+	"github.com/fhirexport/fhirexport/healthcaretest/bulkdatatest"
 	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 

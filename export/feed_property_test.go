@@ -32,8 +32,8 @@ import (
 
 	healthcare "google.golang.org/api/healthcare/v1"
 
-	"github.com/fhirexport/fhirexport/bulkdatatest"
 	"github.com/fhirexport/fhirexport/events"
+	"github.com/fhirexport/fhirexport/healthcaretest/bulkdatatest"
 )
 
 var (

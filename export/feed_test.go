@@ -27,9 +27,9 @@ import (
 	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
 
-	"github.com/fhirexport/fhirexport/bulkdatatest"
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/healthcaretest"
+	"github.com/fhirexport/fhirexport/healthcaretest/bulkdatatest"
 	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
 )
 

@@ -15,9 +15,9 @@ import (
 
 	"cloud.google.com/go/storage"
 
-	"github.com/fhirexport/fhirexport/bulkdatatest"
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/healthcaretest"
+	"github.com/fhirexport/fhirexport/healthcaretest/bulkdatatest"
 )
 
 // manifest is the part of a run's Bulk Data manifest the demonstration

@@ -18,7 +18,7 @@ import (
 	"golang.org/x/oauth2/google"
 
 	"github.com/fhirexport/fhirexport/export"
-	"github.com/fhirexport/fhirexport/mirror"
+	"github.com/fhirexport/fhirexport/export/mirror"
 )
 
 const feedPullLong = `'feed pull' mirrors a pipeline's change feed into the folder DIR, as any HL7

@@ -21,9 +21,9 @@ import (
 
 	"github.com/fhirexport/fhirexport/events"
 	"github.com/fhirexport/fhirexport/export"
+	"github.com/fhirexport/fhirexport/export/mirror"
 	"github.com/fhirexport/fhirexport/healthcaretest"
 	"github.com/fhirexport/fhirexport/healthcaretest/stacktest"
-	"github.com/fhirexport/fhirexport/mirror"
 )
 
 const changesTopic = "projects/test-project/topics/fhirexport-changes"
