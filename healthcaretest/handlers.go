@@ -235,6 +235,17 @@ func handleStoresList(e *Emulator, w http.ResponseWriter, r *http.Request, c *ca
 }
 
 // fhirStoreFor finds the store of a FHIR interaction; the caller holds e.mu.
+// typedStoreFor is fhirStoreFor for a call on a resource type: an unknown
+// type of the store's FHIR version is 404, as the API answers it.
+func (e *Emulator) typedStoreFor(w http.ResponseWriter, c *call) *fhirStore {
+	st := e.fhirStoreFor(w, c)
+	if st != nil && !resourceTypes[st.version][c.names.resType] {
+		writeOutcome(w, 404, "not-found", "unknown resource type "+strconv.Quote(c.names.resType))
+		return nil
+	}
+	return st
+}
+
 func (e *Emulator) fhirStoreFor(w http.ResponseWriter, c *call) *fhirStore {
 	st := e.stores[c.names.store]
 	if st == nil {
@@ -342,12 +353,8 @@ func handleFHIRPatch(e *Emulator, w http.ResponseWriter, r *http.Request, c *cal
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	st := e.fhirStoreFor(w, c)
+	st := e.typedStoreFor(w, c)
 	if st == nil {
-		return
-	}
-	if !resourceTypes[st.version][c.names.resType] {
-		writeOutcome(w, 404, "not-found", "unknown resource type "+strconv.Quote(c.names.resType))
 		return
 	}
 	cur := st.res[c.names.resType+"/"+c.names.resID]
@@ -371,12 +378,8 @@ func handleFHIRPatch(e *Emulator, w http.ResponseWriter, r *http.Request, c *cal
 func handleFHIRRead(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	st := e.fhirStoreFor(w, c)
+	st := e.typedStoreFor(w, c)
 	if st == nil {
-		return
-	}
-	if !resourceTypes[st.version][c.names.resType] {
-		writeOutcome(w, 404, "not-found", "unknown resource type "+strconv.Quote(c.names.resType))
 		return
 	}
 	res := st.res[c.names.resType+"/"+c.names.resID]
@@ -397,12 +400,8 @@ func handleFHIRRead(e *Emulator, w http.ResponseWriter, r *http.Request, c *call
 func handleFHIRDelete(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	st := e.fhirStoreFor(w, c)
+	st := e.typedStoreFor(w, c)
 	if st == nil {
-		return
-	}
-	if !resourceTypes[st.version][c.names.resType] {
-		writeOutcome(w, 404, "not-found", "unknown resource type "+strconv.Quote(c.names.resType))
 		return
 	}
 	if ferr := e.deleteResource(st, c.names.resType, c.names.resID, r.Header.Get("If-Match"), true); ferr != nil {

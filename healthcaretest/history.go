@@ -72,12 +72,8 @@ func historyEntry(base string, r *resource, v version) map[string]any {
 func handleFHIRHistory(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	st := e.fhirStoreFor(w, c)
+	st := e.typedStoreFor(w, c)
 	if st == nil {
-		return
-	}
-	if !resourceTypes[st.version][c.names.resType] {
-		writeOutcome(w, 404, "not-found", "unknown resource type "+strconv.Quote(c.names.resType))
 		return
 	}
 	if c.query.Get("_at") != "" {
@@ -149,12 +145,8 @@ func handleFHIRHistory(e *Emulator, w http.ResponseWriter, r *http.Request, c *c
 func handleFHIRVread(e *Emulator, w http.ResponseWriter, r *http.Request, c *call) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	st := e.fhirStoreFor(w, c)
+	st := e.typedStoreFor(w, c)
 	if st == nil {
-		return
-	}
-	if !resourceTypes[st.version][c.names.resType] {
-		writeOutcome(w, 404, "not-found", "unknown resource type "+strconv.Quote(c.names.resType))
 		return
 	}
 	key := c.names.resType + "/" + c.names.resID
