@@ -176,7 +176,7 @@ func TestFailedResolutionGivesItsLeaseBack(t *testing.T) {
 		t.Fatal("Start with the answer lost returned nil; want an error (redeliver)")
 	}
 	w.clock.Advance(10 * time.Second)
-	w.emu.FailNext("operations.list", 4, http.StatusServiceUnavailable)
+	w.emu.FailNext("operations.list", listAttempts, http.StatusServiceUnavailable)
 	if err := w.x.Start(quiet, trig, nil); err == nil {
 		t.Fatal("the resolution succeeded although operations.list failed")
 	}
@@ -459,5 +459,96 @@ func TestLostAnswerBesideAStartingSibling(t *testing.T) {
 		if got[s] != 1 || succeeded[s] != 1 {
 			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, got[s], succeeded[s])
 		}
+	}
+}
+
+// TestLostAnswerBesideOtherDatasetsStarts: a lost answer is resolved while
+// another pipeline, in another dataset, is starting and its lock cannot be
+// read (a 403 burst, an object being rewritten). Before, the sibling check
+// read every starting lock of the deployment, so one unreadable lock
+// anywhere failed every resolution: under faults, runs in doubt waited far
+// beyond their sweeps. The locks' metadata names their dataset now; only a
+// lock written without it (an earlier version's) is read, and one of the
+// same dataset still holds the adoption back.
+func TestLostAnswerBesideOtherDatasetsStarts(t *testing.T) {
+	t.Parallel()
+	var unreadable atomic.Value // object name whose reads answer 403
+	unreadable.Store("")
+	gcs := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			if name := unreadable.Load().(string); name != "" && r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/"+name) {
+				rw.Header().Set("Content-Type", "application/json")
+				rw.WriteHeader(http.StatusForbidden)
+				io.WriteString(rw, `{"error":{"code":403,"message":"injected: permission denied"}}`)
+				return
+			}
+			next.ServeHTTP(rw, r)
+		})
+	}
+	w := newFrontedWorld(t, fronts{gcs: gcs})
+	w.emu.SetExportTiming(time.Minute, 1) // the export writes nothing before the resolution
+	_, stores := w.fleet(t, 2)
+	other := w.store(t) // another dataset
+	spec := func(s string) map[string]any {
+		return map[string]any{"fhirStore": s, "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/other/{store}"}}
+	}
+	// lock makes trig's run hold its pipeline's lock, starting, with meta.
+	lock := func(trig events.Trigger, meta func(pendingRecord) map[string]string) pendingRecord {
+		t.Helper()
+		s, err := ParseSpec(trig.Spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := w.x.newRun(trig, s, RunKey(trig.Source, trig.ID), Logger(quiet))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, _, _, err := w.x.claim(quiet, r); err != nil {
+			t.Fatal(err)
+		}
+		p := r.pending(w.clock.Now())
+		if _, err := w.x.state.create(quiet, pendingObject(p.Pipeline), p, meta(p)); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	elsewhere := lock(w.newTrigger(t, spec(other)), lockMeta)
+	unreadable.Store(w.x.state.object(pendingObject(elsewhere.Pipeline)))
+	legacy := lock(w.newTrigger(t, spec(stores[1])), func(p pendingRecord) map[string]string {
+		m := lockMeta(p)
+		delete(m, "dataset") // as written before locks named their dataset
+		return m
+	})
+
+	trig := w.newTrigger(t, spec(stores[0]))
+	w.emu.FailNext("fhirStores.export", 1, healthcaretest.AcceptedAnswerLost)
+	if err := w.x.Start(quiet, trig, nil); err == nil {
+		t.Fatal("Start with the answer lost returned nil; want an error (redeliver)")
+	}
+	w.clock.Advance(3 * time.Minute) // past the start lease
+	// A lock of the same dataset without the metadata is read, and its run
+	// could have started the export: no adoption yet.
+	if err := w.x.Start(quiet, trig, nil); err == nil {
+		t.Fatal("the redelivery adopted the export while a sibling of its dataset was starting")
+	}
+	if err := w.x.state.bkt.Object(w.x.state.object(pendingObject(legacy.Pipeline))).Delete(quiet); err != nil {
+		t.Fatal(err)
+	}
+	w.clock.Advance(3 * time.Minute) // past the start lease
+	if err := w.x.Start(quiet, trig, nil); err != nil {
+		t.Fatalf("the redelivery failed beside another dataset's unreadable lock: %v", err)
+	}
+	accepted := w.emu.Exports()
+	if len(accepted) != 1 || accepted[0].Store != stores[0] {
+		t.Fatalf("accepted exports %+v, want one of %s", accepted, stores[0])
+	}
+	var started []event
+	for _, e := range w.events(t) {
+		if e.typ == events.TypeStarted {
+			started = append(started, e)
+		}
+	}
+	if len(started) != 1 || started[0].data.Operation != accepted[0].Operation {
+		t.Errorf("started events %+v, want one naming %s", started, accepted[0].Operation)
 	}
 }

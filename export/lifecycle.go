@@ -106,6 +106,9 @@ import (
 // listing alone, without reading the object.
 func lockMeta(p pendingRecord) map[string]string {
 	m := map[string]string{"run": p.Run, "started": p.Started.UTC().Format(time.RFC3339Nano)}
+	if ds := datasetOf(p.Store); ds != "" {
+		m["dataset"] = datasetKey(ds)
+	}
 	if p.Operation != "" {
 		m["operation"] = p.Operation
 	}
@@ -450,8 +453,10 @@ func (x *Exporter) resolve(ctx context.Context, p pendingRecord, gen int64, from
 			return x.endEarly(ctx, p, gen, codeUnknown, fmt.Sprintf(
 				"the answer to fhirStores.export was lost and %d operations of the dataset could be this run's; none could be confirmed within %s, so no export was repeated (check them with gcloud healthcare operations list)", others, x.InDoubtPatience))
 		}
+		// Nothing is in progress while it waits: the lease goes back, so
+		// the next delivery or sweep looks again at once.
 		log.Warn("run in doubt: several unowned export operations could be this run's; waiting for their output to tell", "candidates", others)
-		return fmt.Errorf("run %s in doubt among %d operations: %w", p.Run, others, errTransient)
+		return x.yieldLease(ctx, p, gen, fmt.Errorf("run %s in doubt among %d operations: %w", p.Run, others, errTransient))
 	case !called.IsZero() && p.TimedOut && x.now().Before(called.Add(x.CallSkew)):
 		// A call that timed out may still be taking effect at the service:
 		// "none" is an answer only once the window it could appear in has
