@@ -819,13 +819,27 @@ probe gcloud pubsub subscriptions describe "$RECORD_SUB" --project="$P" || st=$?
 # would be lost: the FhirStore has no etag to guard it.
 CHANGES_TOPIC_NAME=projects/$P/topics/$CHANGES_TOPIC
 AUTH_HEADER=$WORK_DIR/auth-header
+# url_path PATH: PATH percent-encoded byte by byte, but for RFC 3986's
+# unreserved characters and '/': store and dataset ids may be letters of any
+# script (süd-klinik, 病院-7), which a URL carries encoded.
+url_path() {
+  local LC_ALL=C s=$1 out='' c i
+  for ((i = 0; i < ${#s}; i++)); do
+    c=${s:i:1}
+    case $c in
+      [A-Za-z0-9._~/-]) out+=$c ;;
+      *) printf -v c '%%%02X' "'$c" && out+=$c ;;
+    esac
+  done
+  printf '%s' "$out"
+}
 for s in ${notify[@]+"${notify[@]}"}; do
   [[ $s =~ $re_store ]]
   loc=${BASH_REMATCH[2]} ds=${BASH_REMATCH[3]} fs=${BASH_REMATCH[4]}
   body=$WORK_DIR/notify-$ds-$fs.json
   patch=(curl --silent --show-error --fail-with-body -X PATCH -H "@$AUTH_HEADER"
     -H 'Content-Type: application/json' --data-binary "@$body"
-    "https://healthcare.googleapis.com/v1/$s?updateMask=notificationConfigs")
+    "https://healthcare.googleapis.com/v1/$(url_path "$s")?updateMask=notificationConfigs")
   if ((DRY_RUN)); then
     run gcloud healthcare fhir-stores describe "$fs" --dataset="$ds" --location="$loc" --project="$P" --format=json
     run_if absent gcloud auth print-access-token

@@ -1033,9 +1033,20 @@ func TestBadValues(t *testing.T) {
 		// The API's store IDs are [\p{L}\p{N}_\-.]{1,256}; so are the functions'.
 		stores := "projects/my-project/locations/us-central1/datasets/kliniken/fhirStores/süd-klinik," +
 			"projects/my-project/locations/us-central1/datasets/病院/fhirStores/病院-7"
-		r := runScript(t, newFake(t), with(baseEnv(), "ALLOWED_STORES", stores, "NOTIFY_STORES", "", "NIGHTLY_SPEC", "", "HOURLY_SPEC", ""), "--dry-run")
+		r := runScript(t, newFake(t), with(baseEnv(), "ALLOWED_STORES", stores, "NOTIFY_STORES", stores, "NIGHTLY_SPEC", "", "HOURLY_SPEC", ""), "--dry-run")
 		if r.code != 0 {
 			t.Errorf("exit %d, stderr:\n%s", r.code, r.stderr)
+		}
+		// Their notification configs are written at URLs that carry them
+		// percent-encoded (curl sends a path as given); the dry run prints
+		// the command shell-quoted.
+		for _, u := range []string{
+			"https://healthcare.googleapis.com/v1/projects/my-project/locations/us-central1/datasets/kliniken/fhirStores/s%C3%BCd-klinik\\?updateMask=notificationConfigs",
+			"https://healthcare.googleapis.com/v1/projects/my-project/locations/us-central1/datasets/%E7%97%85%E9%99%A2/fhirStores/%E7%97%85%E9%99%A2-7\\?updateMask=notificationConfigs",
+		} {
+			if !strings.Contains(r.stdout, u) {
+				t.Errorf("the dry run does not PATCH %s:\n%s", u, r.stdout)
+			}
 		}
 	})
 	t.Run("all problems reported at once", func(t *testing.T) {
