@@ -46,7 +46,8 @@ const (
 )
 
 // fleetRecord is a fleet trigger's expansion cursor, fleets/{digest}.json.
-// It exists only once a delivery stopped before the end of the listing.
+// It exists only from a delivery that stopped before the end of the listing
+// to the one that reached it.
 type fleetRecord struct {
 	Trigger events.TriggerRef `json:"trigger"`
 	Dataset string            `json:"dataset"`
@@ -117,6 +118,13 @@ func (x *Exporter) startFleet(ctx context.Context, trig events.Trigger, spec *Sp
 		k++
 	}
 	if k == len(todo) {
+		// Every store is handled: the cursor has served. A delivery after
+		// this one walks the claims again, which only costs it time.
+		if gen != 0 {
+			if err := x.state.remove(ctx, fleetObject(trig), gen); err != nil {
+				log.Warn("could not remove the finished fleet's cursor; it is only read again by this trigger's redeliveries", "object", fleetObject(trig), "error", err.Error())
+			}
+		}
 		return nil
 	}
 	if k > 0 {

@@ -308,6 +308,9 @@ func TestFleetDeliveryResumesAfterItsSlice(t *testing.T) {
 	if deliveries < 3 {
 		t.Errorf("the fleet took %d deliveries; with a %s slice it needs several (the slice is not honoured)", deliveries, slice)
 	}
+	if left := w.objects(t, "fleets"); len(left) != 0 {
+		t.Errorf("fleet cursors left after the expansion finished: %v", left)
+	}
 
 	w.drain(t, 2*time.Minute, 3*len(allowed)/DefaultMaxRunning)
 	evs := w.events(t)
