@@ -63,7 +63,9 @@ package export
 //	            dataset is starting: adopt it (operations/{op} DoesNotExist decides
 //	            races); for Cloud Storage, output under the destination confirms a
 //	            candidate and ended ones that wrote elsewhere drop out; none: export
-//	            again; several or undecided: wait, then fail.
+//	            again; several or undecided: give the lease back and wait (the next
+//	            delivery or sweep looks again), then fail. Siblings are told by
+//	            the lock listing's metadata (its dataset), without reading them.
 //	            A resolution that fails before calling the API gives its lease back;
 //	            after a call that timed out, "none" counts only once Called+CallSkew
 //	            has passed (the request may still take effect); the lease ends there.
