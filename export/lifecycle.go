@@ -82,7 +82,9 @@ package export
 //	            then operations.cancel. Refused or lost: the mark stays, and each
 //	            sweep calls it again while the operation lacks cancelRequested.
 //	dequeue     (queue.go) create slots/{n}, create pending/{pipeline} from the
-//	            queue record, remove queue/{pipeline} (GenerationMatch), export. A
+//	            queue record, read runs/{run} again (ended meanwhile, by a sweep that
+//	            dequeued it first: release, no export), remove queue/{pipeline}
+//	            (GenerationMatch), export. A
 //	            start that ends (400/403/404) frees its slot, and the same sweep
 //	            gives it to the next queued run (not after a 429: the API is full). A
 //	            requeue rewrites the record it finds of its own run (Requeues), so a

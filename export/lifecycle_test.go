@@ -179,6 +179,65 @@ func TestRequeueRacesTheDequeuer(t *testing.T) {
 	}
 }
 
+// TestStaleDequeuerAfterTheRunEnded: a sweep reads a queued run's record
+// (still queued), then is slow to take its slot; meanwhile another sweep
+// dequeues the run, exports it, and a third reports it succeeded and frees
+// the lock and the slot. The slow sweep then took the free slot and lock,
+// found the queue record gone (as if it had removed it itself) and exported
+// the run a second time: two exports of PHI for one trigger (the fault suite
+// met it at 2,000 triggers). A dequeuer now reads the run again once its
+// lock is taken, as a delivery does, and gives way to a run that ended.
+func TestStaleDequeuerAfterTheRunEnded(t *testing.T) {
+	t.Parallel()
+	var armed atomic.Bool
+	held := holdRequest(false, func(r *http.Request) bool {
+		return armed.Load() && r.Method == http.MethodPost && strings.Contains(r.URL.Query().Get("name"), "fx/slots/")
+	})
+	w := newFrontedWorld(t, fronts{gcs: held.wrap})
+	w.emu.SetExportTiming(time.Minute, 1)
+	w.x.MaxRunning = 1
+	first, second := w.store(t), w.store(t)
+	spec := func(store string) map[string]any {
+		return map[string]any{"fhirStore": store, "name": "p", "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/stale/{store}"}}
+	}
+	w.deliver(t, w.newTrigger(t, spec(first)))  // takes the only slot
+	w.deliver(t, w.newTrigger(t, spec(second))) // queued for the budget
+
+	w.clock.Advance(2 * time.Minute) // the first export is done
+	armed.Store(true)
+	slow := make(chan error, 1)
+	go func() {
+		_, err := w.x.Poll(quiet) // finishes the first run; held taking a slot for the second
+		slow <- err
+	}()
+	<-held.reached
+	if _, err := w.x.Poll(quiet); err != nil { // another sweep dequeues and exports the second run
+		t.Logf("the second sweep: %v", err)
+	}
+	w.clock.Advance(2 * time.Minute)
+	if _, err := w.x.Poll(quiet); err != nil { // and the next reports it, freeing its lock and slot
+		t.Logf("the third sweep: %v", err)
+	}
+	if n := count(w.events(t), events.TypeSucceeded)[second]; n != 1 {
+		t.Fatalf("the second run was not reported before the slow sweep went on (%d succeeded events)", n)
+	}
+	close(held.release)
+	if err := <-slow; err != nil {
+		t.Logf("the slow sweep: %v", err)
+	}
+	w.drain(t, 2*time.Minute, 10)
+
+	evs := w.events(t)
+	for _, s := range []string{first, second} {
+		if n, ok := exportsByStore(w.emu)[s], count(evs, events.TypeSucceeded)[s]; n != 1 || ok != 1 {
+			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, n, ok)
+		}
+	}
+	if left := w.objects(t, "slots"); len(left) != 0 {
+		t.Errorf("slots left taken: %v", left)
+	}
+}
+
 // TestCorruptQueueRecordEndsItsRun: a queue record that cannot be decoded is
 // moved aside, and the run its metadata names is reported failed (code 13,
 // telling how to start it again) instead of staying "queued" for good with

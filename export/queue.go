@@ -513,6 +513,22 @@ func (x *Exporter) startQueued(ctx context.Context, pipeline string) (bool, erro
 		}
 		return false, err
 	}
+	// A sweep slow between reading the run above and taking its lock can
+	// find it dequeued, exported and reported by another sweep meanwhile:
+	// the lock this create found free was that run's, removed after the run
+	// ended. So, as a delivery does, read the run again under the lock; one
+	// that ended is not exported again (its queue record, if still there,
+	// is stale).
+	var now runRecord
+	switch _, err := x.state.read(ctx, runObject(q.Run), &now); {
+	case err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrCorrupt):
+		x.release(ctx, p, gen)
+		return false, fmt.Errorf("read queued run %s: %w", q.Run, err)
+	case err == nil && ended(now.Status):
+		x.release(ctx, p, gen)
+		Logger(ctx).Warn("queued run ended while this sweep dequeued it; not exported again", "run", q.Run, "pipeline", pipeline, "status", now.Status)
+		return false, x.state.remove(ctx, queueObject(pipeline), qgen)
+	}
 	for {
 		err := x.state.remove(ctx, queueObject(pipeline), qgen)
 		if err == nil || errors.Is(err, ErrNotFound) {
