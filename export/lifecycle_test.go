@@ -127,6 +127,32 @@ func (h *heldRequest) wrap(next http.Handler) http.Handler {
 	})
 }
 
+// queuedBehindTheBudget makes two stores under a budget of one export: the
+// first store's run holds the only slot, the second's waits in the queue.
+func (w *world) queuedBehindTheBudget(t *testing.T, dir string) (first, second string, spec func(string) map[string]any) {
+	t.Helper()
+	w.emu.SetExportTiming(time.Minute, 1)
+	w.x.MaxRunning = 1
+	first, second = w.store(t), w.store(t)
+	spec = func(store string) map[string]any {
+		return map[string]any{"fhirStore": store, "name": "p", "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/" + dir + "/{store}"}}
+	}
+	w.deliver(t, w.newTrigger(t, spec(first)))  // takes the only slot
+	w.deliver(t, w.newTrigger(t, spec(second))) // queued for the budget
+	return first, second, spec
+}
+
+// exportedOnce checks that each store got one export and one succeeded event.
+func (w *world) exportedOnce(t *testing.T, stores ...string) {
+	t.Helper()
+	evs := w.events(t)
+	for _, s := range stores {
+		if n, ok := exportsByStore(w.emu)[s], count(evs, events.TypeSucceeded)[s]; n != 1 || ok != 1 {
+			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, n, ok)
+		}
+	}
+}
+
 // TestRequeueRacesTheDequeuer: a sweep starts a queued run (slot, lock) and
 // is slow to remove the queue record; the lock's lease runs out and another
 // sweep puts the run back in the queue, finding the old record still there.
@@ -139,14 +165,7 @@ func TestRequeueRacesTheDequeuer(t *testing.T) {
 		return r.Method == http.MethodDelete && strings.Contains(r.URL.Path, "fx/queue/")
 	})
 	w := newFrontedWorld(t, fronts{gcs: held.wrap})
-	w.emu.SetExportTiming(time.Minute, 1)
-	w.x.MaxRunning = 1
-	first, second := w.store(t), w.store(t)
-	spec := func(store string) map[string]any {
-		return map[string]any{"fhirStore": store, "name": "p", "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/requeue/{store}"}}
-	}
-	w.deliver(t, w.newTrigger(t, spec(first)))  // takes the only slot
-	w.deliver(t, w.newTrigger(t, spec(second))) // queued for the budget
+	first, second, spec := w.queuedBehindTheBudget(t, "requeue")
 
 	w.clock.Advance(2 * time.Minute) // the first export is done
 	swept := make(chan error, 1)
@@ -170,13 +189,7 @@ func TestRequeueRacesTheDequeuer(t *testing.T) {
 		t.Logf("the slow sweep: %v", err)
 	}
 	w.drain(t, 2*time.Minute, 10)
-
-	evs := w.events(t)
-	for _, s := range []string{first, second} {
-		if n, ok := exportsByStore(w.emu)[s], count(evs, events.TypeSucceeded)[s]; n != 1 || ok != 1 {
-			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, n, ok)
-		}
-	}
+	w.exportedOnce(t, first, second)
 }
 
 // TestStaleDequeuerAfterTheRunEnded: a sweep reads a queued run's record
@@ -194,14 +207,7 @@ func TestStaleDequeuerAfterTheRunEnded(t *testing.T) {
 		return armed.Load() && r.Method == http.MethodPost && strings.Contains(r.URL.Query().Get("name"), "fx/slots/")
 	})
 	w := newFrontedWorld(t, fronts{gcs: held.wrap})
-	w.emu.SetExportTiming(time.Minute, 1)
-	w.x.MaxRunning = 1
-	first, second := w.store(t), w.store(t)
-	spec := func(store string) map[string]any {
-		return map[string]any{"fhirStore": store, "name": "p", "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/stale/{store}"}}
-	}
-	w.deliver(t, w.newTrigger(t, spec(first)))  // takes the only slot
-	w.deliver(t, w.newTrigger(t, spec(second))) // queued for the budget
+	first, second, _ := w.queuedBehindTheBudget(t, "stale")
 
 	w.clock.Advance(2 * time.Minute) // the first export is done
 	armed.Store(true)
@@ -226,13 +232,7 @@ func TestStaleDequeuerAfterTheRunEnded(t *testing.T) {
 		t.Logf("the slow sweep: %v", err)
 	}
 	w.drain(t, 2*time.Minute, 10)
-
-	evs := w.events(t)
-	for _, s := range []string{first, second} {
-		if n, ok := exportsByStore(w.emu)[s], count(evs, events.TypeSucceeded)[s]; n != 1 || ok != 1 {
-			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, n, ok)
-		}
-	}
+	w.exportedOnce(t, first, second)
 	if left := w.objects(t, "slots"); len(left) != 0 {
 		t.Errorf("slots left taken: %v", left)
 	}
