@@ -73,7 +73,8 @@ package export
 //	            watermark (CAS), record the outcome event in pending/{pipeline}
 //	            (GenerationMatch: a finalizer whose lease ran out gives way), publish
 //	            it, runs/{run} → done with Reported, remove pending/{pipeline}, remove slots/{n}.
-//	            Whoever finds a recorded outcome publishes that one, unchanged.
+//	            Whoever finds a recorded outcome publishes that one, unchanged, without
+//	            asking operations.get again.
 //	endEarly    mark pending/{pipeline} ending with the failed event (GenerationMatch:
 //	            whoever took the run over since decides instead), then runs/{run} →
 //	            failed with Final, the event, remove the lock, the slot. Whoever

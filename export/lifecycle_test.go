@@ -5,6 +5,7 @@ package export
 
 import (
 	"bytes"
+	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -520,5 +521,57 @@ func TestStaleReleaseKeepsTheNextAttemptsSlot(t *testing.T) {
 	w.x.freeSlot(quiet, n, RunKey(trig.Source, trig.ID), 0) // the first attempt's late release
 	if got := w.objects(t, "slots"); len(got) != 1 {
 		t.Errorf("slots after a stale release: %v, want the running attempt's kept", got)
+	}
+}
+
+// TestRecordedOutcomeNeedsNoOperationsGet: a sweep decided a run's outcome and
+// recorded it in the lock, then failed to mark the run done. Until then each
+// later sweep asked operations.get again before finishing the bookkeeping, so
+// a failing or refused get held the run (its lock, its slot, the pipeline's
+// next trigger) although nothing was left to learn from the API.
+func TestRecordedOutcomeNeedsNoOperationsGet(t *testing.T) {
+	t.Parallel()
+	var refuseRuns atomic.Bool
+	gcs := func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			if refuseRuns.Load() && isWrite(r) && strings.Contains(r.URL.Query().Get("name"), "fx/runs/") {
+				rw.Header().Set("Content-Type", "application/json")
+				rw.WriteHeader(http.StatusForbidden)
+				io.WriteString(rw, `{"error":{"code":403,"message":"injected: permission denied"}}`)
+				return
+			}
+			next.ServeHTTP(rw, r)
+		})
+	}
+	w := newFrontedWorld(t, fronts{gcs: gcs})
+	w.emu.SetExportTiming(time.Minute, 1)
+	store := w.store(t)
+	trig := w.newTrigger(t, map[string]any{"fhirStore": store, "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/recorded/{store}"}})
+	w.deliver(t, trig)
+
+	w.clock.Advance(2 * time.Minute) // the export is done
+	refuseRuns.Store(true)
+	if _, err := w.x.Poll(quiet); err == nil {
+		t.Fatal("the sweep marked the run done although its run record could not be written")
+	}
+	refuseRuns.Store(false)
+	if p := w.objects(t, "pending"); len(p) != 1 {
+		t.Fatalf("pending %v, want the lock with its recorded outcome", p)
+	}
+	w.emu.FailRate("operations.get", 1, 1, http.StatusServiceUnavailable)
+	t.Cleanup(func() { w.emu.FailRate("operations.get", 0, 0) })
+	w.clock.Advance(10 * time.Second)
+	if _, err := w.x.Poll(quiet); err != nil {
+		t.Fatalf("the next sweep did not finish the recorded run: %v", err)
+	}
+	if p := w.objects(t, "pending"); len(p) != 0 {
+		t.Errorf("pending %v after the sweep, want none", p)
+	}
+	var rec runRecord
+	if _, err := w.x.state.read(quiet, runObject(RunKey(trig.Source, trig.ID)), &rec); err != nil || rec.Status != statusDone {
+		t.Errorf("run record %+v (%v), want done", rec, err)
+	}
+	if n := count(w.events(t), events.TypeSucceeded)[store]; n != 1 {
+		t.Errorf("succeeded events = %d, want 1", n)
 	}
 }

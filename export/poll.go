@@ -198,6 +198,12 @@ func (x *Exporter) sweepStarting(ctx context.Context, o stateObject, c *sweepCou
 // check gets one operation and, when it is done, finalizes its run. The
 // listing's metadata says all a running check needs: no read of the marker.
 func (x *Exporter) check(ctx context.Context, o stateObject, opName string) (bool, error) {
+	if o.Metadata["reported"] != "" {
+		// The outcome is decided and recorded in the lock: publishing it and
+		// the bookkeeping are left, and they need nothing from the API (whose
+		// answer, or refusal, would only hold them up).
+		return true, x.finalize(ctx, o, &healthcare.Operation{Name: opName, Done: true}, &healthcare.OperationMetadata{}, "")
+	}
 	callCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	op, err := x.hc.Projects.Locations.Datasets.Operations.Get(opName).Context(callCtx).Do()
 	cancel()
