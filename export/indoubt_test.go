@@ -492,29 +492,9 @@ func TestLostAnswerBesideOtherDatasetsStarts(t *testing.T) {
 	spec := func(s string) map[string]any {
 		return map[string]any{"fhirStore": s, "gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/other/{store}"}}
 	}
-	// lock makes trig's run hold its pipeline's lock, starting, with meta.
-	lock := func(trig events.Trigger, meta func(pendingRecord) map[string]string) pendingRecord {
-		t.Helper()
-		s, err := ParseSpec(trig.Spec)
-		if err != nil {
-			t.Fatal(err)
-		}
-		r, err := w.x.newRun(trig, s, RunKey(trig.Source, trig.ID), Logger(quiet))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, _, _, err := w.x.claim(quiet, r); err != nil {
-			t.Fatal(err)
-		}
-		p := r.pending(w.clock.Now())
-		if _, err := w.x.state.create(quiet, pendingObject(p.Pipeline), p, meta(p)); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	elsewhere := lock(w.newTrigger(t, spec(other)), lockMeta)
+	elsewhere := w.startingLock(t, w.newTrigger(t, spec(other)), lockMeta)
 	unreadable.Store(w.x.state.object(pendingObject(elsewhere.Pipeline)))
-	legacy := lock(w.newTrigger(t, spec(stores[1])), func(p pendingRecord) map[string]string {
+	legacy := w.startingLock(t, w.newTrigger(t, spec(stores[1])), func(p pendingRecord) map[string]string {
 		m := lockMeta(p)
 		delete(m, "dataset") // as written before locks named their dataset
 		return m

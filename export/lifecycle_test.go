@@ -42,22 +42,7 @@ func TestOrphanEndingRacesARedelivery(t *testing.T) {
 	trig := w.newTrigger(t, map[string]any{"fhirStore": store, "name": "p",
 		"gcsDestination": map[string]any{"uriPrefix": "gs://" + exportsBkt + "/race"}})
 
-	// A delivery that claimed the run and took the lock, then died.
-	spec, err := ParseSpec(trig.Spec)
-	if err != nil {
-		t.Fatal(err)
-	}
-	r, err := w.x.newRun(trig, spec, RunKey(trig.Source, trig.ID), Logger(quiet))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, _, _, err := w.x.claim(quiet, r); err != nil {
-		t.Fatal(err)
-	}
-	p := r.pending(w.clock.Now())
-	if _, err := w.x.state.create(quiet, pendingObject(p.Pipeline), p, lockMeta(p)); err != nil {
-		t.Fatal(err)
-	}
+	w.startingLock(t, trig, lockMeta) // a delivery that claimed the run and took the lock, then died
 
 	w.clock.Advance(3 * time.Minute) // past the start lease
 	swept := make(chan error, 1)
@@ -152,6 +137,29 @@ func (w *world) exportedOnce(t *testing.T, stores ...string) {
 			t.Errorf("store %s: %d exports, %d succeeded events; want 1 and 1", s, n, ok)
 		}
 	}
+}
+
+// startingLock makes trig's run claimed and holding its pipeline's lock
+// without an operation, as a delivery that died before the export call
+// leaves it; meta gives the lock's metadata.
+func (w *world) startingLock(t *testing.T, trig events.Trigger, meta func(pendingRecord) map[string]string) pendingRecord {
+	t.Helper()
+	spec, err := ParseSpec(trig.Spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := w.x.newRun(trig, spec, RunKey(trig.Source, trig.ID), Logger(quiet))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, _, err := w.x.claim(quiet, r); err != nil {
+		t.Fatal(err)
+	}
+	p := r.pending(w.clock.Now())
+	if _, err := w.x.state.create(quiet, pendingObject(p.Pipeline), p, meta(p)); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // TestRequeueRacesTheDequeuer: a sweep starts a queued run (slot, lock) and
