@@ -498,6 +498,22 @@ func (c *crashPoint) disarm() (crashed bool, steps []string) {
 
 func isWrite(r *http.Request) bool { return r.Method != http.MethodGet && r.Method != http.MethodHead }
 
+// refuse answers 403 to the requests match picks, as Cloud Storage answers
+// an identity that lacks the permission; the others go through.
+func refuse(match func(*http.Request) bool) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			if match(r) {
+				rw.Header().Set("Content-Type", "application/json")
+				rw.WriteHeader(http.StatusForbidden)
+				io.WriteString(rw, `{"error":{"code":403,"message":"injected: permission denied"}}`)
+				return
+			}
+			next.ServeHTTP(rw, r)
+		})
+	}
+}
+
 func describeRequest(r *http.Request) string {
 	p, _ := url.PathUnescape(r.URL.Path)
 	if name := r.URL.Query().Get("name"); name != "" {

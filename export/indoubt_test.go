@@ -474,17 +474,10 @@ func TestLostAnswerBesideOtherDatasetsStarts(t *testing.T) {
 	t.Parallel()
 	var unreadable atomic.Value // object name whose reads answer 403
 	unreadable.Store("")
-	gcs := func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
-			if name := unreadable.Load().(string); name != "" && r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/"+name) {
-				rw.Header().Set("Content-Type", "application/json")
-				rw.WriteHeader(http.StatusForbidden)
-				io.WriteString(rw, `{"error":{"code":403,"message":"injected: permission denied"}}`)
-				return
-			}
-			next.ServeHTTP(rw, r)
-		})
-	}
+	gcs := refuse(func(r *http.Request) bool {
+		name := unreadable.Load().(string)
+		return name != "" && r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/"+name)
+	})
 	w := newFrontedWorld(t, fronts{gcs: gcs})
 	w.emu.SetExportTiming(time.Minute, 1) // the export writes nothing before the resolution
 	_, stores := w.fleet(t, 2)

@@ -5,7 +5,6 @@ package export
 
 import (
 	"bytes"
-	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -540,17 +539,9 @@ func TestStaleReleaseKeepsTheNextAttemptsSlot(t *testing.T) {
 func TestRecordedOutcomeNeedsNoOperationsGet(t *testing.T) {
 	t.Parallel()
 	var refuseRuns atomic.Bool
-	gcs := func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
-			if refuseRuns.Load() && isWrite(r) && strings.Contains(r.URL.Query().Get("name"), "fx/runs/") {
-				rw.Header().Set("Content-Type", "application/json")
-				rw.WriteHeader(http.StatusForbidden)
-				io.WriteString(rw, `{"error":{"code":403,"message":"injected: permission denied"}}`)
-				return
-			}
-			next.ServeHTTP(rw, r)
-		})
-	}
+	gcs := refuse(func(r *http.Request) bool {
+		return refuseRuns.Load() && isWrite(r) && strings.Contains(r.URL.Query().Get("name"), "fx/runs/")
+	})
 	w := newFrontedWorld(t, fronts{gcs: gcs})
 	w.emu.SetExportTiming(time.Minute, 1)
 	store := w.store(t)
